@@ -1,0 +1,48 @@
+"""`cvseg`: the command-line tool. Each command lives in its own module with a ``register``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .stream import UnsupportedStreamError
+
+# modules that add a sub-command (imported lazily so `cvseg probe` does not import torch)
+COMMAND_MODULES = {
+    "probe": "cvseg_ros.probe",
+    "transcode": "cvseg_ros.video_cli",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMAND_MODULES.items():
+        if only is None or only == name:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=f"(see `cvseg {name} --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in COMMAND_MODULES else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UnsupportedStreamError, FileNotFoundError, ValueError) as exc:
+        print(f"cvseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Networks: I-frame ENet, P-frame branches, ConvLSTM, the composed segmenter."""

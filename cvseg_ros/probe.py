@@ -1,0 +1,60 @@
+"""`cvseg probe PATH`: what the compressed-stream reader sees in a video file."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .stream import H264StreamDecoder
+from .video import read_access_units
+
+
+def probe(path: str | Path) -> dict:
+    """Feed every access unit of ``path`` through :class:`H264StreamDecoder` and count."""
+    decoder = H264StreamDecoder(name=str(path))
+    units = list(read_access_units(path))
+    gop_sizes: list[int] = []
+    width = height = 0
+    start = time.perf_counter()
+    for unit in units:
+        for frame in decoder.feed(unit.data, unit.time):
+            width, height = frame.width, frame.height
+            if frame.kind == "I":
+                gop_sizes.append(1)
+            elif gop_sizes:
+                gop_sizes[-1] += 1
+    elapsed = time.perf_counter() - start
+    st = decoder.stats
+    return {
+        "path": str(path),
+        "access_units": st.access_units,
+        "frames": st.frames,
+        "i_frames": st.i_frames,
+        "p_frames": st.p_frames,
+        "b_frames": st.b_frames,
+        "frames_with_mvs": st.frames_with_mvs,
+        "skipped_before_keyframe": st.skipped_before_keyframe,
+        "corrupt": st.corrupt,
+        "width": width,
+        "height": height,
+        "gop_sizes": gop_sizes,
+        "decode_ms_per_frame": round(1000 * elapsed / max(st.access_units, 1), 3),
+        "last_error": st.last_error,
+    }
+
+
+def register(sub) -> None:
+    p = sub.add_parser("probe", help="decode a video with the compressed-stream reader and count what it sees")
+    p.add_argument("path", help="video file (mp4/mkv/raw .h264, H.264 I/P)")
+    p.add_argument("--json", dest="json_out", help="also write the result as JSON here")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    result = probe(args.path)
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0

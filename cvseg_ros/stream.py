@@ -1,0 +1,220 @@
+"""The compressed-stream reader: H.264 access units in, what the model consumes out.
+
+One :class:`H264StreamDecoder` per camera. Each call to :meth:`H264StreamDecoder.feed` takes one
+access unit (Annex B bytes, as carried by a ``sensor_msgs/CompressedImage`` with format ``h264``)
+and returns the frame it decodes to, with no added delay (one ``av.Packet`` per access unit, slice
+threading only). Bad input never raises: it is dropped, counted in :attr:`stats`, and the next good
+frame is marked ``reset`` so the model restarts its state from the I-frame network.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+import av
+import numpy as np
+
+from .motion_vectors import dense_field
+from .residual import MotionCompensator
+
+log = logging.getLogger(__name__)
+
+H264_FORMATS = ("h264", "avc", "avc1", "video/h264", "h264/annexb")
+PICT_I, PICT_P, PICT_B = 1, 2, 3
+NAL_IDR, NAL_SPS = 5, 7
+
+
+class UnsupportedStreamError(ValueError):
+    """The input is not an H.264 I/P stream this reader can use (the message says why and what to do)."""
+
+
+def is_h264_format(fmt: str) -> bool:
+    """True for the ``CompressedImage.format`` strings that denote an H.264 stream."""
+    head = fmt.strip().lower().split(";")[0].strip()
+    return head in H264_FORMATS
+
+
+def check_format(fmt: str) -> None:
+    """Raise :class:`UnsupportedStreamError` naming ``fmt`` unless it denotes H.264."""
+    if not is_h264_format(fmt):
+        raise UnsupportedStreamError(
+            f"unsupported CompressedImage format {fmt!r}: cvseg_ros needs an H.264 stream "
+            f"(format one of {', '.join(H264_FORMATS)}; Annex B, one access unit per message)")
+
+
+def nal_unit_types(data: bytes) -> list[int]:
+    """Types of the NAL units in an Annex B access unit (empty if no start code is found)."""
+    types = []
+    pos = data.find(b"\x00\x00\x01")
+    while pos != -1 and pos + 3 < len(data):
+        types.append(data[pos + 3] & 0x1F)
+        pos = data.find(b"\x00\x00\x01", pos + 3)
+    return types
+
+
+@dataclass
+class CompressedFrame:
+    """One decoded frame in the form the paper's model consumes (see docs/ARCHITECTURE.md)."""
+
+    kind: str                      # "I" or "P"
+    key_frame: bool
+    width: int
+    height: int
+    stamp: Any
+    index: int                     # decode order in the stream (successful frames)
+    gop_index: int                 # 0 at an I-frame, then 1, 2, ... for the P-frames after it
+    reset: bool                    # restart the model state here with the I-frame network
+    rgb: np.ndarray | None = None                  # HxWx3 uint8
+    motion_vectors: np.ndarray | None = None       # (2, H/4, W/4) float32, pixels
+    intra: np.ndarray | None = None                # (H/4, W/4) bool
+    residual: np.ndarray | None = None             # (H, W) int16, luma
+
+
+@dataclass
+class StreamStats:
+    """Counters of one stream; every dropped access unit is in exactly one of the drop counters."""
+
+    access_units: int = 0
+    frames: int = 0
+    i_frames: int = 0
+    p_frames: int = 0
+    b_frames: int = 0                 # decoded B-frames: dropped (unsupported), see last_error
+    frames_with_mvs: int = 0
+    skipped_before_keyframe: int = 0  # access units before the first IDR (joined mid-GOP)
+    corrupt: int = 0                  # decode errors, empty / garbage / concealed-corrupt units
+    no_output: int = 0                # units that decoded to no picture (parameter sets only, ...)
+    resets: int = 0                   # frames where the state restarts (I-frames and resyncs)
+    resyncs: int = 0                  # resets on a P-frame after an error or gap
+    resolution_changes: int = 0
+    last_error: str = ""
+    errors: list[str] = dc_field(default_factory=list, repr=False)
+
+    def note_error(self, message: str) -> None:
+        self.last_error = message
+        self.errors.append(message)
+        del self.errors[:-20]
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("errors")
+        return d
+
+
+class H264StreamDecoder:
+    """Decodes one H.264 stream access unit by access unit, with motion vectors and residuals.
+
+    ``rgb_for_p_frames``: also convert P-frames to RGB (off by default: the model does not need it).
+    """
+
+    def __init__(self, name: str = "stream", rgb_for_p_frames: bool = False) -> None:
+        self.name = name
+        self.rgb_for_p_frames = rgb_for_p_frames
+        self.stats = StreamStats()
+        self._compensator = MotionCompensator()
+        self._open()
+
+    def _open(self) -> None:
+        self._codec = av.CodecContext.create("h264", "r")
+        self._codec.options = {"flags2": "+export_mvs"}
+        self._codec.thread_type = "SLICE"   # frame threading would add 2-3 frames of delay
+        self._seen_idr = False
+        self._need_reset = True
+        self._previous_luma: np.ndarray | None = None
+        self._gop_index = 0
+        self._size: tuple[int, int] | None = None
+
+    def mark_discontinuity(self, reason: str = "gap") -> None:
+        """Tell the reader that access units were lost: the next good frame restarts the state."""
+        self._need_reset = True
+        self.stats.note_error(f"discontinuity: {reason}")
+
+    def restart(self) -> None:
+        """Forget everything (new decoder); the next frame decoded must be an IDR."""
+        self._open()
+
+    def _drop(self, message: str) -> list:
+        self.stats.corrupt += 1
+        self.stats.note_error(message)
+        self._need_reset = True
+        log.debug("%s: %s", self.name, message)
+        return []
+
+    def feed(self, data: bytes, stamp: Any = None) -> list[CompressedFrame]:
+        """Decode one access unit; returns ``[]`` or ``[frame]``. Never raises on bad data."""
+        st = self.stats
+        st.access_units += 1
+        if not data:
+            return self._drop("empty access unit")
+        nal_types = nal_unit_types(data)
+        if not nal_types:
+            return self._drop(f"no Annex B start code in a {len(data)}-byte access unit")
+        if not self._seen_idr:
+            if NAL_IDR not in nal_types:
+                st.skipped_before_keyframe += 1
+                return []
+            self._seen_idr = True
+        try:
+            frames = self._codec.decode(av.Packet(bytes(data)))
+        except av.error.FFmpegError as exc:   # InvalidDataError and friends
+            return self._drop(f"decode error: {exc}")
+        except Exception as exc:              # noqa: BLE001 - a reader must never raise on data
+            return self._drop(f"decode failure: {type(exc).__name__}: {exc}")
+        if not frames:
+            st.no_output += 1
+            return []
+        out = []
+        for frame in frames:
+            result = self._convert(frame, stamp)
+            if result is not None:
+                out.append(result)
+        return out
+
+    def _convert(self, frame: av.VideoFrame, stamp: Any) -> CompressedFrame | None:
+        st = self.stats
+        pict = int(frame.pict_type)
+        if pict == PICT_B:
+            st.b_frames += 1
+            self._need_reset = True
+            st.note_error("B-frame dropped: B-frames are not supported (the motion vectors lose their "
+                          "reference); re-encode the source with `cvseg transcode IN OUT`")
+            return None
+        if frame.is_corrupt:
+            return self._drop("decoder flagged the frame as corrupt (concealed errors)")
+        height, width = frame.height, frame.width
+        if self._size is not None and self._size != (height, width):
+            st.resolution_changes += 1
+            self._need_reset = True
+        self._size = (height, width)
+        luma = frame.to_ndarray(format="gray")
+        is_intra = pict == PICT_I or frame.key_frame
+        reset = is_intra or self._need_reset or self._previous_luma is None \
+            or self._previous_luma.shape != luma.shape
+        st.frames += 1
+        result = CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame),
+                                 width=width, height=height, stamp=stamp, index=st.frames - 1,
+                                 gop_index=0, reset=reset)
+        if is_intra:
+            st.i_frames += 1
+            self._gop_index = 0
+        else:
+            st.p_frames += 1
+            self._gop_index += 1
+            result.gop_index = self._gop_index
+            blocks = frame.side_data.get("MOTION_VECTORS")
+            arr = blocks.to_ndarray() if blocks is not None else None
+            if arr is not None and len(arr):
+                st.frames_with_mvs += 1
+            result.motion_vectors, result.intra = dense_field(arr, height, width)
+            if self._previous_luma is not None and self._previous_luma.shape == luma.shape:
+                result.residual = self._compensator.residual(luma, self._previous_luma,
+                                                             result.motion_vectors)
+        if reset:
+            st.resets += 1
+            if not is_intra:
+                st.resyncs += 1
+            self._need_reset = False
+        if reset or self.rgb_for_p_frames:
+            result.rgb = frame.to_ndarray(format="rgb24")
+        self._previous_luma = luma
+        return result

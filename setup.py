@@ -1,0 +1,44 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "cvseg_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*"]),
+    package_data={PACKAGE: ["checkpoints/*.safetensors", "checkpoints/*.json"]},
+    include_package_data=True,
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+    ],
+    python_requires=">=3.10",
+    install_requires=[
+        "setuptools",
+        "numpy",
+        "av>=14",
+        "opencv-python-headless<5",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+        "rosbags>=0.11",
+        "torchfile",
+    ],
+    extras_require={"test": ["pytest", "hypothesis", "pytest-timeout"]},
+    zip_safe=True,
+    maintainer="cvseg_ros developers",
+    maintainer_email="cvseg@example.com",
+    description="Semantic segmentation of H.264 camera streams in the compressed domain (ROS 2 node)",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "cvseg = cvseg_ros.cli:main",
+            "cvseg_node = cvseg_ros.node:main",
+        ],
+    },
+)
