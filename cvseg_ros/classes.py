@@ -54,13 +54,29 @@ for _t, _c in CITYSCAPES_TO_CAMVID.items():
 _LUT.setflags(write=False)
 
 
+#: For each CamVid id, the teacher ids merged into it. The first id of each
+#: group is its *representative* (the member the teacher predicts most on
+#: CamVid): :func:`cvseg_ros.model.enet.remap_classifier` copies its weights.
+CAMVID_CLASS_MAP: list[list[int]] = [
+    [11],                # Sky        <- Sky
+    [3, 4],              # Building   <- Building, Wall
+    [6],                 # Pole       <- Pole
+    [1],                 # Road       <- Road
+    [2],                 # Pavement   <- Sidewalk
+    [9, 10],             # Tree       <- Vegetation, Terrain
+    [8, 7],              # SignSymbol <- TrafficSign, TrafficLight
+    [5],                 # Fence      <- Fence
+    [14, 15, 16, 17],    # Car        <- Car, Truck, Bus, Train
+    [12],                # Pedestrian <- Person
+    [19, 13, 18],        # Bicyclist  <- Bicycle, Rider, Motorcycle
+]
+assert sorted((t, c) for c, g in enumerate(CAMVID_CLASS_MAP) for t in g) == sorted(CITYSCAPES_TO_CAMVID.items())
+
+
 def camvid_class_map() -> list[list[int]]:
-    """For each CamVid id, the teacher ids merged into it (``class_map`` for
+    """A fresh copy of :data:`CAMVID_CLASS_MAP` (``class_map`` for
     :func:`cvseg_ros.model.enet.enet_from_torch7`)."""
-    groups: list[list[int]] = [[] for _ in CAMVID_CLASSES]
-    for t, c in sorted(CITYSCAPES_TO_CAMVID.items()):
-        groups[c].append(t)
-    return groups
+    return [list(g) for g in CAMVID_CLASS_MAP]
 
 
 def teacher_to_camvid(labels20: np.ndarray) -> np.ndarray:

@@ -12,6 +12,10 @@ from .stream import UnsupportedStreamError
 COMMAND_MODULES = {
     "probe": "cvseg_ros.probe",
     "transcode": "cvseg_ros.video_cli",
+    "bag": "cvseg_ros.bags",            # also registers `replay` and `eval-bag`
+    "demo": "cvseg_ros.demo",
+    "eval": "cvseg_ros.evaluate",
+    "train": "cvseg_ros.train",
 }
 
 
@@ -31,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first if first in COMMAND_MODULES else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # only commands that take --key=value overrides accept unknown options
+        if not getattr(args, "takes_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(getattr(args, "overrides", [])) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -1,0 +1,26 @@
+"""ConvLSTM cell (Shi et al. 2015): an LSTM whose gates are convolutions over feature maps."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvLSTM(nn.Module):
+    """One ConvLSTM cell. ``forward(x, (h, c)) -> (h, c)``; all maps share the spatial size."""
+
+    def __init__(self, input_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.gates = nn.Conv2d(input_channels + hidden_channels, 4 * hidden_channels, kernel_size,
+                               padding=kernel_size // 2)
+        with torch.no_grad():  # forget-gate bias 1: keep the I-frame state by default
+            self.gates.bias.zero_()
+            self.gates.bias[hidden_channels:2 * hidden_channels].fill_(1.0)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        i, f, o, g = self.gates(torch.cat([x, h], dim=1)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c

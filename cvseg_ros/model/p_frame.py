@@ -1,0 +1,59 @@
+"""The P-frame branch's two small CNNs: one on the motion-vector image, one on the residual image."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class MotionVectorCNN(nn.Module):
+    """Motion-vector image (2 channels, pixels, at H/4) -> features at ``H / out_stride``.
+
+    Vectors are divided by ``scale`` px so typical motion is O(1).
+    """
+
+    def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16, scale: float = 8.0) -> None:
+        super().__init__()
+        self.scale = scale
+        layers = [conv_bn_relu(2, width)]
+        stride = 4
+        while stride < out_stride:
+            layers.append(conv_bn_relu(width, width, stride=2))
+            stride *= 2
+        layers.append(nn.Conv2d(width, out_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, motion_vectors: torch.Tensor) -> torch.Tensor:
+        return self.net(motion_vectors / self.scale)
+
+
+class ResidualCNN(nn.Module):
+    """Residual image (1 channel luma, full resolution, /255) -> features at ``H / out_stride``.
+
+    The full-resolution residual is first reduced to H/4 by mean |r| and mean r pooling (cheap),
+    so no convolution runs at full resolution.
+    """
+
+    def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16) -> None:
+        super().__init__()
+        layers = [conv_bn_relu(2, width)]
+        stride = 4
+        while stride < out_stride:
+            layers.append(conv_bn_relu(width, width, stride=2))
+            stride *= 2
+        layers.append(nn.Conv2d(width, out_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    @staticmethod
+    def pool(residual: torch.Tensor) -> torch.Tensor:
+        """[B,1,H,W] -> [B,2,H/4,W/4]: mean residual and mean absolute residual per 4x4 cell."""
+        return torch.cat([F.avg_pool2d(residual, 4, ceil_mode=True),
+                          F.avg_pool2d(residual.abs(), 4, ceil_mode=True)], dim=1) * 8.0
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.net(self.pool(residual))

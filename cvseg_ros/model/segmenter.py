@@ -1,0 +1,149 @@
+"""CompressedSegmenter: the paper's model, composed from the I-frame network and the P-frame branch.
+
+I-frame: ``IFrameNet`` gives the segmentation and z(I). P-frame: ``MotionVectorCNN`` and
+``ResidualCNN`` features are concatenated as the ``ConvLSTM`` input; h(0) is made from z(I);
+each step's hidden state is decoded to the P-frame's segmentation. The state resets at I-frames.
+
+Configurations (``CONFIGS``):
+
+* ``paper`` -- faithful: z(I) and the ConvLSTM state at H/32 with as many channels as classes
+  (z(I) = the I-frame logits pooled to H/32); P-frame logits = the hidden state, upsampled.
+* ``improved`` -- ours: a finer state (H/8 hidden + H/4 segmentation logits) that is *warped along
+  the motion vectors* before each update (as TapLab's feature flow warping), and a residual-guided
+  correction of the warped logits. Output at H/4.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conv_lstm import ConvLSTM
+from .i_frame import IFrameNet
+from .p_frame import MotionVectorCNN, ResidualCNN, conv_bn_relu
+
+State = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    num_classes: int = 11
+    state_stride: int = 8          # ConvLSTM resolution (paper: 32)
+    hidden_channels: int = 24      # ConvLSTM channels (paper: num_classes)
+    branch_channels: int = 16      # per P-frame CNN output channels
+    warp: bool = True              # warp state along the motion vectors before the update
+    output_stride: int = 4         # P-frame logits resolution
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIGS = {
+    "paper": dict(state_stride=32, warp=False, output_stride=32),
+    "improved": dict(state_stride=8, hidden_channels=24, warp=True, output_stride=4),
+}
+
+
+def make_config(name: str, num_classes: int = 11, **overrides) -> ModelConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model configuration {name!r}; choose from {sorted(CONFIGS)}")
+    values = dict(CONFIGS[name], **overrides)
+    if name == "paper":
+        values["hidden_channels"] = num_classes
+    return ModelConfig(name=name, num_classes=num_classes, **values)
+
+
+def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
+    """Backward-warp ``x`` [B,C,h,w] along a field given in input pixels at H/4 [B,2,H/4,W/4].
+
+    Output at p samples ``x`` at p + mv (the previous frame's content that moved to p).
+    """
+    b, _, h, w = x.shape
+    mv = motion_vectors
+    if mv.shape[-2:] != (h, w):
+        mv = F.adaptive_avg_pool2d(mv, (h, w))
+    # pixels of the input image -> normalised [-1, 1] coordinates of this map
+    full_h, full_w = motion_vectors.shape[-2] * 4, motion_vectors.shape[-1] * 4
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    gx = grid_x + mv[:, 0] * (2.0 / full_w)
+    gy = grid_y + mv[:, 1] * (2.0 / full_h)
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class CompressedSegmenter(nn.Module):
+    """``i_frame(rgb) -> (logits, state)``; ``p_frame(mv, residual, state) -> (logits, state)``.
+
+    ``rgb`` [B,3,H,W] in 0..1; ``mv`` [B,2,H/4,W/4] pixels; ``residual`` [B,1,H,W] luma / 255.
+    I-frame logits are at H; P-frame logits at H / ``config.output_stride``. State tensors are
+    batched along dim 0.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.i_frame_net = IFrameNet(c.num_classes)
+        self.mv_cnn = MotionVectorCNN(c.branch_channels, out_stride=c.state_stride)
+        self.residual_cnn = ResidualCNN(c.branch_channels, out_stride=c.state_stride)
+        self.conv_lstm = ConvLSTM(2 * c.branch_channels, c.hidden_channels)
+        if c.name == "paper":
+            self.init_state = None      # h(0) = z(I) = I-frame logits pooled to H/32
+            self.head = None
+        else:
+            self.init_state = nn.Conv2d(IFrameNet.feature_channels, c.hidden_channels, 1)
+            # residual-guided correction of the warped H/4 logits
+            self.head = nn.Sequential(
+                conv_bn_relu(c.hidden_channels + c.num_classes + 2, 32),
+                nn.Conv2d(32, c.num_classes, 3, padding=1))
+
+    # -- I-frames ---------------------------------------------------------------------------
+    def i_frame(self, rgb: torch.Tensor) -> tuple[torch.Tensor, State]:
+        z, logits = self.i_frame_net(rgb)
+        return logits, self.state_from_i_frame(z, logits)
+
+    def state_from_i_frame(self, z: torch.Tensor, logits: torch.Tensor) -> State:
+        c = self.config
+        zh, zw = z.shape[-2:]
+        if c.name == "paper":   # H/8 -> H/32
+            h = F.adaptive_avg_pool2d(logits, (-(-zh // 4), -(-zw // 4)))
+            return h, torch.zeros_like(h)
+        h = self.init_state(z)
+        seg = F.adaptive_avg_pool2d(logits, (2 * zh, 2 * zw))   # H/4 (logits may come pooled already)
+        return h, torch.zeros_like(h), seg
+
+    # -- P-frames ---------------------------------------------------------------------------
+    def p_frame(self, motion_vectors: torch.Tensor, residual: torch.Tensor, state: State
+                ) -> tuple[torch.Tensor, State]:
+        c = self.config
+        x = torch.cat([self.mv_cnn(motion_vectors), self.residual_cnn(residual)], dim=1)
+        if c.name == "paper":
+            h, cell = self.conv_lstm(x, state)
+            return h, (h, cell)
+        h, cell, seg = state
+        if c.warp:
+            h, cell, seg = warp(h, motion_vectors), warp(cell, motion_vectors), warp(seg, motion_vectors)
+        h, cell = self.conv_lstm(x, (h, cell))
+        h_up = F.interpolate(h, size=seg.shape[-2:], mode="bilinear", align_corners=False)
+        guide = ResidualCNN.pool(residual)[..., : seg.shape[-2], : seg.shape[-1]]
+        seg = seg + self.head(torch.cat([h_up, seg, guide], dim=1))
+        return seg, (h, cell, seg)
+
+    def p_frame_parameters(self):
+        """Parameters of everything but the I-frame network (the P-frame branch)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("i_frame_net.")]
+
+
+def split_state(state: State, sizes: list[int]) -> list[State]:
+    """Split a batched state into per-stream states along dim 0."""
+    parts = [t.split(sizes, dim=0) for t in state]
+    return [tuple(p[i] for p in parts) for i in range(len(sizes))]
+
+
+def cat_states(states: list[State]) -> State:
+    return tuple(torch.cat(ts, dim=0) for ts in zip(*states))
