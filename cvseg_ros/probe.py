@@ -15,24 +15,35 @@ def probe(path: str | Path) -> dict:
     units = list(read_access_units(path))
     gop_sizes: list[int] = []
     width = height = 0
+    st = decoder.stats
+    # frames of units outside the container's edit list are decoded (references) but, as in
+    # FFmpeg / `read_frames`, not presented: they are not counted as frames here
+    presented = ("frames", "i_frames", "p_frames", "frames_with_mvs")
+    hidden = dict.fromkeys(presented, 0)
     start = time.perf_counter()
     for unit in units:
-        for frame in decoder.feed(unit.data, unit.time):
+        before = [getattr(st, key) for key in presented]
+        frames = decoder.feed(unit.data, unit.time)
+        if unit.discard:
+            for key, value in zip(presented, before):
+                hidden[key] += getattr(st, key) - value
+            continue
+        for frame in frames:
             width, height = frame.width, frame.height
-            if frame.kind == "I":
+            if frame.kind == "I" or not gop_sizes:   # a leading partial GOP counts too
                 gop_sizes.append(1)
-            elif gop_sizes:
+            else:
                 gop_sizes[-1] += 1
     elapsed = time.perf_counter() - start
-    st = decoder.stats
     return {
         "path": str(path),
         "access_units": st.access_units,
-        "frames": st.frames,
-        "i_frames": st.i_frames,
-        "p_frames": st.p_frames,
+        "frames": st.frames - hidden["frames"],
+        "i_frames": st.i_frames - hidden["i_frames"],
+        "p_frames": st.p_frames - hidden["p_frames"],
         "b_frames": st.b_frames,
-        "frames_with_mvs": st.frames_with_mvs,
+        "frames_with_mvs": st.frames_with_mvs - hidden["frames_with_mvs"],
+        "not_presented": hidden["frames"],
         "skipped_before_keyframe": st.skipped_before_keyframe,
         "corrupt": st.corrupt,
         "width": width,

@@ -101,6 +101,15 @@ class StreamStats:
         return d
 
 
+def _luma(frame: av.VideoFrame) -> np.ndarray:
+    """A copy of the Y plane (no colour conversion; the decoder reuses its buffers)."""
+    if frame.format.name not in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "gray"):
+        return frame.to_ndarray(format="gray")   # e.g. 10-bit: let swscale convert
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
+    return rows[:, : frame.width].copy()
+
+
 class H264StreamDecoder:
     """Decodes one H.264 stream access unit by access unit, with motion vectors and residuals.
 
@@ -180,13 +189,14 @@ class H264StreamDecoder:
                           "reference); re-encode the source with `cvseg transcode IN OUT`")
             return None
         if frame.is_corrupt:
-            return self._drop("decoder flagged the frame as corrupt (concealed errors)")
+            self._drop("decoder flagged the frame as corrupt (concealed errors)")
+            return None
         height, width = frame.height, frame.width
         if self._size is not None and self._size != (height, width):
             st.resolution_changes += 1
             self._need_reset = True
         self._size = (height, width)
-        luma = frame.to_ndarray(format="gray")
+        luma = _luma(frame)
         is_intra = pict == PICT_I or frame.key_frame
         reset = is_intra or self._need_reset or self._previous_luma is None \
             or self._previous_luma.shape != luma.shape

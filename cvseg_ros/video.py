@@ -20,8 +20,10 @@ from .stream import PICT_B, UnsupportedStreamError
 @dataclass
 class AccessUnit:
     data: bytes            # Annex B
-    time: float            # presentation time in seconds from the start of the file
+    time: float            # presentation time in seconds from the stream's start (< 0: pre-roll)
     key_frame: bool
+    discard: bool = False  # outside the container's edit list: decode it (it may be a reference
+                           # of the frames after it) but do not present it, as FFmpeg does
 
 
 @dataclass
@@ -65,7 +67,8 @@ def read_access_units(path: str | Path) -> Iterator[AccessUnit]:
             from av.bitstream import BitStreamFilterContext
             bsf = BitStreamFilterContext("h264_mp4toannexb", stream)
         time_base = stream.time_base or Fraction(1, 90000)
-        start = None
+        # MP4 edit lists: the presentation starts at stream.start_time; earlier packets are pre-roll
+        start = float(stream.start_time * time_base) if stream.start_time is not None else None
 
         def emit(packet: av.Packet) -> AccessUnit | None:
             nonlocal start
@@ -75,7 +78,8 @@ def read_access_units(path: str | Path) -> Iterator[AccessUnit]:
             t = float(pts * time_base) if pts is not None else 0.0
             if start is None:
                 start = t
-            return AccessUnit(bytes(packet), t - start, bool(packet.is_keyframe))
+            return AccessUnit(bytes(packet), t - start, bool(packet.is_keyframe),
+                              bool(packet.is_discard))
 
         for packet in container.demux(stream):
             outs = bsf.filter(packet) if bsf is not None else ([packet] if packet.size else [])

@@ -1,0 +1,110 @@
+"""Motion vectors against a known sub-pixel translation, and the residual on static / real video."""
+from __future__ import annotations
+
+import itertools
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from conftest import CLIPS_DIR, require
+from cvseg_ros.motion_vectors import GRID, field_shape
+from cvseg_ros.stream import H264StreamDecoder
+from cvseg_ros.video import encode_frames, read_access_units
+
+SIZE = (320, 240)   # (w, h) of the encoded frames
+FRAMES = 24         # two GOPs of 12
+BORDER = 4          # field cells (16 px) left out along each edge
+
+
+def translated(image: np.ndarray, shift: tuple[float, float], count: int) -> list[np.ndarray]:
+    """Frames where the content moves by ``shift`` px per frame (cubic warp, centre crop, no border)."""
+    h, w = image.shape[:2]
+    out_w, out_h = SIZE
+    x0, y0 = (w - out_w) // 2, (h - out_h) // 2
+    assert abs(shift[0]) * count < x0 and abs(shift[1]) * count < y0, "borders would enter the crop"
+    frames = []
+    for k in range(count):
+        m = np.float32([[1, 0, shift[0] * k], [0, 1, shift[1] * k]])   # dst(p + k*s) = src(p)
+        moved = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_CUBIC)
+        frames.append(np.ascontiguousarray(moved[y0:y0 + out_h, x0:x0 + out_w]))
+    return frames
+
+
+def decode_all(units: list[bytes]):
+    decoder = H264StreamDecoder()
+    frames = []
+    for unit in units:
+        out = decoder.feed(unit)
+        assert len(out) == 1
+        frames.extend(out)
+    assert decoder.stats.corrupt == 0 and decoder.stats.frames == len(units)
+    return frames, decoder.stats
+
+
+@pytest.mark.parametrize("shift", [(1.25, -0.75), (-2.5, 0.5)], ids=["1.25,-0.75", "-2.5,0.5"])
+def test_field_matches_a_known_subpixel_translation(camvid_image, shift):
+    frames, stats = decode_all(encode_frames(translated(camvid_image, shift, FRAMES), gop=12))
+    assert stats.i_frames == 2 and stats.p_frames == FRAMES - 2
+    rows, cols = field_shape(SIZE[1], SIZE[0])
+    inner = np.zeros((rows, cols), bool)
+    inner[BORDER:-BORDER, BORDER:-BORDER] = True
+    expected = -np.asarray(shift, np.float32)   # content at p came from p - s: mv = -s
+    hits = total = 0
+    for frame in frames:
+        if frame.kind == "I":
+            assert frame.motion_vectors is None and frame.reset
+            continue
+        field, intra = frame.motion_vectors, frame.intra
+        assert field.shape == (2, rows, cols) and field.dtype == np.float32
+        assert intra.shape == (rows, cols) and intra.dtype == bool
+        cells = inner & ~intra
+        assert cells.sum() > 0.5 * inner.sum(), "almost no inter cells: the test would prove nothing"
+        error = np.hypot(field[0] - expected[0], field[1] - expected[1])[cells]
+        assert np.median(error) <= 0.25, (frame.index, np.median(field[0][cells]), np.median(field[1][cells]))
+        hits += int((error <= 0.5).sum())
+        total += int(cells.sum())
+    assert hits / total >= 0.90, f"only {hits / total:.1%} of the inner inter cells within 0.5 px"
+
+
+def test_static_scene_has_zero_vectors_and_residual(camvid_image):
+    crop = np.ascontiguousarray(camvid_image[:SIZE[1], :SIZE[0]])
+    frames, _ = decode_all(encode_frames([crop] * 12, gop=12))
+    for frame in frames[1:]:
+        assert frame.kind == "P" and not frame.reset
+        assert frame.residual.shape == (SIZE[1], SIZE[0]) and frame.residual.dtype == np.int16
+        assert np.abs(frame.residual).mean() < 1.0
+        moved = np.abs(frame.motion_vectors).max(axis=0)[~frame.intra]
+        # nothing moves: (almost) every inter cell says so (flat patches may get a stray vector)
+        assert moved.size == 0 or (moved == 0).mean() >= 0.9
+
+
+@pytest.mark.parametrize("name", ["udacity_solidWhiteRight.mp4", "udacity_test_small1.mp4"])
+def test_residual_energy_on_real_video(name):
+    clip = require(CLIPS_DIR / name, "real clip")
+    units = [u.data for u in itertools.islice(read_access_units(clip), 60)]
+    decoder = H264StreamDecoder()
+    plain = av.CodecContext.create("h264", "r")   # independent decode for the frame difference
+    residual_energy, diff_energy, frame_energy = [], [], []
+    previous = None
+    for unit in units:
+        (frame,) = decoder.feed(unit)
+        (ref,) = plain.decode(av.Packet(unit))
+        luma = ref.to_ndarray(format="gray").astype(np.float64)
+        if frame.kind == "P":
+            assert frame.residual is not None and frame.residual.shape == luma.shape
+            assert previous is not None
+            residual_energy.append(np.mean(frame.residual.astype(np.float64) ** 2))
+            diff_energy.append(np.mean((luma - previous) ** 2))
+            frame_energy.append(np.mean(luma ** 2))
+        previous = luma
+    assert len(residual_energy) >= 50
+    residual, diff, energy = map(np.mean, (residual_energy, diff_energy, frame_energy))
+    assert residual < 0.7 * diff, (residual, diff)
+    assert residual < 0.05 * energy, (residual, energy)
+
+
+def test_field_grid_is_four_pixels():
+    assert GRID == 4
+    assert field_shape(540, 960) == (135, 240) and field_shape(181, 322) == (46, 81)
