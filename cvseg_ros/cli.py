@@ -12,7 +12,9 @@ from .stream import UnsupportedStreamError
 COMMAND_MODULES = {
     "probe": "cvseg_ros.probe",
     "transcode": "cvseg_ros.video_cli",
-    "bag": "cvseg_ros.bags",            # also registers `replay` and `eval-bag`
+    "bag": "cvseg_ros.bags",            # registers `bag`, `replay` and `eval-bag`
+    "replay": "cvseg_ros.bags",
+    "eval-bag": "cvseg_ros.bags",
     "demo": "cvseg_ros.demo",
     "eval": "cvseg_ros.evaluate",
     "train": "cvseg_ros.train",
@@ -23,10 +25,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMAND_MODULES.items():
-        if only is None or only == name:
+    wanted = set(COMMAND_MODULES.values()) if only is None else {COMMAND_MODULES[only]}
+    for module in dict.fromkeys(COMMAND_MODULES.values()):
+        if module in wanted:
             importlib.import_module(module).register(sub)
-        else:
+    for name in COMMAND_MODULES:   # the others are listed, their modules not imported
+        if name not in sub.choices:
             sub.add_parser(name, help=f"(see `cvseg {name} --help`)")
     return parser
 

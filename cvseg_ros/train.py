@@ -33,8 +33,8 @@ from torch import nn
 
 from .checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
 from .classes import CAMVID_CLASSES, CAMVID_PALETTE, camvid_class_map
-from .data import (IGNORE, Group, camvid_pairs, clip_groups, files_digest, load_camvid, random_crop,
-                   shared_data_dir, still_groups)
+from .data import (IGNORE, Group, camvid_pairs, clip_groups, files_digest, h264_round_trip, load_camvid,
+                   random_crop, shared_data_dir, still_groups)
 from .model.segmenter import CompressedSegmenter, make_config
 
 NUM_CLASSES = len(CAMVID_CLASSES)
@@ -58,6 +58,7 @@ class TrainConfig:
     i_crop: str = "256x320"
     i_lr: float = 1e-3
     i_limit: int = 0                         # use only the first N stills (0 = all)
+    i_compressed: float = 0.7                # share of samples taken from H.264-decoded copies
     teacher_init: bool = True                # initialise from the converted ENet teacher
     # stage 2: P-frame branch
     p_steps: int = 700
@@ -220,12 +221,14 @@ class Trainer:
         images, labels = self.images, self.labels
         if cfg.i_limit:
             images, labels = images[: cfg.i_limit], labels[: cfg.i_limit]
+        decoded = h264_round_trip(images, seed=cfg.seed, progress=self.dist.main) if cfg.i_compressed else images
         crop = _size(cfg.i_crop)
         bar = tqdm(total=cfg.i_steps, initial=step, desc="stage 1: I-frame network", disable=not self.dist.main)
         losses = []
         while step < cfg.i_steps:
             idx = self.rng.integers(0, len(images), cfg.i_batch)
-            pairs = [random_crop(images[i], labels[i], self.rng, crop) for i in idx]
+            pairs = [random_crop(decoded[i] if self.rng.random() < cfg.i_compressed else images[i],
+                                 labels[i], self.rng, crop) for i in idx]
             x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(self.device).permute(0, 3, 1, 2).float() / 255
             y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(self.device).long()
             for g in optimizer.param_groups:
