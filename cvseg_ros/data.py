@@ -206,19 +206,21 @@ def fit_frame(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
 
 
-def clip_groups(paths: list[Path], teacher, length: int, size: tuple[int, int], stride: int | None = None,
-                max_groups_per_clip: int | None = None, progress: bool = True) -> list[Group]:
-    """Groups of consecutive frames of real clips, labelled by the teacher."""
+def clip_groups(paths: list[Path], label_fn, length: int, size: tuple[int, int], frame_step: int = 1,
+                stride: int | None = None, max_groups_per_clip: int = 0, progress: bool = True) -> list[Group]:
+    """Groups of real clip frames (every ``frame_step``-th frame), labelled by ``label_fn(rgb)``."""
     from tqdm import tqdm
-    stride = stride or length
+    span = length * frame_step
+    stride = stride or span
     groups = []
     for path in paths:
         frames = [fit_frame(f, size) for f in read_frames(path)]
-        starts = list(range(0, len(frames) - length + 1, stride))[:max_groups_per_clip]
-        for s in tqdm(starts, desc=f"{Path(path).name} -> teacher-labelled groups", disable=not progress):
-            seq = frames[s:s + length]
-            labs = [teacher.predict_camvid(f) for f in seq]
-            g = encode_group(seq, labs)
+        starts = list(range(0, len(frames) - span + 1, stride))
+        if max_groups_per_clip:
+            starts = starts[:max_groups_per_clip]
+        for s in tqdm(starts, desc=f"{Path(path).name} -> pseudo-labelled groups", disable=not progress):
+            seq = frames[s:s + span:frame_step]
+            g = encode_group(seq, [label_fn(f) for f in seq])
             if g is not None:
                 groups.append(g)
     return groups

@@ -15,6 +15,7 @@ optimised in two stages over the same model:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -66,7 +67,13 @@ class TrainConfig:
     p_lr: float = 3e-3
     group_length: int = 12
     p_limit: int = 0                         # use only the first N stills for groups (0 = all)
-    clip_groups_per_clip: int = 8            # teacher-labelled groups per dashcam clip (0 = none)
+    clip_labels: str = "iframe_net"          # pseudo-labels of the clip groups: "iframe_net" (stage 1's
+                                             # teacher-initialised network, what P-frames should match) | "teacher"
+    clip_groups_per_clip: int = 0            # cap per dashcam clip (0 = no cap)
+    clip_frame_step: int = 2                 # 25 fps clips -> 12.5 fps groups (CamVid val is 15 fps)
+    clip_stride: int = 6                     # source frames between group starts
+    clip_confidence: float = 0.5             # pseudo-labels below this softmax score are ignored
+    use_clips: bool = True
     save_every: int = 100
 
 
@@ -256,7 +263,9 @@ class Trainer:
     # -- stage 2 ---------------------------------------------------------------------------------
     def build_groups(self) -> list[Group]:
         cfg = self.cfg
-        cache = self.out / f"groups_L{cfg.group_length}_n{cfg.p_limit}_c{cfg.clip_groups_per_clip}_s{cfg.seed}.npz"
+        key = (f"L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_{cfg.clip_groups_per_clip}_"
+               f"{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
+        cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if cache.exists():
             z = np.load(cache)
             return [Group(z[f"rgb{i}"], z[f"mv{i}"], z[f"res{i}"], z[f"lab{i}"]) for i in range(int(z["n"]))]
@@ -264,12 +273,10 @@ class Trainer:
         if cfg.p_limit:
             images, labels = images[: cfg.p_limit], labels[: cfg.p_limit]
         groups = still_groups(images, labels, cfg.group_length, seed=cfg.seed, progress=self.dist.main)
-        if cfg.clip_groups_per_clip:
-            from .teacher import Teacher
-            from .video import video_info
-            clips = [p for p in sorted((self.data / "clips").glob("*.mp4")) if video_info(p).codec == "h264"]
-            teacher = Teacher(self.teacher_path)
-            groups += clip_groups(clips, teacher, cfg.group_length, _size(cfg.input_size), stride=cfg.group_length * 2,
+        if cfg.use_clips:
+            clips = sorted((self.data / "clips").glob("*.mp4"))   # MPEG-4 Part 2 ones are decoded and re-encoded too
+            groups += clip_groups(clips, self.clip_labeller(), cfg.group_length, _size(cfg.input_size),
+                                  frame_step=cfg.clip_frame_step, stride=cfg.clip_stride,
                                   max_groups_per_clip=cfg.clip_groups_per_clip, progress=self.dist.main)
         arrays = {"n": np.array(len(groups))}
         for i, g in enumerate(groups):
@@ -277,6 +284,27 @@ class Trainer:
         if self.dist.main:
             np.savez(cache, **arrays)
         return groups
+
+    def clip_labeller(self):
+        """rgb -> CamVid ids for the unlabelled clips: the stage-1 network or the raw teacher."""
+        if self.cfg.clip_labels == "teacher":
+            from .teacher import Teacher
+            return Teacher(self.teacher_path).predict_camvid
+        if self.cfg.clip_labels != "iframe_net":
+            raise ValueError(f"clip_labels must be 'iframe_net' or 'teacher', not {self.cfg.clip_labels!r}")
+        from .model.i_frame import IFrameNet
+        net = IFrameNet(NUM_CLASSES)
+        net.load_state_dict(load_file(str(self.i_frame_path())))
+        net.to(self.device).eval()
+
+        @torch.inference_mode()
+        def label(rgb: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
+            prob = net(x)[1].softmax(dim=1)[0]
+            score, ids = prob.max(dim=0)
+            ids[score < self.cfg.clip_confidence] = IGNORE
+            return ids.to(torch.uint8).cpu().numpy()
+        return label
 
     def i_frame_outputs(self, model: CompressedSegmenter, groups: list[Group]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """z(I) and H/4-pooled logits of every group's I-frame (the I-frame network is frozen)."""
