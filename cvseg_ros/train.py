@@ -54,7 +54,7 @@ class TrainConfig:
     device: str = "auto"
     input_size: str = "360x480"              # h x w of CamVid; the reference size in the checkpoint
     # stage 1: I-frame network
-    i_steps: int = 900
+    i_steps: int = 1500
     i_batch: int = 8
     i_crop: str = "256x320"
     i_lr: float = 1e-3
@@ -62,6 +62,7 @@ class TrainConfig:
     i_compressed: float = 0.7                # share of samples taken from H.264-decoded copies
     teacher_init: bool = True                # initialise from the converted ENet teacher
     # stage 2: P-frame branch
+    accumulate: bool = True                  # improved model: warp along the accumulated motion
     p_steps: int = 700
     p_batch: int = 4
     p_lr: float = 3e-3
@@ -321,7 +322,8 @@ class Trainer:
     def train_pframe(self, name: str, groups: list[Group]) -> CompressedSegmenter:
         from tqdm import tqdm
         cfg = self.cfg
-        model = CompressedSegmenter(make_config(name, NUM_CLASSES)).to(self.device)
+        extra = {"accumulate": cfg.accumulate} if name == "improved" else {}
+        model = CompressedSegmenter(make_config(name, NUM_CLASSES, **extra)).to(self.device)
         model.i_frame_net.load_state_dict(load_file(str(self.i_frame_path())))
         for p in model.i_frame_net.parameters():
             p.requires_grad_(False)

@@ -8,9 +8,10 @@ Configurations (``CONFIGS``):
 
 * ``paper`` -- faithful: z(I) and the ConvLSTM state at H/32 with as many channels as classes
   (z(I) = the I-frame logits pooled to H/32); P-frame logits = the hidden state, upsampled.
-* ``improved`` -- ours: a finer state (H/8 hidden + H/4 segmentation logits) that is *warped along
-  the motion vectors* before each update (as TapLab's feature flow warping), and a residual-guided
-  correction of the warped logits. Output at H/4.
+* ``improved`` -- ours: a finer state (ConvLSTM at H/8, warped along the motion vectors before each
+  update, as TapLab's feature flow warping) and the I-frame's H/4 logits, warped once along the motion
+  accumulated since the I-frame (no resampling blur building up), then corrected by a
+  residual-guided head. Output at H/4.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class ModelConfig:
     hidden_channels: int = 24      # ConvLSTM channels (paper: num_classes)
     branch_channels: int = 16      # per P-frame CNN output channels
     warp: bool = True              # warp state along the motion vectors before the update
+    accumulate: bool = False       # warp the I-frame logits once along the motion accumulated since
+                                   # the I-frame (no repeated resampling blur) instead of step by step
     output_stride: int = 4         # P-frame logits resolution
 
     def to_dict(self) -> dict:
@@ -43,7 +46,7 @@ class ModelConfig:
 
 CONFIGS = {
     "paper": dict(state_stride=32, warp=False, output_stride=32),
-    "improved": dict(state_stride=8, hidden_channels=24, warp=True, output_stride=4),
+    "improved": dict(state_stride=8, hidden_channels=24, warp=True, accumulate=True, output_stride=4),
 }
 
 
@@ -54,6 +57,25 @@ def make_config(name: str, num_classes: int = 11, **overrides) -> ModelConfig:
     if name == "paper":
         values["hidden_channels"] = num_classes
     return ModelConfig(name=name, num_classes=num_classes, **values)
+
+
+_GRIDS: dict = {}
+
+
+def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[1,h,w,2] normalised (x, y) coordinates of the pixel centres of an h x w map (cached)."""
+    key = (h, w, device, dtype)
+    grid = _GRIDS.get(key)
+    if grid is None:
+        with torch.inference_mode(False), torch.no_grad():   # usable by training and inference alike
+            ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=device, dtype=dtype)
+            xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=device, dtype=dtype)
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            grid = torch.stack([grid_x, grid_y], dim=-1)[None]
+        if len(_GRIDS) > 64:
+            _GRIDS.clear()
+        _GRIDS[key] = grid
+    return grid
 
 
 def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
@@ -67,13 +89,12 @@ def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
         mv = F.adaptive_avg_pool2d(mv, (h, w))
     # pixels of the input image -> normalised [-1, 1] coordinates of this map
     full_h, full_w = motion_vectors.shape[-2] * 4, motion_vectors.shape[-1] * 4
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    gx = grid_x + mv[:, 0] * (2.0 / full_w)
-    gy = grid_y + mv[:, 1] * (2.0 / full_h)
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    scale = torch.tensor([2.0 / full_w, 2.0 / full_h], device=mv.device, dtype=torch.float32)
+    grid = _base_grid(h, w, x.device, torch.float32) + mv.float().permute(0, 2, 3, 1) * scale
+    # sampling positions always in fp32: in bf16 (8-bit mantissa) a normalised coordinate near the
+    # border is off by up to half a cell of a 120-wide map
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class CompressedSegmenter(nn.Module):
@@ -115,23 +136,41 @@ class CompressedSegmenter(nn.Module):
             return h, torch.zeros_like(h)
         h = self.init_state(z)
         seg = F.adaptive_avg_pool2d(logits, (2 * zh, 2 * zw))   # H/4 (logits may come pooled already)
+        if c.accumulate:   # + the I-frame's logits and the motion accumulated since (none yet)
+            acc = seg.new_zeros(seg.shape[0], 2, *seg.shape[-2:])
+            return h, torch.zeros_like(h), seg, acc
         return h, torch.zeros_like(h), seg
 
     # -- P-frames ---------------------------------------------------------------------------
-    def p_frame(self, motion_vectors: torch.Tensor, residual: torch.Tensor, state: State
-                ) -> tuple[torch.Tensor, State]:
+    def p_frame(self, motion_vectors: torch.Tensor, residual: torch.Tensor | None, state: State,
+                residual_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """``residual_stats``: optionally, what the model reduces ``residual`` to first, made by the
+        caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per 4x4 cell, see
+        :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None)."""
         c = self.config
-        x = torch.cat([self.mv_cnn(motion_vectors), self.residual_cnn(residual)], dim=1)
+        # once: the residual CNN's input and the head's guide
+        pooled = ResidualCNN.pool(residual) if residual_stats is None \
+            else residual_stats * ResidualCNN.STATS_SCALE
+        x = torch.cat([self.mv_cnn(motion_vectors), self.residual_cnn.net(pooled)], dim=1)
         if c.name == "paper":
             h, cell = self.conv_lstm(x, state)
             return h, (h, cell)
-        h, cell, seg = state
-        if c.warp:
-            h, cell, seg = warp(h, motion_vectors), warp(cell, motion_vectors), warp(seg, motion_vectors)
+        h, cell, seg = state[:3]
+        if c.warp:   # h and c share their size: one grid_sample for both
+            hc = warp(torch.cat([h, cell], dim=1), motion_vectors)
+            h, cell = hc[:, : h.shape[1]], hc[:, h.shape[1]:]
+        if c.accumulate:   # content at p came from p + acc(p) in the I-frame
+            i_frame_seg = seg
+            acc = motion_vectors + warp(state[3], motion_vectors)
+            seg = warp(i_frame_seg, acc)
+        elif c.warp:
+            seg = warp(seg, motion_vectors)
         h, cell = self.conv_lstm(x, (h, cell))
         h_up = F.interpolate(h, size=seg.shape[-2:], mode="bilinear", align_corners=False)
-        guide = ResidualCNN.pool(residual)[..., : seg.shape[-2], : seg.shape[-1]]
+        guide = pooled[..., : seg.shape[-2], : seg.shape[-1]]
         seg = seg + self.head(torch.cat([h_up, seg, guide], dim=1))
+        if c.accumulate:
+            return seg, (h, cell, i_frame_seg, acc)
         return seg, (h, cell, seg)
 
     def p_frame_parameters(self):

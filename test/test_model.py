@@ -1,0 +1,115 @@
+"""The model on real reader output: shapes, batching over streams, state reset; checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cvseg_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
+from cvseg_ros.engine import SegmentationEngine
+from cvseg_ros.model.segmenter import CompressedSegmenter, cat_states, make_config, split_state
+from cvseg_ros.stream import H264StreamDecoder
+from cvseg_ros.video import encode_frames
+
+from conftest import CAMVID_TRAIN, require
+
+
+@pytest.fixture(scope="module")
+def real_frames():
+    """A real CamVid still seen by a moving camera, encoded with GOP 4 and decoded by our reader."""
+    from cvseg_ros.data import read_label, read_rgb, synthetic_sequence
+    require(CAMVID_TRAIN, "CamVid train stills")
+    image = sorted(CAMVID_TRAIN.glob("*.png"))[0]
+    label = CAMVID_TRAIN.parent / "trainannot" / image.name
+    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(1), 6)
+    decoder = H264StreamDecoder("test")
+    return [f for u in encode_frames(frames, gop=4) for f in decoder.feed(u)]
+
+
+@pytest.mark.parametrize("name", ["paper", "improved"])
+def test_shapes_and_state_reset_on_real_reader_output(real_frames, name):
+    torch.manual_seed(0)
+    model = CompressedSegmenter(make_config(name)).eval()
+    kinds = [f.kind for f in real_frames]
+    assert kinds == ["I", "P", "P", "P", "I", "P"]
+    stride = 32 if name == "paper" else 4
+    with torch.inference_mode():
+        state = None
+        for f in real_frames:
+            if f.kind == "I":
+                rgb = torch.from_numpy(f.rgb).permute(2, 0, 1)[None].float() / 255
+                logits, state = model.i_frame(rgb)
+                assert logits.shape == (1, 11, 360, 480)
+                fresh = model.i_frame(rgb)[1]   # the state after an I-frame depends on that frame only
+                assert all(torch.equal(a, b) for a, b in zip(state, fresh))
+            else:
+                mv = torch.from_numpy(f.motion_vectors)[None]
+                res = torch.from_numpy(f.residual)[None, None].float() / 255
+                assert mv.shape == (1, 2, 90, 120)
+                logits, state = model.p_frame(mv, res, state)
+                assert logits.shape == (1, 11, math.ceil(360 / stride), math.ceil(480 / stride))
+                assert torch.isfinite(logits).all()
+
+
+def test_batched_streams_equal_single_streams(real_frames):
+    """Two cameras in one forward pass give what each gives alone."""
+    torch.manual_seed(0)
+    model = CompressedSegmenter(make_config("improved")).eval()
+    i_frame, p_frame = real_frames[0], real_frames[1]
+    rgb = torch.from_numpy(i_frame.rgb).permute(2, 0, 1)[None].float() / 255
+    mv = torch.from_numpy(p_frame.motion_vectors)[None]
+    res = torch.from_numpy(p_frame.residual)[None, None].float() / 255
+    with torch.inference_mode():
+        _, s1 = model.i_frame(rgb)
+        _, s2 = model.i_frame(rgb.flip(-1))
+        single = [model.p_frame(mv, res, s)[0] for s in (s1, s2)]
+        both, state = model.p_frame(torch.cat([mv, mv]), torch.cat([res, res]), cat_states([s1, s2]))
+    assert torch.allclose(both[0], single[0][0], atol=1e-4)
+    assert torch.allclose(both[1], single[1][0], atol=1e-4)
+    assert all(t.shape[0] == 1 for t in split_state(state, [1, 1])[0])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = CompressedSegmenter(make_config("improved")).eval()
+    path = save_checkpoint(model, tmp_path / "m.safetensors", classes=CAMVID_CLASSES, palette=CAMVID_PALETTE,
+                           input_size=(360, 480), extra={"command": "test"})
+    loaded, meta = load_checkpoint(path)
+    assert meta["classes"] == CAMVID_CLASSES and meta["command"] == "test"
+    assert meta["config"]["name"] == "improved"
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.inference_mode():
+        assert torch.equal(model.i_frame(x)[0], loaded.i_frame(x)[0])
+    # a metadata file that disagrees with the weights is refused with the reason
+    meta_path = tmp_path / "m.json"
+    bad = json.loads(meta_path.read_text())
+    bad["classes"] = bad["classes"][:5]
+    bad["palette"] = bad["palette"][:5]
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="classes"):
+        load_checkpoint(path)
+
+
+def test_shipped_checkpoint_loads_and_segments():
+    """The default checkpoint is a trained one: it segments a real CamVid frame sensibly."""
+    from cvseg_ros.data import read_label, read_rgb
+    require(CAMVID_TRAIN, "CamVid train stills")
+    engine = SegmentationEngine(device="cpu")
+    assert engine.class_names == CAMVID_CLASSES
+    assert engine.metadata["config"]["name"] == "improved"
+    assert engine.metadata["command"].startswith("cvseg train")
+    image_path = sorted(CAMVID_TRAIN.glob("*.png"))[10]
+    image, label = read_rgb(image_path), read_label(CAMVID_TRAIN.parent / "trainannot" / image_path.name)
+    units = encode_frames([image, image, image], gop=12)
+    results = [r for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
+    assert [r.network for r in results] == ["i_frame", "p_frame", "p_frame"]
+    for r in results:
+        assert r.mask.shape == label.shape and r.mask.dtype == np.uint8 and r.stamp in (0, 1, 2)
+        valid = label != 255
+        assert (r.mask[valid] == label[valid]).mean() > 0.75
