@@ -23,6 +23,7 @@ PACKAGE_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors"
 REQUIRED_KEYS = ("format", "classes", "palette", "input_size", "config")
 FORMAT = "cvseg_ros/1"
+MAX_CLASSES = 255
 
 
 class CheckpointError(ValueError):
@@ -68,6 +69,52 @@ def save_checkpoint(model: CompressedSegmenter, path: str | Path, *, classes: li
     return weights
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(meta, meta_path: Path) -> None:
+    """Types and ranges of the metadata fields (the file is untrusted input)."""
+    def bad(message: str):
+        raise CheckpointError(f"{meta_path}: {message}")
+
+    if not isinstance(meta, dict):
+        bad(f"expected a JSON object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        bad(f"missing keys {missing}")
+    if meta["format"] != FORMAT:
+        bad(f"format {meta['format']!r}, expected {FORMAT!r}")
+    classes, palette = meta["classes"], meta["palette"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        bad("'classes' must be a non-empty list of class names")
+    if len(classes) > MAX_CLASSES:
+        bad(f"{len(classes)} classes: at most {MAX_CLASSES} (id 255 means unknown)")
+    if not isinstance(palette, list) or len(palette) != len(classes) or not all(
+            isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
+            for c in palette):
+        bad(f"{len(classes)} classes but the palette is not {len(classes)} RGB triples of 0..255 "
+            f"({len(palette) if isinstance(palette, list) else type(palette).__name__})")
+    size = meta["input_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 8 <= v <= 8192 for v in size)):
+        bad(f"'input_size' must be [height, width] in pixels (8..8192), got {size!r}")
+    config = meta["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        bad("'config' must be an object with a model 'name'")
+    if config.get("num_classes") != len(classes):
+        bad(f"config has {config.get('num_classes')} classes, metadata lists {len(classes)}")
+    for key, value in config.items():    # bounds that keep a hostile file from building a huge model
+        ok = (isinstance(value, bool) or (_is_int(value) and 0 <= value <= 4096)
+              or (isinstance(value, float) and math.isfinite(value) and abs(value) <= 1e6)
+              or (isinstance(value, str) and len(value) <= 64))
+        if not ok:
+            bad(f"config value {key}={value!r} is out of bounds (flags, integers 0..4096, finite numbers, "
+                f"short names)")
+    digest = meta.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        bad(f"'weights_sha256' is not a SHA-256 hex digest: {digest!r}")
+
+
 def read_metadata(path: str | Path) -> dict:
     weights, meta_path = _paths(path)
     if not weights.exists():
@@ -76,19 +123,9 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{weights}: its metadata file {meta_path.name} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise CheckpointError(f"{meta_path}: missing keys {missing}")
-    if meta["format"] != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta['format']!r}, expected {FORMAT!r}")
-    classes, palette = meta["classes"], meta["palette"]
-    if not classes or len(palette) != len(classes) or any(len(c) != 3 for c in palette):
-        raise CheckpointError(f"{meta_path}: {len(classes)} classes but a palette of {len(palette)} colours")
-    if meta["config"].get("num_classes") != len(classes):
-        raise CheckpointError(f"{meta_path}: config has {meta['config'].get('num_classes')} classes, "
-                              f"metadata lists {len(classes)}")
+    _check_metadata(meta, meta_path)
     return meta
 
 
@@ -100,9 +137,13 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
     cfg = dict(meta["config"])
     try:
         config = make_config(cfg.pop("name"), **cfg)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: bad model configuration ({exc})") from None
-    model = CompressedSegmenter(config)
+        model = CompressedSegmenter(config)
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, RuntimeError from the model
+        raise CheckpointError(f"{weights}: bad model configuration ({type(exc).__name__}: {exc})") from None
+    digest = meta.get("weights_sha256")
+    if digest is not None and file_sha256(weights) != digest:
+        raise CheckpointError(f"{weights}: its SHA-256 differs from the one in its metadata (truncated, "
+                              f"modified, or not the file the metadata was written for)")
     expected = model.state_dict()
     state = {}
     try:
@@ -112,11 +153,20 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
                 extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
                 raise CheckpointError(f"{weights}: tensors do not match the '{config.name}' model "
                                       f"(unexpected {extra[:5]}, missing {missing[:5]})")
-            for name in names:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in sorted(names)}
+            wrong = [n for n in shapes if shapes[n] != tuple(expected[n].shape)]
+            if wrong:
+                k = config.num_classes
+                hint = any(k in expected[n].shape and k not in shapes[n] for n in wrong)
+                raise CheckpointError(
+                    f"{weights}: {len(wrong)} tensor(s) do not have the '{config.name}' model's shapes, "
+                    f"e.g. {wrong[0]} has shape {shapes[wrong[0]]}, expected {tuple(expected[wrong[0]].shape)}"
+                    + (f" (the metadata lists {k} classes: the weights were made for another class count)"
+                       if hint else ""))
+            for name in sorted(names):
                 t = f.get_tensor(name)
-                if t.shape != expected[name].shape:
-                    raise CheckpointError(f"{weights}: {name} has shape {tuple(t.shape)}, "
-                                          f"expected {tuple(expected[name].shape)}")
+                if t.dtype != expected[name].dtype:
+                    raise CheckpointError(f"{weights}: {name} is {t.dtype}, expected {expected[name].dtype}")
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise CheckpointError(f"{weights}: {name} holds non-finite values")
                 state[name] = t

@@ -18,6 +18,9 @@ COMMAND_MODULES = {
     "demo": "cvseg_ros.demo",
     "eval": "cvseg_ros.evaluate",
     "train": "cvseg_ros.train",
+    "fuzz": "cvseg_ros.fuzz",
+    "soak": "cvseg_ros.soak",
+    "bench": "cvseg_ros.bench",
 }
 
 

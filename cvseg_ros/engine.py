@@ -21,13 +21,68 @@ import numpy as np
 import torch
 
 from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from .model.inference import inference_copy
 from .model.segmenter import CompressedSegmenter, cat_states, split_state
+from .motion_vectors import resize_field
+from .residual import residual_stats
 from .stream import CompressedFrame, H264StreamDecoder
 
 log = logging.getLogger(__name__)
 
 MODES = ("compressed", "per_frame", "iframe_copy")
+#: ``fp32``; ``bf16``: both networks under bf16 autocast; ``mixed``: the I-frame network in fp32,
+#: the P-frame branch in bf16; ``auto``: ``mixed`` on a CPU with native bf16 (AVX512-BF16 or AMX),
+#: else ``fp32``.
+PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 UNKNOWN = 255
+
+
+def native_bf16_cpu() -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep the large, short-lived buffers of the networks in the heap (glibc ``mallopt``: no
+    ``mmap`` for blocks below 32 MiB, no trimming below 512 MiB). Otherwise every I-frame, run
+    between P-frames, maps its multi-megabyte activations afresh and page-faults them in
+    (measured: about 10-15 % of an I-frame on the 2-core CPU). Process-wide, once; opt out with
+    ``CVSEG_MALLOC_TUNING=0``. Returns whether it applied."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    import os
+    import sys
+    if not sys.platform.startswith("linux") or os.environ.get("CVSEG_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 512 << 20) == 1
+    except (OSError, AttributeError):   # not glibc
+        return False
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "mixed" if device.type == "cpu" and native_bf16_cpu() else "fp32"
+    return precision
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,23 +141,28 @@ class SegmentationEngine:
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", mode: str = "compressed",
                  model: CompressedSegmenter | None = None, metadata: dict | None = None,
-                 precision: str = "fp32", threads: int | None = None) -> None:
+                 precision: str = "auto", threads: int | None = None, optimize: bool = True) -> None:
+        """``precision``: see :data:`PRECISIONS`. ``optimize``: run an inference copy of the model
+        (batch norms folded into the convolutions, channels-last): same outputs up to float
+        rounding, less time."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         self.device = resolve_device(device)
+        tune_allocator()
         if threads:
             torch.set_num_threads(threads)
         if model is None:
             model, metadata = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT, self.device)
-        self.model = model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        self.model = inference_copy(model) if optimize else model
         self.metadata = metadata or {}
         self.class_names: list[str] = list(self.metadata["classes"])
         self.palette = np.asarray(self.metadata["palette"], dtype=np.uint8)
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"unknown precision {precision!r}: 'fp32' or 'bf16'")
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.precision = resolve_precision(precision, self.device)
+        self._i_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self._p_dtype = torch.bfloat16 if self.precision in ("bf16", "mixed") else None
         self._cameras: dict[str, _Camera] = {}
         self._color_lut = np.zeros((256, 3), np.uint8)
         self._color_lut[: len(self.palette)] = self.palette
@@ -110,8 +170,10 @@ class SegmentationEngine:
     # -- cameras --------------------------------------------------------------------------------
     def add_camera(self, camera: str) -> None:
         if camera not in self._cameras:
-            rgb_p = self.mode == "per_frame"
-            self._cameras[camera] = _Camera(H264StreamDecoder(camera, rgb_for_p_frames=rgb_p))
+            # only the compressed mode needs the vectors and the residual (at the work size)
+            self._cameras[camera] = _Camera(H264StreamDecoder(
+                camera, rgb_for_p_frames=self.mode == "per_frame", motion=self.mode == "compressed",
+                residual_size=self.work_size))
 
     @property
     def cameras(self) -> list[str]:
@@ -124,6 +186,14 @@ class SegmentationEngine:
         cam.discontinuities += 1
         cam.decoder.mark_discontinuity(reason)
 
+    def decode_only(self, camera: str, data: bytes, stamp: Any = None) -> int:
+        """Decode an access unit without segmenting it (the caller is behind): the decoder keeps
+        its reference pictures; the caller marks a discontinuity before the camera's next
+        :meth:`process`. Returns the frames decoded. Never raises on bad data."""
+        self.add_camera(camera)
+        # no image, vectors or residual for a frame that gets no mask (the next one restarts)
+        return len(self._cameras[camera].decoder.feed(data, stamp, analyse=False))
+
     def stats(self, camera: str) -> dict:
         self.add_camera(camera)
         cam = self._cameras[camera]
@@ -134,6 +204,9 @@ class SegmentationEngine:
 
     def colorize(self, mask: np.ndarray) -> np.ndarray:
         """Class-id mask -> RGB image with the checkpoint's palette (unknown = black)."""
+        mask = np.asarray(mask)
+        if mask.ndim == 2 and mask.dtype == np.uint8:   # OpenCV table look-up: ~8x numpy's fancy indexing
+            return cv2.LUT(cv2.merge([mask, mask, mask]), self._color_lut.reshape(256, 1, 3))
         return self._color_lut[mask]
 
     # -- the pipeline -----------------------------------------------------------------------------
@@ -193,10 +266,17 @@ class SegmentationEngine:
         state = self._cameras[camera].state
         return None if state is None else tuple(tuple(t.shape) for t in state)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
+    def _autocast(self, dtype: torch.dtype | None):
+        if dtype is None:
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @staticmethod
+    def _batch(arrays: list[np.ndarray]) -> torch.Tensor:
+        """[B, ...] tensor of same-shaped arrays (no copy for one array)."""
+        if len(arrays) == 1:
+            return torch.from_numpy(arrays[0]).unsqueeze(0)
+        return torch.from_numpy(np.stack(arrays))
 
     def _rgb_tensor(self, works: list[_Work]) -> torch.Tensor:
         h, w = works[0].work_size
@@ -206,31 +286,38 @@ class SegmentationEngine:
             if rgb.shape[:2] != (h, w):
                 rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
             arrays.append(rgb)
-        batch = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+        batch = self._batch(arrays).to(self.device, non_blocking=True)
+        # NHWC memory seen as NCHW: channels-last strides, what the inference copy wants
         return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
-    def _p_tensors(self, works: list[_Work]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _p_tensors(self, works: list[_Work]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(motion vectors, residual, residual statistics) for :meth:`CompressedSegmenter.p_frame`:
+        the model only uses the residual's per-cell mean and mean |r|; they are computed here
+        (OpenCV, from the int16 residual) and the full-resolution residual tensor is not made."""
         h, w = works[0].work_size
         mvs, residuals = [], []
         for wk in works:
             f = wk.frame
             mv = f.motion_vectors
             if mv.shape[1:] != (h // 4, w // 4):
-                sx, sy = w / f.width, h / f.height
-                mv = np.stack([cv2.resize(mv[0], (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) * sx,
-                               cv2.resize(mv[1], (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) * sy])
-            res = f.residual if f.residual is not None else np.zeros((f.height, f.width), np.int16)
+                mv = resize_field(mv, h // 4, w // 4, w / f.width, h / f.height)
+            # the reader computes the residual at the work size already (residual_size)
+            res = f.residual if f.residual is not None else np.zeros((h, w), np.int16)
             if res.shape != (h, w):
                 res = cv2.resize(res, (w, h), interpolation=cv2.INTER_AREA)
             mvs.append(mv)
             residuals.append(res)
-        mv_t = torch.from_numpy(np.stack(mvs)).to(self.device, non_blocking=True)
-        res_t = torch.from_numpy(np.stack(residuals)).to(self.device, non_blocking=True)
-        return mv_t, res_t.unsqueeze(1).float().div_(255.0)
+        mv_t = self._batch(mvs).to(self.device, non_blocking=True)
+        stats = [residual_stats(r) for r in residuals]
+        if all(s is not None for s in stats):
+            return mv_t, None, self._batch(stats).to(self.device, non_blocking=True)
+        res_t = self._batch(residuals).to(self.device, non_blocking=True)
+        return mv_t, res_t.unsqueeze(1).float().div_(255.0), None
 
     def _masks(self, logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
         """Decide labels at the logits' resolution, then nearest-resize the uint8 ids to the frame."""
-        ids = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        # arg-max over classes with the classes innermost in memory (NCHW arg-max is several times slower)
+        ids = logits.permute(0, 2, 3, 1).contiguous().argmax(dim=3).to(torch.uint8).cpu().numpy()
         masks = []
         for small, wk in zip(ids, works):
             f = wk.frame
@@ -247,10 +334,10 @@ class SegmentationEngine:
                                       f.width, f.height, network)
 
     def _run_i(self, works: list[_Work]):
-        with self._autocast():
+        with self._autocast(self._i_dtype):
             logits, state = self.model.i_frame(self._rgb_tensor(works))
         masks = self._masks(logits, works)
-        states = split_state(state, [1] * len(works))
+        states = [state] if len(works) == 1 else split_state(state, [1] * len(works))
         out = []
         for wk, mask, st in zip(works, masks, states):
             cam = self._cameras[wk.camera]
@@ -268,13 +355,14 @@ class SegmentationEngine:
                     mask = cv2.resize(mask, (wk.frame.width, wk.frame.height), interpolation=cv2.INTER_NEAREST)
                 out.append(self._result(wk, mask, "copy"))
             return out
-        mv, residual = self._p_tensors(works)
-        state = cat_states([self._cameras[wk.camera].state for wk in works])
-        with self._autocast():
-            logits, state = self.model.p_frame(mv, residual, state)
+        mv, residual, stats = self._p_tensors(works)
+        states = [self._cameras[wk.camera].state for wk in works]
+        state = states[0] if len(works) == 1 else cat_states(states)
+        with self._autocast(self._p_dtype):
+            logits, state = self.model.p_frame(mv, residual, state, residual_stats=stats)
         masks = self._masks(logits, works)
         out = []
-        for wk, mask, st in zip(works, masks, split_state(state, [1] * len(works))):
+        for wk, mask, st in zip(works, masks, [state] if len(works) == 1 else split_state(state, [1] * len(works))):
             self._cameras[wk.camera].state = st
             out.append(self._result(wk, mask, "p_frame"))
         return out

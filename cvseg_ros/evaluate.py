@@ -401,7 +401,8 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="subset to run (default: all available)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16", "mixed", "auto"), default="fp32",
+                   help="fp32; bf16 (both networks); mixed (P-frame branch in bf16); auto (mixed on a CPU with native bf16)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and OpenCV threads (default: theirs); 1 gives steadier timings on a busy CPU")
     p.add_argument("--crf", type=int, default=23, help="libx264 quality of the encoded stream")

@@ -32,6 +32,8 @@ def dense_field(blocks: np.ndarray | None, height: int, width: int,
     if blocks is None or len(blocks) == 0:
         return field, intra
     blocks = blocks[blocks["source"] < 0]
+    if len(blocks) == 0:
+        return field, intra
     scale = np.maximum(blocks["motion_scale"].astype(np.float32), 1.0)
     mvx = blocks["motion_x"].astype(np.float32) / scale
     mvy = blocks["motion_y"].astype(np.float32) / scale
@@ -42,17 +44,33 @@ def dense_field(blocks: np.ndarray | None, height: int, width: int,
     cy0 = (blocks["dst_y"].astype(np.int32) - bh // 2) // grid
     ncx = np.maximum(bw // grid, 1)
     ncy = np.maximum(bh // grid, 1)
-    for dy in range(int(ncy.max())):
-        for dx in range(int(ncx.max())):
-            sel = (dy < ncy) & (dx < ncx)
-            y = cy0[sel] + dy
-            x = cx0[sel] + dx
-            inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)
-            y, x = y[inside], x[inside]
-            field[0, y, x] = mvx[sel][inside]
-            field[1, y, x] = mvy[sel][inside]
-            intra[y, x] = False
+    # every cell of every block at once (no Python loop over blocks or cells): block b covers
+    # cells k = 0 .. ncx*ncy-1, row k // ncx, column k % ncx (blocks of a P-frame do not overlap)
+    cells = ncx * ncy
+    owner = np.repeat(np.arange(len(blocks), dtype=np.int32), cells)
+    k = np.arange(owner.size, dtype=np.int32) - np.repeat(np.cumsum(cells, dtype=np.int32) - cells, cells)
+    width_of = ncx[owner]
+    y = cy0[owner] + k // width_of
+    x = cx0[owner] + k % width_of
+    inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)
+    if not inside.all():
+        y, x, owner = y[inside], x[inside], owner[inside]
+    flat = y * cols + x
+    field[0].reshape(-1)[flat] = mvx[owner]
+    field[1].reshape(-1)[flat] = mvy[owner]
+    intra.reshape(-1)[flat] = False
     return field, intra
+
+
+def resize_field(field: np.ndarray, rows: int, cols: int, scale_x: float, scale_y: float) -> np.ndarray:
+    """A field for another image size: nearest resampling of the cells to ``(rows, cols)``, vectors
+    scaled by ``scale_x`` / ``scale_y`` (new image size / old image size)."""
+    import cv2
+
+    if field.shape[1:] == (rows, cols) and scale_x == 1.0 and scale_y == 1.0:
+        return field
+    return np.stack([cv2.resize(field[0], (cols, rows), interpolation=cv2.INTER_NEAREST) * np.float32(scale_x),
+                     cv2.resize(field[1], (cols, rows), interpolation=cv2.INTER_NEAREST) * np.float32(scale_y)])
 
 
 def upsample_field(field: np.ndarray, height: int, width: int, grid: int = GRID) -> np.ndarray:

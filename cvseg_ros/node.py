@@ -7,12 +7,14 @@ message) per camera and publishes, with the input's header (stamp, frame_id):
 - ``<camera>/semantic/color`` ``sensor_msgs/Image`` ``rgb8``: the ids in the checkpoint's palette
 - ``/diagnostics`` ``diagnostic_msgs/DiagnosticArray``: one status per camera
 
-Subscription callbacks only enqueue (one bounded queue per camera); a worker thread batches what
-is queued across cameras (waiting at most ``batch_window_ms`` for the other cameras) and runs the
-engine. Nothing is dropped silently: when a camera's queue is full its oldest message is dropped,
-counted (``queue_drops``) and the camera's model state is restarted (its P-frames depend on the
-dropped one). Stamps that go backwards or jump by more than ``max_stamp_gap_periods`` frame periods
-also restart the state.
+The work is done by :class:`cvseg_ros.message_path.MessagePath` (ROS-free, so the fuzz and soak
+commands and the tests drive the very same code without DDS): subscription callbacks only check
+and enqueue (one bounded queue per camera); a worker thread batches what is queued across cameras
+(waiting at most ``batch_window_ms`` for the other cameras), runs the engine and publishes. Nothing
+is dropped silently, and what is dropped is chosen on purpose (see that module: duplicates, late
+stamps, lost pictures, the queue policy when the engine falls behind); every message received
+ends in exactly one counted outcome in ``/diagnostics``. A camera with no input for
+``input_timeout_s`` is reported STALE (and no mask is published for it meanwhile).
 
 Parameters (all read at start-up, hence read-only; see ``config/cvseg.yaml``):
 
@@ -20,7 +22,8 @@ Parameters (all read at start-up, hence read-only; see ``config/cvseg.yaml``):
 ``device`` (auto|cpu|cuda[:N]), ``checkpoint`` ("" = the shipped one), ``publish_mask`` (bool),
 ``publish_color`` (bool), ``qos_reliability`` (best_effort|reliable, input side),
 ``queue_depth`` (int), ``batch_window_ms`` (float), ``max_stamp_gap_periods`` (float),
-``diagnostics_period`` (float, s), ``class_names`` (string[], published by the node).
+``diagnostics_period`` (float, s), ``input_timeout_s`` (float, s), ``threads`` (int, torch CPU
+threads, 0 = torch's default), ``class_names`` (string[], published by the node).
 """
 from __future__ import annotations
 
@@ -29,8 +32,7 @@ import re
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,14 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from .stream import UnsupportedStreamError, check_format
+from .message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
 
 NODE_NAME = "cvseg_node"
 DEVICES_HELP = "'auto', 'cpu' or 'cuda[:N]'"
 _CAMERA_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_LEVELS = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR,
+           STALE: DiagnosticStatus.STALE}
 #: Overrides that rclpy itself understands (not warned about as unknown).
 _BUILTIN_PARAMS = ("use_sim_time", "start_type_description_service")
 
@@ -56,104 +60,7 @@ class StartupError(Exception):
     """A bad configuration: the node logs the message and exits with status 1."""
 
 
-# -- ROS-free helpers (unit-tested without DDS) -------------------------------------------------
-
-@dataclass
-class QueuedFrame:
-    camera: str
-    data: bytes
-    stamp_ns: int
-    header: Any               # std_msgs/Header of the input, copied to the outputs
-    received_ns: int          # time.monotonic_ns() when the callback ran
-
-
-class CameraQueue:
-    """Bounded FIFO of one camera. When full, the oldest entry is dropped and counted, and the next
-    entry popped carries a discontinuity reason (the model state must restart there)."""
-
-    def __init__(self, depth: int) -> None:
-        if depth < 1:
-            raise ValueError("queue depth must be >= 1")
-        self.depth = depth
-        self._items: deque = deque()
-        self.drops = 0
-        self._pending: str | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def push(self, item) -> bool:
-        """Enqueue; returns True when an older entry had to be dropped to make room."""
-        dropped = False
-        while len(self._items) >= self.depth:
-            self._items.popleft()
-            self.drops += 1
-            dropped = True
-        if dropped:
-            self._pending = f"queue overflow ({self.drops} dropped so far)"
-        self._items.append(item)
-        return dropped
-
-    def oldest(self):
-        return self._items[0] if self._items else None
-
-    def pop(self) -> tuple[Any, str | None]:
-        """(oldest entry, discontinuity reason or None)."""
-        item = self._items.popleft()
-        reason, self._pending = self._pending, None
-        return item, reason
-
-
-class StampTracker:
-    """Detects stamps that go backwards (or repeat) and jumps of more than ``gap_periods`` frame
-    periods (the period is the median of the recent positive steps)."""
-
-    def __init__(self, gap_periods: float = 3.0, history: int = 15, min_history: int = 3) -> None:
-        self.gap_periods = gap_periods
-        self.min_history = min_history
-        self._steps: deque = deque(maxlen=history)
-        self._last: int | None = None
-
-    @property
-    def period_ns(self) -> float | None:
-        if len(self._steps) < self.min_history:
-            return None
-        return float(np.median(self._steps))
-
-    def check(self, stamp_ns: int) -> str | None:
-        """Feed the next stamp; returns the reason for a discontinuity, or None."""
-        last, self._last = self._last, stamp_ns
-        if last is None:
-            return None
-        step = stamp_ns - last
-        if step <= 0:
-            self._steps.clear()
-            return f"stamp went backwards by {-step / 1e6:.1f} ms" if step else "stamp repeated"
-        period = self.period_ns
-        if period is not None and step > self.gap_periods * period:
-            return f"stamp gap of {step / 1e6:.1f} ms ({step / period:.1f} frame periods)"
-        self._steps.append(step)
-        return None
-
-
-class LatencyWindow:
-    """The last ``size`` latencies (ms) of a camera; percentiles for the diagnostics."""
-
-    def __init__(self, size: int = 5000) -> None:
-        self._values: deque = deque(maxlen=size)
-        self._lock = threading.Lock()
-
-    def add(self, ms: float) -> None:
-        with self._lock:
-            self._values.append(ms)
-
-    def percentiles(self, *qs: float) -> list[float] | None:
-        with self._lock:
-            if not self._values:
-                return None
-            values = np.fromiter(self._values, dtype=np.float64)
-        return [float(np.percentile(values, q)) for q in qs]
-
+# -- helpers -------------------------------------------------------------------------------------
 
 def image_message(array: np.ndarray, encoding: str, header, bridge=None) -> Image:
     """``sensor_msgs/Image`` from a HxW (mono8) or HxWx3 (rgb8) uint8 array, with ``header``."""
@@ -188,26 +95,9 @@ def _make_bridge():
 # -- the node -----------------------------------------------------------------------------------
 
 @dataclass
-class _Camera:
-    name: str
-    topic: str
-    queue: CameraQueue
-    stamps: StampTracker
-    latency: LatencyWindow = field(default_factory=LatencyWindow)
-    received: int = 0                 # messages received (any format)
-    wrong_format: int = 0
-    format_warned: bool = False
-    published: int = 0                # masks published (frames out)
-    discontinuities: int = 0          # state restarts requested by the node (drops, stamps)
-    engine_errors: int = 0
-    engine_stats: dict = field(default_factory=dict)
-    last_error: str = ""
-    # diagnostics bookkeeping
-    prev_received: int = 0
-    prev_published: int = 0
-    prev_errors: int = 0
-    mask_pub: Any = None
-    color_pub: Any = None
+class _Outputs:
+    mask: Any = None
+    color: Any = None
 
 
 def _descriptor(description: str, ptype: int | None = None, read_only: bool = True,
@@ -227,8 +117,8 @@ class CvsegNode(Node):
         super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=False,
                          allow_undeclared_parameters=False, **kwargs)
         self.engine = None
-        self._cameras: dict[str, _Camera] = {}
-        self._cond = threading.Condition()
+        self.path: MessagePath | None = None
+        self._outputs: dict[str, _Outputs] = {}
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._bridge = None
@@ -310,6 +200,15 @@ class CvsegNode(Node):
             "diagnostics_period", 1.0, "seconds between /diagnostics messages")
         if cfg["diagnostics_period"] <= 0:
             raise StartupError("parameter 'diagnostics_period' must be > 0")
+        cfg["input_timeout_s"] = self._number(
+            "input_timeout_s", 1.0, "a camera with no message for this long is reported STALE in /diagnostics")
+        if cfg["input_timeout_s"] <= 0:
+            raise StartupError("parameter 'input_timeout_s' must be > 0")
+        threads = self._declare("threads", 0, _descriptor(
+            "torch CPU threads of the engine (0 = torch's default)", P.PARAMETER_INTEGER))
+        if threads < 0:
+            raise StartupError(f"parameter 'threads' must be >= 0, got {threads}")
+        cfg["threads"] = threads
         overrides = getattr(self, "_parameter_overrides", {}) or {}
         unknown = sorted(k for k in overrides if k not in cfg and k not in _BUILTIN_PARAMS
                          and k != "class_names" and not k.startswith("qos_overrides."))
@@ -330,7 +229,8 @@ class CvsegNode(Node):
                                    f"available here; use 'cpu' or 'auto'")
         try:
             from .engine import SegmentationEngine
-            self.engine = SegmentationEngine(checkpoint=cfg["checkpoint"] or None, device=cfg["device"])
+            self.engine = SegmentationEngine(checkpoint=cfg["checkpoint"] or None, device=cfg["device"],
+                                             threads=cfg["threads"] or None)
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
         class_names = list(self.engine.class_names)
@@ -338,29 +238,33 @@ class CvsegNode(Node):
             "class id -> name (read-only, from the checkpoint)", ParameterType.PARAMETER_STRING_ARRAY),
             ignore_override=True)
         self._bridge = _make_bridge()
+        self.path = MessagePath(
+            self.engine, cfg["cameras"], topics={c: cfg[f"{c}.topic"] for c in cfg["cameras"]},
+            queue_depth=cfg["queue_depth"], batch_window_ms=cfg["batch_window_ms"],
+            max_stamp_gap_periods=cfg["max_stamp_gap_periods"], input_timeout_s=cfg["input_timeout_s"],
+            warn=self.get_logger().warning)
 
         reliability = (ReliabilityPolicy.RELIABLE if cfg["qos_reliability"] == "reliable"
                        else ReliabilityPolicy.BEST_EFFORT)
-        # the DDS history is never the smaller queue: overflow happens (and is counted) in ours
-        in_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=max(cfg["queue_depth"], 10),
+        # the DDS history is never the smaller queue: overflow happens (and is counted) in ours; it
+        # is deep enough to ride out a stalled executor (what DDS drops the node cannot count; the
+        # frame_num check still sees the loss: lost_units)
+        in_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=max(2 * cfg["queue_depth"], 30),
                             reliability=reliability, durability=DurabilityPolicy.VOLATILE)
         # outputs are reliable: that serves reliable and best-effort subscribers alike
         out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=max(cfg["queue_depth"], 10),
                              reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
         for name in cfg["cameras"]:
-            cam = _Camera(name, cfg[f"{name}.topic"], CameraQueue(cfg["queue_depth"]),
-                          StampTracker(cfg["max_stamp_gap_periods"]))
+            pubs = self._outputs[name] = _Outputs()
             try:
                 if cfg["publish_mask"]:
-                    cam.mask_pub = self.create_publisher(Image, f"{name}/semantic/mask", out_qos)
+                    pubs.mask = self.create_publisher(Image, f"{name}/semantic/mask", out_qos)
                 if cfg["publish_color"]:
-                    cam.color_pub = self.create_publisher(Image, f"{name}/semantic/color", out_qos)
-                self.create_subscription(CompressedImage, cam.topic,
-                                         lambda msg, c=cam: self._on_image(c, msg), in_qos)
+                    pubs.color = self.create_publisher(Image, f"{name}/semantic/color", out_qos)
+                self.create_subscription(CompressedImage, cfg[f"{name}.topic"],
+                                         lambda msg, c=name: self._on_image(c, msg), in_qos)
             except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException
                 raise StartupError(f"camera '{name}': {exc}") from None
-            self.engine.add_camera(name)
-            self._cameras[name] = cam
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(cfg["diagnostics_period"], self._publish_diagnostics)
         self._worker = threading.Thread(target=self._work, name="cvseg_engine", daemon=True)
@@ -369,152 +273,57 @@ class CvsegNode(Node):
         effective = dict(cfg, class_names=class_names, resolved_device=str(self.engine.device),
                          cv_bridge=self._bridge is not None)
         self.get_logger().info("effective parameters: " + json.dumps(effective, sort_keys=True))
-        for cam in self._cameras.values():
-            outs = [p.topic_name for p in (cam.mask_pub, cam.color_pub) if p is not None]
-            self.get_logger().info(f"camera '{cam.name}': {cam.topic} ({cfg['qos_reliability']}) -> "
+        for name, pubs in self._outputs.items():
+            outs = [p.topic_name for p in (pubs.mask, pubs.color) if p is not None]
+            self.get_logger().info(f"camera '{name}': {cfg[f'{name}.topic']} ({cfg['qos_reliability']}) -> "
                                    f"{', '.join(outs) or 'no outputs'}")
 
-    # -- input --------------------------------------------------------------------------------------
-    def _on_image(self, cam: _Camera, msg: CompressedImage) -> None:
-        received = time.monotonic_ns()
-        cam.received += 1
+    # -- input: the message path checks, counts and enqueues ----------------------------------------
+    def _on_image(self, camera: str, msg: CompressedImage) -> None:
         try:
-            check_format(msg.format)
-        except UnsupportedStreamError as exc:
-            cam.wrong_format += 1
-            cam.last_error = str(exc)
-            if not cam.format_warned:
-                cam.format_warned = True
-                self.get_logger().warning(f"camera '{cam.name}' ({cam.topic}): {exc}; such messages are "
-                                          f"ignored and counted (diagnostics 'wrong_format'); warned once")
-            return
-        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        item = QueuedFrame(cam.name, bytes(msg.data), stamp_ns, msg.header, received)
-        with self._cond:
-            dropped = cam.queue.push(item)
-            self._cond.notify()
-        if dropped:
-            self.get_logger().warning(f"camera '{cam.name}': engine behind, dropped the oldest queued "
-                                      f"frame ({cam.queue.drops} so far); the state restarts",
-                                      throttle_duration_sec=5.0)
+            self.path.receive(camera, msg)
+        except Exception as exc:  # noqa: BLE001 - an exception here would stop the executor
+            self.get_logger().error(f"camera '{camera}': receive failure: {type(exc).__name__}: {exc}",
+                                    throttle_duration_sec=5.0)
 
-    # -- the worker ------------------------------------------------------------------------------
-    def _take_batch(self) -> list[tuple[_Camera, QueuedFrame, str | None]]:
-        """Wait for work; then up to batch_window_ms for every camera to have a frame; take at most
-        one frame (the oldest) per camera."""
-        window_ns = int(self.cfg["batch_window_ms"] * 1e6)
-        cams = list(self._cameras.values())
-        with self._cond:
-            while not self._stop.is_set() and not any(len(c.queue) for c in cams):
-                self._cond.wait(0.2)
-            if self._stop.is_set():
-                return []
-            oldest = min(c.queue.oldest().received_ns for c in cams if len(c.queue))
-            while not self._stop.is_set() and not all(len(c.queue) for c in cams):
-                left = oldest + window_ns - time.monotonic_ns()
-                if left <= 0:
-                    break
-                self._cond.wait(left / 1e9)
-            batch = []
-            for c in cams:
-                if len(c.queue):
-                    item, reason = c.queue.pop()
-                    batch.append((c, item, reason))
-            return batch
+    # -- the worker: the message path does the work, this publishes ------------------------------------
+    def _publish(self, out: MaskOutput) -> None:
+        pubs = self._outputs[out.camera]
+        if pubs.mask is not None:
+            pubs.mask.publish(image_message(out.mask, "mono8", out.header, self._bridge))
+        if pubs.color is not None:
+            pubs.color.publish(image_message(self.engine.colorize(out.mask), "rgb8", out.header, self._bridge))
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = self._take_batch()
-            if batch:
-                try:
-                    self._run_batch(batch)
-                except Exception as exc:  # noqa: BLE001 - keep serving the other frames
-                    self.get_logger().error(f"engine failure: {type(exc).__name__}: {exc}",
-                                            throttle_duration_sec=5.0)
-                    for cam, _, _ in batch:
-                        cam.engine_errors += 1
-                        cam.last_error = f"engine failure: {exc}"
-                        try:
-                            self.engine.mark_discontinuity(cam.name, "engine failure")
-                        except Exception:  # noqa: BLE001
-                            pass
-
-    def _run_batch(self, batch) -> None:
-        engine = self.engine
-        units, by_camera = [], {}
-        for cam, item, reason in batch:
-            stamp_reason = cam.stamps.check(item.stamp_ns)
-            reason = reason or stamp_reason
-            if reason:
-                cam.discontinuities += 1
-                engine.mark_discontinuity(cam.name, reason)
-            units.append((cam.name, item.data, item.stamp_ns))
-            by_camera[cam.name] = (cam, item)
-        results = engine.process(units)
-        for res in results:
-            cam, item = by_camera[res.camera]
-            mask = res.mask
-            if cam.mask_pub is not None:
-                cam.mask_pub.publish(image_message(mask, "mono8", item.header, self._bridge))
-            if cam.color_pub is not None:
-                cam.color_pub.publish(image_message(engine.colorize(mask), "rgb8", item.header,
-                                                    self._bridge))
-            cam.latency.add((time.monotonic_ns() - item.received_ns) / 1e6)
-            cam.published += 1
-        for cam, _, _ in batch:
-            cam.engine_stats = dict(engine.stats(cam.name))
+            try:
+                batch = self.path.take_batch(timeout=0.2, stop=self._stop)
+                if batch:
+                    self.path.run_batch(batch, self._publish)
+            except Exception as exc:  # noqa: BLE001 - never let the worker die; run_batch counts
+                self.get_logger().error(f"worker failure: {type(exc).__name__}: {exc}",
+                                        throttle_duration_sec=5.0)
 
     # -- diagnostics -----------------------------------------------------------------------------
-    def camera_report(self, cam: _Camera, elapsed: float) -> tuple[int, str, list[tuple[str, str]]]:
-        st = cam.engine_stats
-        decode_errors = int(st.get("corrupt", 0))
-        errors = decode_errors + cam.queue.drops + cam.wrong_format + cam.engine_errors \
-            + int(st.get("b_frames", 0))
-        lat = cam.latency.percentiles(50, 99)
-        in_rate = (cam.received - cam.prev_received) / elapsed
-        out_rate = (cam.published - cam.prev_published) / elapsed
-        level, message = DiagnosticStatus.OK, "ok"
-        if errors > cam.prev_errors:
-            level = DiagnosticStatus.WARN
-            message = f"errors grew by {errors - cam.prev_errors}: {cam.last_error or st.get('last_error', '')}"
-        elif cam.received == 0:
-            message = f"waiting for {cam.topic}"
-        cam.prev_received, cam.prev_published, cam.prev_errors = cam.received, cam.published, errors
-        values = [
-            ("topic", cam.topic),
-            ("input_rate_hz", f"{in_rate:.2f}"),
-            ("output_rate_hz", f"{out_rate:.2f}"),
-            ("latency_ms_p50", f"{lat[0]:.2f}" if lat else "nan"),
-            ("latency_ms_p99", f"{lat[1]:.2f}" if lat else "nan"),
-            ("frames_in", str(cam.received)),
-            ("masks_out", str(cam.published)),
-            ("i_frames", str(st.get("i_frames", 0))),
-            ("p_frames", str(st.get("p_frames", 0))),
-            ("skipped_before_keyframe", str(st.get("skipped_before_keyframe", 0))),
-            ("decode_errors", str(decode_errors)),
-            ("b_frames", str(st.get("b_frames", 0))),
-            ("resyncs", str(st.get("resyncs", 0))),
-            ("queue_drops", str(cam.queue.drops)),
-            ("queue_size", str(len(cam.queue))),
-            ("wrong_format", str(cam.wrong_format)),
-            ("discontinuities", str(cam.discontinuities)),
-            ("engine_errors", str(cam.engine_errors)),
-            ("device", str(self.engine.device)),
-        ]
-        return level, message, values
-
     def _publish_diagnostics(self) -> None:
+        try:
+            self._diagnostics()
+        except Exception as exc:  # noqa: BLE001 - an exception here would stop the executor
+            self.get_logger().error(f"diagnostics failure: {type(exc).__name__}: {exc}",
+                                    throttle_duration_sec=5.0)
+
+    def _diagnostics(self) -> None:
         now = time.monotonic()
         elapsed = max(now - self._last_diag, 1e-3)
         self._last_diag = now
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
-        for cam in self._cameras.values():
-            level, message, values = self.camera_report(cam, elapsed)
+        for name in self.path.cameras:
+            level, message, values = self.path.camera_values(name, elapsed, str(self.engine.device), now)
             status = DiagnosticStatus()
-            status.level = level
-            status.name = f"{NODE_NAME}: {cam.name}"
-            status.hardware_id = cam.name
+            status.level = _LEVELS[level]
+            status.name = f"{NODE_NAME}: {name}"
+            status.hardware_id = name
             status.message = message
             status.values = [KeyValue(key=k, value=v) for k, v in values]
             arr.status.append(status)
@@ -523,8 +332,8 @@ class CvsegNode(Node):
     # -- shutdown -------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        if self.path is not None:
+            self.path.wake()
         if self._worker is not None:
             self._worker.join(timeout=10.0)
 

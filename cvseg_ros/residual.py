@@ -12,31 +12,22 @@ from .motion_vectors import GRID
 
 
 class MotionCompensator:
-    """Warps a previous luma plane along a motion field; keeps its sampling grids between frames."""
+    """Warps a previous luma plane along a motion field.
 
-    def __init__(self) -> None:
-        self._size: tuple[int, int] | None = None
-        self._base_x: np.ndarray | None = None
-        self._base_y: np.ndarray | None = None
-
-    def _grids(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._size != (height, width):
-            self._base_x = np.tile(np.arange(width, dtype=np.float32), (height, 1))
-            self._base_y = np.tile(np.arange(height, dtype=np.float32)[:, None], (1, width))
-            self._size = (height, width)
-        return self._base_x, self._base_y
+    One ``cv2.remap`` with a relative map (``WARP_RELATIVE_MAP``: the per-pixel vectors themselves,
+    no absolute sampling grid to build) made by one nearest resize of the 2-channel field.
+    """
 
     def warp(self, previous: np.ndarray, field: np.ndarray, grid: int = GRID) -> np.ndarray:
         """Sample ``previous`` (HxW) at ``p + mv(p)``: the encoder's prediction of the current frame."""
         height, width = previous.shape[:2]
-        base_x, base_y = self._grids(height, width)
         rows, cols = field.shape[1:]
-        # block-constant vectors: upsample the small field with nearest neighbour (cheap in cv2)
-        mv_x = cv2.resize(field[0], (cols * grid, rows * grid), interpolation=cv2.INTER_NEAREST)
-        mv_y = cv2.resize(field[1], (cols * grid, rows * grid), interpolation=cv2.INTER_NEAREST)
-        map_x = base_x + mv_x[:height, :width]
-        map_y = base_y + mv_y[:height, :width]
-        return cv2.remap(previous, map_x, map_y, interpolation=cv2.INTER_LINEAR,
+        # block-constant vectors: nearest upsampling of the small (rows, cols, 2) field
+        small = np.ascontiguousarray(field.transpose(1, 2, 0))
+        offsets = cv2.resize(small, (cols * grid, rows * grid), interpolation=cv2.INTER_NEAREST)
+        if offsets.shape[:2] != (height, width):
+            offsets = np.ascontiguousarray(offsets[:height, :width])
+        return cv2.remap(previous, offsets, None, interpolation=cv2.INTER_LINEAR | cv2.WARP_RELATIVE_MAP,
                          borderMode=cv2.BORDER_REPLICATE)
 
     def residual(self, current: np.ndarray, previous: np.ndarray, field: np.ndarray,
@@ -44,3 +35,21 @@ class MotionCompensator:
         """``current - warp(previous, field)`` as int16 (HxW)."""
         predicted = self.warp(previous, field, grid)
         return cv2.subtract(current, predicted, dtype=cv2.CV_16S)
+
+
+def residual_stats(residual: np.ndarray, cell: int = 4) -> np.ndarray | None:
+    """``(2, H/cell, W/cell) float32``: the mean and the mean absolute value of ``residual / 255``
+    per ``cell`` x ``cell`` block -- what the model reduces the residual image to first
+    (:meth:`cvseg_ros.model.p_frame.ResidualCNN.pool`, there times a constant), computed here
+    with OpenCV's area resampling (an exact block mean for a whole number of blocks) instead of
+    two full-resolution tensor poolings. None when the size is not a whole number of blocks."""
+    height, width = residual.shape
+    if height % cell or width % cell:
+        return None
+    r = residual.astype(np.float32)
+    r /= 255.0
+    size = (width // cell, height // cell)
+    out = np.empty((2, size[1], size[0]), np.float32)
+    out[0] = cv2.resize(r, size, interpolation=cv2.INTER_AREA)
+    out[1] = cv2.resize(np.abs(r, out=r), size, interpolation=cv2.INTER_AREA)
+    return out

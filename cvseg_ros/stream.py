@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field as dc_field
-from typing import Any
+from typing import Any, Callable
 
 import av
+import cv2
 import numpy as np
 
-from .motion_vectors import dense_field
+from .motion_vectors import dense_field, field_shape, resize_field
 from .residual import MotionCompensator
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class CompressedFrame:
     rgb: np.ndarray | None = None                  # HxWx3 uint8
     motion_vectors: np.ndarray | None = None       # (2, H/4, W/4) float32, pixels
     intra: np.ndarray | None = None                # (H/4, W/4) bool
-    residual: np.ndarray | None = None             # (H, W) int16, luma
+    residual: np.ndarray | None = None             # (h, w) int16, luma, at the decoder's residual size
+                                                   # (default the frame's size H, W)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class StreamStats:
     resets: int = 0                   # frames where the state restarts (I-frames and resyncs)
     resyncs: int = 0                  # resets on a P-frame after an error or gap
     resolution_changes: int = 0
+    decoder_restarts: int = 0         # the decoder held pictures back after damaged input: reopened
     last_error: str = ""
     errors: list[str] = dc_field(default_factory=list, repr=False)
 
@@ -101,29 +104,39 @@ class StreamStats:
         return d
 
 
-def _luma(frame: av.VideoFrame) -> np.ndarray:
-    """A copy of the Y plane (no colour conversion; the decoder reuses its buffers)."""
+def _luma(frame: av.VideoFrame, copy: bool = True) -> np.ndarray:
+    """A copy of the Y plane (no colour conversion; the decoder reuses its buffers). ``copy=False``:
+    a view of the decoder's buffer, valid until the next decode."""
     if frame.format.name not in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "gray"):
         return frame.to_ndarray(format="gray")   # e.g. 10-bit: let swscale convert
     plane = frame.planes[0]
     rows = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
-    return rows[:, : frame.width].copy()
+    return rows[:, : frame.width].copy() if copy else rows[:, : frame.width]
 
 
 class H264StreamDecoder:
     """Decodes one H.264 stream access unit by access unit, with motion vectors and residuals.
 
     ``rgb_for_p_frames``: also convert P-frames to RGB (off by default: the model does not need it).
+    ``motion``: build the P-frames' motion-vector field and residual (off: only what ``rgb`` needs,
+    e.g. for a network that runs on every frame).
+    ``residual_size``: ``(height, width) -> (h, w)``, the size the residual is computed at (the
+    size the model consumes it at); default the frame's size. At another size the luma planes are
+    area-resized to it and warped with the field resampled and scaled to it.
     """
 
-    def __init__(self, name: str = "stream", rgb_for_p_frames: bool = False) -> None:
+    def __init__(self, name: str = "stream", rgb_for_p_frames: bool = False, motion: bool = True,
+                 residual_size: Callable[[int, int], tuple[int, int]] | None = None) -> None:
         self.name = name
         self.rgb_for_p_frames = rgb_for_p_frames
+        self.motion = motion
+        self.residual_size = residual_size
         self.stats = StreamStats()
         self._compensator = MotionCompensator()
         self._open()
 
-    def _open(self) -> None:
+    def _open(self, keep_size: bool = False) -> None:
+        size = getattr(self, "_size", None) if keep_size else None
         self._codec = av.CodecContext.create("h264", "r")
         self._codec.options = {"flags2": "+export_mvs"}
         self._codec.thread_type = "SLICE"   # frame threading would add 2-3 frames of delay
@@ -131,7 +144,65 @@ class H264StreamDecoder:
         self._need_reset = True
         self._previous_luma: np.ndarray | None = None
         self._gop_index = 0
-        self._size: tuple[int, int] | None = None
+        self._size: tuple[int, int] | None = size   # (kept across a restart: size changes still count)
+        self._packets = 0           # packets into this decoder; they are numbered (pts) to check that
+        self._late = False          # each picture comes out of its own packet
+        self._reordering = False    # the stream itself holds pictures back (B-frames): no such check
+
+    def _decode_checked(self, data: bytes, idr: bool) -> tuple[list, str | None]:
+        """(this unit's pictures, error), keeping the decoder free of damage that outlives an IDR.
+
+        The decoder must give each picture out of its own packet (no added delay). Damaged input
+        can make FFmpeg grow its reorder buffer for good: from then on every picture would come
+        one unit late, under the next unit's stamp and size. A stream that reorders by design
+        (B-frames) says so in the SPS of its IDR, on a fresh decoder; an I/P stream whose decoder
+        starts to hold pictures back is damaged: the decoder is reopened and waits for an IDR. An
+        IDR that gives no picture is retried on a fresh decoder (it needs nothing before it), so
+        the stream recovers there."""
+        if idr and self._reordering:        # B-frames: judge the stream afresh at each IDR
+            self._open(keep_size=True)
+            self._seen_idr = True
+        while True:
+            fresh = self._packets == 0
+            frames, error = self._decode(data)
+            if idr and fresh:
+                self._reordering = bool(self._codec.has_b_frames)   # as its SPS declares it
+                if not self._reordering and (error or not frames):
+                    self._seen_idr = False  # a damaged IDR: wait for the next one
+                return frames, error
+            damaged = not self._reordering and (bool(self._codec.has_b_frames) or self._late)
+            if idr and not self._reordering and (damaged or error or not frames):
+                self._restart_decoder("no picture from an IDR" if not damaged else
+                                      "damaged input made it hold pictures back")
+                self._seen_idr = True       # and this IDR goes to the fresh decoder
+                continue
+            if damaged:
+                self._restart_decoder("damaged input made it hold pictures back")
+                return [], "decoder output delayed after damaged input: decoder restarted, waiting for an IDR"
+            return frames, error
+
+    def _decode(self, data: bytes) -> tuple[list, str | None]:
+        """(pictures out of this packet, error); packets are numbered through ``pts``."""
+        self._packets += 1
+        packet = av.Packet(bytes(data))
+        packet.pts = packet.dts = self._packets
+        self._late = False
+        try:
+            frames = self._codec.decode(packet)
+        except av.error.FFmpegError as exc:   # InvalidDataError and friends
+            return [], f"decode error: {exc}"
+        except Exception as exc:              # noqa: BLE001 - a reader must never raise on data
+            return [], f"decode failure: {type(exc).__name__}: {exc}"
+        if not self._reordering:              # a picture of an earlier packet: held back
+            self._late = any(f.pts is not None and f.pts != self._packets for f in frames)
+            if self._late:
+                frames = [f for f in frames if f.pts == self._packets]
+        return frames, None
+
+    def _restart_decoder(self, why: str) -> None:
+        self.stats.decoder_restarts += 1
+        self.stats.note_error(f"decoder restarted: {why}")
+        self._open(keep_size=True)          # it waits for an IDR
 
     def mark_discontinuity(self, reason: str = "gap") -> None:
         """Tell the reader that access units were lost: the next good frame restarts the state."""
@@ -149,8 +220,19 @@ class H264StreamDecoder:
         log.debug("%s: %s", self.name, message)
         return []
 
-    def feed(self, data: bytes, stamp: Any = None) -> list[CompressedFrame]:
-        """Decode one access unit; returns ``[]`` or ``[frame]``. Never raises on bad data."""
+    def _residual_luma(self, frame: av.VideoFrame) -> np.ndarray:
+        """The luma plane at the residual size (a copy: it is kept as the next frame's reference)."""
+        if self.residual_size is not None:
+            h, w = self.residual_size(frame.height, frame.width)
+            if (h, w) != (frame.height, frame.width):
+                return cv2.resize(_luma(frame, copy=False), (w, h), interpolation=cv2.INTER_AREA)
+        return _luma(frame)
+
+    def feed(self, data: bytes, stamp: Any = None, analyse: bool = True) -> list[CompressedFrame]:
+        """Decode one access unit; returns ``[]`` or ``[frame]``. Never raises on bad data.
+
+        ``analyse=False``: decode only (keep the reference pictures, count the frame) and skip the
+        image, vectors and residual; the next frame then restarts the model state (``reset``)."""
         st = self.stats
         st.access_units += 1
         if not data:
@@ -163,23 +245,20 @@ class H264StreamDecoder:
                 st.skipped_before_keyframe += 1
                 return []
             self._seen_idr = True
-        try:
-            frames = self._codec.decode(av.Packet(bytes(data)))
-        except av.error.FFmpegError as exc:   # InvalidDataError and friends
-            return self._drop(f"decode error: {exc}")
-        except Exception as exc:              # noqa: BLE001 - a reader must never raise on data
-            return self._drop(f"decode failure: {type(exc).__name__}: {exc}")
+        frames, error = self._decode_checked(data, NAL_IDR in nal_types)
+        if error:
+            return self._drop(error)
         if not frames:
             st.no_output += 1
             return []
         out = []
         for frame in frames:
-            result = self._convert(frame, stamp)
+            result = self._convert(frame, stamp, analyse)
             if result is not None:
                 out.append(result)
         return out
 
-    def _convert(self, frame: av.VideoFrame, stamp: Any) -> CompressedFrame | None:
+    def _convert(self, frame: av.VideoFrame, stamp: Any, analyse: bool = True) -> CompressedFrame | None:
         st = self.stats
         pict = int(frame.pict_type)
         if pict == PICT_B:
@@ -196,10 +275,26 @@ class H264StreamDecoder:
             st.resolution_changes += 1
             self._need_reset = True
         self._size = (height, width)
-        luma = _luma(frame)
         is_intra = pict == PICT_I or frame.key_frame
-        reset = is_intra or self._need_reset or self._previous_luma is None \
-            or self._previous_luma.shape != luma.shape
+        if not analyse:
+            st.frames += 1
+            if is_intra:
+                st.i_frames += 1
+                self._gop_index = 0
+            else:
+                st.p_frames += 1
+                self._gop_index += 1
+                blocks = frame.side_data.get("MOTION_VECTORS")
+                if blocks is not None and len(blocks.to_ndarray()):
+                    st.frames_with_mvs += 1
+            self._previous_luma = None   # no reference for a residual: the next frame restarts
+            self._need_reset = True
+            return CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame), width=width,
+                                   height=height, stamp=stamp, index=st.frames - 1,
+                                   gop_index=0 if is_intra else self._gop_index, reset=False)
+        luma = self._residual_luma(frame) if self.motion else None
+        reset = is_intra or self._need_reset or (self.motion and (
+            self._previous_luma is None or self._previous_luma.shape != luma.shape))
         st.frames += 1
         result = CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame),
                                  width=width, height=height, stamp=stamp, index=st.frames - 1,
@@ -215,10 +310,14 @@ class H264StreamDecoder:
             arr = blocks.to_ndarray() if blocks is not None else None
             if arr is not None and len(arr):
                 st.frames_with_mvs += 1
-            result.motion_vectors, result.intra = dense_field(arr, height, width)
-            if self._previous_luma is not None and self._previous_luma.shape == luma.shape:
-                result.residual = self._compensator.residual(luma, self._previous_luma,
-                                                             result.motion_vectors)
+            if self.motion:
+                result.motion_vectors, result.intra = dense_field(arr, height, width)
+                if self._previous_luma is not None and self._previous_luma.shape == luma.shape:
+                    field = result.motion_vectors
+                    if luma.shape != (height, width):
+                        rows, cols = field_shape(*luma.shape)
+                        field = resize_field(field, rows, cols, luma.shape[1] / width, luma.shape[0] / height)
+                    result.residual = self._compensator.residual(luma, self._previous_luma, field)
         if reset:
             st.resets += 1
             if not is_intra:

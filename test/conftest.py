@@ -130,3 +130,28 @@ def camvid_image() -> np.ndarray:
     bgr = cv2.imread(str(files[0]), cv2.IMREAD_COLOR)
     assert bgr is not None, files[0]
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="session")
+def segmenter():
+    """(model, metadata): the shipped checkpoint, else a seeded random model (what is under test is
+    the I/O around it). Torch runs on one thread in the tests (2 shared cores)."""
+    import torch
+
+    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    torch.set_num_threads(1)
+    if DEFAULT_CHECKPOINT.exists():
+        return load_checkpoint(DEFAULT_CHECKPOINT)
+    from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
+    from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
+    torch.manual_seed(0)
+    model = CompressedSegmenter(make_config("improved")).eval()
+    return model, {"classes": CAMVID_CLASSES, "palette": CAMVID_PALETTE.tolist(), "input_size": [360, 480]}
+
+
+@pytest.fixture()
+def make_engine(segmenter):
+    """A factory of fresh :class:`SegmentationEngine` (own cameras and decoders) on the shared model."""
+    from cvseg_ros.engine import SegmentationEngine
+    model, meta = segmenter
+    return lambda **kw: SegmentationEngine(model=model, metadata=meta, device="cpu", **kw)

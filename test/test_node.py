@@ -6,56 +6,58 @@ from a real rosbag2 made from two real clips; this process subscribes to the out
 """
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import CLIPS_DIR, MPEG4_CLIP, SMALL_CLIP, require
 
-REPO = Path(__file__).resolve().parents[1]
-PARAMS = REPO / "config" / "cvseg.yaml"
 DOMAIN = random.SystemRandom().randint(1, 50)      # this module's own ROS domains:
 OVERFLOW_DOMAIN, DEMO_DOMAIN = DOMAIN + 50, DOMAIN + 100   # one per node run alive at a time
 CAMERAS = ("front", "rear")
 FRAMES = 40
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
 
-from cvseg_ros.node import CameraQueue, LatencyWindow, StampTracker, image_message  # noqa: E402
+from ros_helpers import Outputs, Ros, checkpoint_args, start_node, stop_node, wait_until  # noqa: E402
+
+from cvseg_ros.message_path import FrameQueue, LatencyWindow, QueuedFrame, StampTracker  # noqa: E402
+from cvseg_ros.node import image_message  # noqa: E402
 
 
 # -- helpers without DDS ------------------------------------------------------------------------
 
-def test_queue_drops_oldest_counts_and_flags_discontinuity():
-    q = CameraQueue(2)
-    assert not q.push("a") and not q.push("b")
-    assert q.push("c")                     # full: "a" dropped
-    assert q.drops == 1 and len(q) == 2
-    item, reason = q.pop()
-    assert item == "b" and reason and "overflow" in reason
-    item, reason = q.pop()
-    assert item == "c" and reason is None  # the reason is given once, to the next frame
+def _frame(i: int, idr: bool = False) -> QueuedFrame:
+    return QueuedFrame("front", b"%d" % i, i, None, i, idr)
+
+
+def test_queue_keeps_the_newest_frames_and_counts_what_it_skips():
+    q = FrameQueue(2)
+    assert q.push(_frame(0)) == 0 and q.push(_frame(1)) == 0
+    assert q.push(_frame(2)) == 1          # full: frame 0 is decoded only (no mask)
+    assert q.drops == q.decode_only == 1 and len(q) == 2 and q.backlog == 1
+    skipped, item = q.pop()
+    assert [s.stamp_ns for s in skipped] == [0] and item.stamp_ns == 1
+    skipped, item = q.pop()
+    assert skipped == [] and item.stamp_ns == 2 and len(q) == 0
     with pytest.raises(ValueError):
-        CameraQueue(0)
+        FrameQueue(0)
 
 
 def test_stamp_tracker_backwards_repeat_and_gap():
     period = 40_000_000
     t = StampTracker(gap_periods=3.0)
     stamps = [i * period for i in range(6)]
-    assert all(t.check(s) is None for s in stamps)
-    assert t.check(stamps[-1] + 2 * period) is None          # one lost frame: within 3 periods
-    assert "gap" in t.check(stamps[-1] + 10 * period)
-    assert "backwards" in t.check(0)
-    assert t.check(0) == "stamp repeated"
-    assert StampTracker().check(123) is None                  # first stamp: nothing to compare
+    assert all(t.check(s) == ("ok", None) for s in stamps)
+    assert t.check(stamps[-1] + 2 * period) == ("ok", None)  # one lost frame: within 3 periods
+    verdict, reason = t.check(stamps[-1] + 10 * period)
+    assert verdict == "gap" and "gap" in reason
+    assert t.check(0)[0] == "late"                            # not newer: dropped, not followed
+    assert t.check(stamps[-1] + 10 * period) == ("late", "stamp repeated (late or reordered message)")
+    verdict, reason = t.check(0, idr=True)                    # an IDR from the past: camera restart
+    assert verdict == "reset" and "IDR" in reason
+    assert StampTracker().check(123) == ("ok", None)          # first stamp: nothing to compare
 
 
 def test_latency_window_and_image_message():
@@ -78,114 +80,6 @@ def test_latency_window_and_image_message():
 
 # -- integration --------------------------------------------------------------------------------
 
-def checkpoint_args(tmp: Path) -> list[str]:
-    """The shipped checkpoint when present; else a seeded random one (the node's I/O is under test)."""
-    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT
-    if DEFAULT_CHECKPOINT.exists():
-        return []
-    import torch
-
-    from cvseg_ros.checkpoint import save_checkpoint
-    from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
-    from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
-    torch.manual_seed(0)
-    path = save_checkpoint(CompressedSegmenter(make_config("improved")), tmp / "random.safetensors",
-                           classes=CAMVID_CLASSES, palette=CAMVID_PALETTE, input_size=(240, 320))
-    return ["-p", f"checkpoint:={path}"]
-
-
-def start_node(log_path: Path, args: list[str], domain: int = DOMAIN) -> subprocess.Popen:
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "cvseg_ros.node", "--ros-args", "--params-file", str(PARAMS), *args]
-    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO)
-
-
-def stop_node(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
-
-
-class Ros:
-    """This process's side: a context on the module's domain, a node spinning in a thread."""
-
-    def __init__(self, name: str = "cvseg_test", domain: int = DOMAIN) -> None:
-        self._env = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE")
-        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-        from rclpy.executors import SingleThreadedExecutor
-        self.context = rclpy.context.Context()
-        rclpy.init(context=self.context, domain_id=domain)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=5)
-        self.thread.join(5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-        if self._env is None:
-            os.environ.pop("ROS_AUTOMATIC_DISCOVERY_RANGE", None)
-        else:
-            os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = self._env
-
-
-def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the node exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class Outputs:
-    """Every mask / colour image / diagnostics message the node publishes."""
-
-    def __init__(self, node, cameras) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import Image
-        self.lock = threading.Lock()
-        self.images: dict[tuple[str, str], list] = {(c, k): [] for c in cameras for k in ("mask", "color")}
-        self.diagnostics: list = []
-        qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.RELIABLE)
-        for cam in cameras:
-            for kind in ("mask", "color"):
-                node.create_subscription(Image, f"/{cam}/semantic/{kind}",
-                                         lambda m, key=(cam, kind): self._add(key, m), qos)
-        node.create_subscription(DiagnosticArray, "/diagnostics", self._diag, 50)
-
-    def _add(self, key, msg) -> None:
-        with self.lock:
-            self.images[key].append(msg)
-
-    def _diag(self, msg) -> None:
-        with self.lock:
-            self.diagnostics.append(msg)
-
-    def count(self, kind: str) -> int:
-        with self.lock:
-            return sum(len(v) for (c, k), v in self.images.items() if k == kind)
-
-    def latest_status(self, camera: str):
-        with self.lock:
-            for arr in reversed(self.diagnostics):
-                for st in arr.status:
-                    if st.hardware_id == camera:
-                        return st, {kv.key: kv.value for kv in st.values}
-        return None, {}
-
-
 @pytest.fixture(scope="module")
 def two_camera_bag(tmp_path_factory):
     """A real mcap bag: two real clips (one of them MPEG-4 Part 2, re-encoded) as two cameras."""
@@ -205,8 +99,8 @@ def live(tmp_path_factory, two_camera_bag):
     log = tmp / "node.log"
     proc = start_node(log, ["-p", f"cameras:=[{', '.join(CAMERAS)}]", "-p", "qos_reliability:=reliable",
                             "-p", "queue_depth:=200", "-p", "diagnostics_period:=0.25",
-                            "-p", "batch_window_ms:=20", *checkpoint_args(tmp)])
-    ros = Ros()
+                            "-p", "batch_window_ms:=20", *checkpoint_args(tmp)], DOMAIN)
+    ros = Ros("cvseg_test", DOMAIN)
     outputs = Outputs(ros.node, CAMERAS)
     try:
         wait_until(lambda: all(ros.node.count_subscribers(f"/{c}/image_raw/h264") for c in CAMERAS)
@@ -305,8 +199,9 @@ def test_wrong_format_is_warned_once_counted_and_survived(live):
 
 def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camera_bag):
     """A queue of 1 and a 10x replay: the engine falls behind. Every frame the node receives is
-    published, or counted (queue drop, skipped before a keyframe, decode error); a drop restarts
-    the camera's state."""
+    published, or counted (queue drop, skipped before a keyframe, decode error, ...); a frame
+    decoded without its mask restarts the camera's state."""
+    from cvseg_ros.message_path import DROP_REASONS
     from cvseg_ros.bags import replay
     log = tmp_path / "node.log"
     proc = start_node(log, ["-p", "cameras:=[front]", "-p", "qos_reliability:=reliable",
@@ -321,8 +216,7 @@ def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camer
                    topics=["/front/image_raw/h264"], wait_for_subscribers=30)
 
         def accounted(v):
-            return int(v["masks_out"]) + int(v["queue_drops"]) + int(v["skipped_before_keyframe"]) \
-                + int(v["decode_errors"])
+            return int(v["masks_out"]) + sum(int(v[k]) for k in DROP_REASONS)
 
         def settled():
             v = outputs.latest_status("front")[1]
@@ -337,7 +231,7 @@ def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camer
         assert int(values["queue_drops"]) > 0, f"the engine kept up: no overflow to test {values}"
         assert int(values["discontinuities"]) >= 1
         assert outputs.count("mask") == int(values["masks_out"])
-        assert "dropped the oldest queued frame" in log.read_text()
+        assert "engine behind" in log.read_text() and "queue_drops" in log.read_text()
     finally:
         code = stop_node(proc)
         ros.close()

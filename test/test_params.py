@@ -23,6 +23,8 @@ PARAMS = REPO / "config" / "cvseg.yaml"
 DOMAIN = random.SystemRandom().randint(161, 200)   # this module's own ROS domain
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
 
+from ros_helpers import checkpoint_args, env_for  # noqa: E402
+
 
 def file_params() -> dict:
     """The params file's values, flattened the way ROS names them (``front.topic``)."""
@@ -40,34 +42,18 @@ def file_params() -> dict:
 
 
 def env() -> dict:
-    return dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-                PYTHONUNBUFFERED="1")
+    return env_for(DOMAIN)
 
 
 def node_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cvseg_ros.node", "--ros-args", "--params-file", str(PARAMS), *args]
 
 
-def checkpoint_args(tmp: Path) -> list[str]:
-    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT
-    if DEFAULT_CHECKPOINT.exists():
-        return []
-    import torch
-
-    from cvseg_ros.checkpoint import save_checkpoint
-    from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
-    from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
-    torch.manual_seed(0)
-    path = save_checkpoint(CompressedSegmenter(make_config("improved")), tmp / "random.safetensors",
-                           classes=CAMVID_CLASSES, palette=CAMVID_PALETTE, input_size=(240, 320))
-    return ["-p", f"checkpoint:={path}"]
-
-
 def test_params_file_lists_every_parameter():
     flat = file_params()
     for name in ("cameras", "front.topic", "device", "checkpoint", "publish_mask", "publish_color",
                  "qos_reliability", "queue_depth", "batch_window_ms", "max_stamp_gap_periods",
-                 "diagnostics_period"):
+                 "diagnostics_period", "input_timeout_s", "threads"):
         assert name in flat, name
     assert flat["cameras"] == ["front"] and flat["front.topic"] == "/front/image_raw/h264"
     assert "class_names" in PARAMS.read_text()       # documented (read-only, set by the node)
@@ -169,6 +155,8 @@ BAD = [
     pytest.param(["-p", "qos_reliability:=sometimes"], "qos_reliability", id="bad-qos"),
     pytest.param(["-p", "queue_depth:=0"], "queue_depth", id="zero-queue"),
     pytest.param(["-p", "queue_depth:=many"], "queue_depth", id="wrong-type"),
+    pytest.param(["-p", "threads:=-1"], "'threads' must be >= 0", id="negative-threads"),
+    pytest.param(["-p", "input_timeout_s:=0"], "input_timeout_s", id="zero-input-timeout"),
 ]
 
 

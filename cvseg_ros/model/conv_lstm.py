@@ -20,7 +20,17 @@ class ConvLSTM(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
-        i, f, o, g = self.gates(torch.cat([x, h], dim=1)).chunk(4, dim=1)
+        gates = self.gates(torch.cat([x, h], dim=1))
+        n = self.hidden_channels
+        if not gates.is_contiguous() and gates.is_contiguous(memory_format=torch.channels_last):
+            # channels-last (inference copy): the same arithmetic on the NHWC view, where each
+            # gate is a run of channels (channel slices of the NCHW view are slow, strided loops)
+            gp, cp = gates.permute(0, 2, 3, 1), c.permute(0, 2, 3, 1)
+            s = torch.sigmoid(gp[..., : 3 * n])
+            cp = torch.addcmul(s[..., n: 2 * n] * cp, s[..., :n], torch.tanh(gp[..., 3 * n:]))
+            hp = s[..., 2 * n:] * torch.tanh(cp)
+            return hp.permute(0, 3, 1, 2), cp.permute(0, 3, 1, 2)
+        i, f, o, g = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c

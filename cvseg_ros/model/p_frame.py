@@ -49,11 +49,15 @@ class ResidualCNN(nn.Module):
         layers.append(nn.Conv2d(width, out_channels, 1))
         self.net = nn.Sequential(*layers)
 
+    #: the pooled statistics are multiplied by this (residuals are small)
+    STATS_SCALE = 8.0
+
     @staticmethod
     def pool(residual: torch.Tensor) -> torch.Tensor:
-        """[B,1,H,W] -> [B,2,H/4,W/4]: mean residual and mean absolute residual per 4x4 cell."""
+        """[B,1,H,W] -> [B,2,H/4,W/4]: mean residual and mean absolute residual per 4x4 cell
+        (times :attr:`STATS_SCALE`)."""
         return torch.cat([F.avg_pool2d(residual, 4, ceil_mode=True),
-                          F.avg_pool2d(residual.abs(), 4, ceil_mode=True)], dim=1) * 8.0
+                          F.avg_pool2d(residual.abs(), 4, ceil_mode=True)], dim=1) * ResidualCNN.STATS_SCALE
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         return self.net(self.pool(residual))
