@@ -540,8 +540,10 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
           checkpoint: str | None = None, precision: str = "auto", threads: int | None = None,
           node: bool = True, seconds: float = 20.0, warmup: float = 3.0, qos: str = "best_effort",
           queue_depth: int | None = None, node_threads: int | None = None, domain_id: int | None = None,
-          progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run everything (see the module docstring); returns the JSON-ready result."""
+          progress: bool = True, log: Callable[[str], None] = print, command: str | None = None) -> dict:
+    """Run everything (see the module docstring); returns the JSON-ready result.
+
+    ``command``: the command line to record (default: this process's argv)."""
     import torch
 
     from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
@@ -590,7 +592,7 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
     machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
         "date": started.isoformat(timespec="seconds"),
-        "command": "cvseg " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "cvseg" else " ".join(sys.argv),
+        "command": command or " ".join(sys.argv),
         "machine": machine,
         "video": str(video), "width": w, "height": h, "frames": len(units), "gop": gop, "fps": fps,
         "passes": passes, "device": str(dev), "precision": precision, "threads": torch.get_num_threads(),
@@ -682,7 +684,7 @@ def _main(args) -> int:
                        threads=args.threads, node=not args.no_node, seconds=args.seconds, warmup=args.warmup,
                        qos=args.qos, queue_depth=args.queue_depth,
                        node_threads=args.node_threads, domain_id=args.domain_id,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, command=getattr(args, "command_line", None))
     except BenchError as exc:
         print(f"cvseg bench: error: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "takes_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(getattr(args, "overrides", [])) + extra
+    args.command_line = "cvseg " + " ".join(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
