@@ -11,6 +11,17 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+def h4_encoder(out_channels: int, out_stride: int, width: int) -> nn.Sequential:
+    """2-channel image at H/4 -> ``out_channels`` features at ``H / out_stride`` (stride-2 steps)."""
+    layers = [conv_bn_relu(2, width)]
+    stride = 4
+    while stride < out_stride:
+        layers.append(conv_bn_relu(width, width, stride=2))
+        stride *= 2
+    layers.append(nn.Conv2d(width, out_channels, 1))
+    return nn.Sequential(*layers)
+
+
 class MotionVectorCNN(nn.Module):
     """Motion-vector image (2 channels, pixels, at H/4) -> features at ``H / out_stride``.
 
@@ -20,13 +31,7 @@ class MotionVectorCNN(nn.Module):
     def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16, scale: float = 8.0) -> None:
         super().__init__()
         self.scale = scale
-        layers = [conv_bn_relu(2, width)]
-        stride = 4
-        while stride < out_stride:
-            layers.append(conv_bn_relu(width, width, stride=2))
-            stride *= 2
-        layers.append(nn.Conv2d(width, out_channels, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = h4_encoder(out_channels, out_stride, width)
 
     def forward(self, motion_vectors: torch.Tensor) -> torch.Tensor:
         return self.net(motion_vectors / self.scale)
@@ -41,13 +46,7 @@ class ResidualCNN(nn.Module):
 
     def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16) -> None:
         super().__init__()
-        layers = [conv_bn_relu(2, width)]
-        stride = 4
-        while stride < out_stride:
-            layers.append(conv_bn_relu(width, width, stride=2))
-            stride *= 2
-        layers.append(nn.Conv2d(width, out_channels, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = h4_encoder(out_channels, out_stride, width)
 
     #: the pooled statistics are multiplied by this (residuals are small)
     STATS_SCALE = 8.0
