@@ -258,6 +258,22 @@ class H264StreamDecoder:
                 out.append(result)
         return out
 
+    def _count(self, frame: av.VideoFrame, is_intra: bool) -> np.ndarray | None:
+        """Count a decoded frame and advance the GOP position; returns its exported vector blocks."""
+        st = self.stats
+        st.frames += 1
+        if is_intra:
+            st.i_frames += 1
+            self._gop_index = 0
+            return None
+        st.p_frames += 1
+        self._gop_index += 1
+        blocks = frame.side_data.get("MOTION_VECTORS")
+        arr = blocks.to_ndarray() if blocks is not None else None
+        if arr is not None and len(arr):
+            st.frames_with_mvs += 1
+        return arr
+
     def _convert(self, frame: av.VideoFrame, stamp: Any, analyse: bool = True) -> CompressedFrame | None:
         st = self.stats
         pict = int(frame.pict_type)
@@ -277,39 +293,20 @@ class H264StreamDecoder:
         self._size = (height, width)
         is_intra = pict == PICT_I or frame.key_frame
         if not analyse:
-            st.frames += 1
-            if is_intra:
-                st.i_frames += 1
-                self._gop_index = 0
-            else:
-                st.p_frames += 1
-                self._gop_index += 1
-                blocks = frame.side_data.get("MOTION_VECTORS")
-                if blocks is not None and len(blocks.to_ndarray()):
-                    st.frames_with_mvs += 1
+            self._count(frame, is_intra)
             self._previous_luma = None   # no reference for a residual: the next frame restarts
             self._need_reset = True
             return CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame), width=width,
                                    height=height, stamp=stamp, index=st.frames - 1,
-                                   gop_index=0 if is_intra else self._gop_index, reset=False)
+                                   gop_index=self._gop_index, reset=False)
         luma = self._residual_luma(frame) if self.motion else None
         reset = is_intra or self._need_reset or (self.motion and (
             self._previous_luma is None or self._previous_luma.shape != luma.shape))
-        st.frames += 1
+        arr = self._count(frame, is_intra)
         result = CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame),
                                  width=width, height=height, stamp=stamp, index=st.frames - 1,
-                                 gop_index=0, reset=reset)
-        if is_intra:
-            st.i_frames += 1
-            self._gop_index = 0
-        else:
-            st.p_frames += 1
-            self._gop_index += 1
-            result.gop_index = self._gop_index
-            blocks = frame.side_data.get("MOTION_VECTORS")
-            arr = blocks.to_ndarray() if blocks is not None else None
-            if arr is not None and len(arr):
-                st.frames_with_mvs += 1
+                                 gop_index=self._gop_index, reset=reset)
+        if not is_intra:
             if self.motion:
                 result.motion_vectors, result.intra = dense_field(arr, height, width)
                 if self._previous_luma is not None and self._previous_luma.shape == luma.shape:

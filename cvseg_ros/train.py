@@ -208,6 +208,18 @@ class Trainer:
             self.log.write(text + "\n")
             self.log.flush()
 
+    def after_step(self, step: int, total: int, loss: torch.Tensor, losses: list[float], bar, label: str,
+                   state_path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Progress bar, log line every 20 steps, resumable state every ``save_every`` steps and at the end."""
+        losses.append(loss.item())
+        recent = float(np.mean(losses[-20:]))
+        bar.update(1)
+        bar.set_postfix(loss=f"{recent:.3f}")
+        if step % 20 == 0:
+            self.note(f"{label} step {step} loss {recent:.4f}")
+        if self.dist.main and (step % self.cfg.save_every == 0 or step == total):
+            save_train_state(state_path, module, optimizer, step)
+
     # -- stage 1 ---------------------------------------------------------------------------------
     def i_frame_path(self) -> Path:
         return self.out / "iframe_net.safetensors"
@@ -248,13 +260,7 @@ class Trainer:
             loss.backward()
             optimizer.step()
             step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if step % 20 == 0:
-                self.note(f"iframe step {step} loss {np.mean(losses[-20:]):.4f}")
-            if self.dist.main and (step % cfg.save_every == 0 or step == cfg.i_steps):
-                save_train_state(state_path, net, optimizer, step)
+            self.after_step(step, cfg.i_steps, loss, losses, bar, "iframe", state_path, net, optimizer)
         bar.close()
         if self.dist.main:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(self.i_frame_path()))
@@ -349,13 +355,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.p_frame_parameters(), 5.0)
             optimizer.step()
             step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if step % 20 == 0:
-                self.note(f"pframe {name} step {step} loss {np.mean(losses[-20:]):.4f}")
-            if self.dist.main and (step % cfg.save_every == 0 or step == cfg.p_steps):
-                save_train_state(state_path, model, optimizer, step)
+            self.after_step(step, cfg.p_steps, loss, losses, bar, f"pframe {name}", state_path, model, optimizer)
         bar.close()
         self.p_losses = losses
         return model.eval()

@@ -155,3 +155,15 @@ def make_engine(segmenter):
     from cvseg_ros.engine import SegmentationEngine
     model, meta = segmenter
     return lambda **kw: SegmentationEngine(model=model, metadata=meta, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def restore_threads():
+    """Commands run with `--threads 1` set process-wide torch/OpenCV values: put them back."""
+    import cv2
+    import torch
+
+    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    yield
+    torch.set_num_threads(torch_threads)
+    cv2.setNumThreads(cv_threads)

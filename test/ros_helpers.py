@@ -135,3 +135,11 @@ class Outputs:
                     if st.hardware_id == camera:
                         return st, {kv.key: kv.value for kv in st.values}
         return None, {}
+
+
+def stop_node_cleanly(proc: subprocess.Popen, log) -> None:
+    """Stop the node (SIGINT) and assert it exited with status 0 and no traceback in its log."""
+    code = stop_node(proc)
+    text = log.read_text()
+    assert code == 0, f"node exit status {code}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]

@@ -18,16 +18,7 @@ GOP = 6
 FRAMES = 2 * GOP
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """`--threads 1` sets process-wide values: put them back."""
-    import cv2
-    import torch
-
-    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    yield
-    torch.set_num_threads(torch_threads)
-    cv2.setNumThreads(cv_threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _run(tmp_path, *extra) -> dict:

@@ -19,16 +19,7 @@ needs_val = pytest.mark.skipif(not (VAL.is_dir() and VALANNOT.is_dir()),
                                reason=f"real data absent: needs {VAL} and {VALANNOT} (../shared/data next to the repo)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """`--threads 1` (steady and fast on a busy CPU) sets process-wide values: put them back."""
-    import cv2
-    import torch
-
-    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    yield
-    torch.set_num_threads(torch_threads)
-    cv2.setNumThreads(cv_threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _in_unit(value) -> bool:
