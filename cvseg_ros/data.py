@@ -125,6 +125,7 @@ class Group:
     motion_vectors: np.ndarray   # [T-1,2,H/4,W/4] float16
     residuals: np.ndarray        # [T-1,H,W] int16
     labels: np.ndarray           # [T,H,W] uint8 (255 = ignore), frame 0 = the I-frame
+    intra: np.ndarray            # [T-1,H/4,W/4] bool, intra-coded cells
 
     @property
     def length(self) -> int:
@@ -175,7 +176,8 @@ def encode_group(frames: list[np.ndarray], labels: list[np.ndarray], fps: float 
     return Group(rgb=decoded[0].rgb,
                  motion_vectors=np.stack([f.motion_vectors for f in decoded[1:]]).astype(np.float16),
                  residuals=np.stack([f.residual for f in decoded[1:]]),
-                 labels=np.stack(labels))
+                 labels=np.stack(labels),
+                 intra=np.stack([f.intra for f in decoded[1:]]))
 
 
 def still_groups(images: np.ndarray, labels: np.ndarray, length: int, seed: int = 0,

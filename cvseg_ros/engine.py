@@ -160,6 +160,7 @@ class SegmentationEngine:
         self.palette = np.asarray(self.metadata["palette"], dtype=np.uint8)
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
+        self._uses_intra = bool(getattr(self.model.config, "intra", False))
         self.precision = resolve_precision(precision, self.device)
         self._i_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self._p_dtype = torch.bfloat16 if self.precision in ("bf16", "mixed") else None
@@ -290,29 +291,38 @@ class SegmentationEngine:
         # NHWC memory seen as NCHW: channels-last strides, what the inference copy wants
         return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
-    def _p_tensors(self, works: list[_Work]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(motion vectors, residual, residual statistics) for :meth:`CompressedSegmenter.p_frame`:
-        the model only uses the residual's per-cell mean and mean |r|; they are computed here
-        (OpenCV, from the int16 residual) and the full-resolution residual tensor is not made."""
+    def _p_tensors(self, works: list[_Work]) -> dict[str, torch.Tensor | None]:
+        """The inputs of :meth:`CompressedSegmenter.p_frame` (``motion_vectors``, ``residual``,
+        ``residual_stats``, ``intra``): the model only uses the residual's per-cell mean and mean
+        |r|; they are computed here (OpenCV, from the int16 residual) and the full-resolution
+        residual tensor is not made."""
         h, w = works[0].work_size
-        mvs, residuals = [], []
+        mvs, residuals, intras = [], [], []
         for wk in works:
             f = wk.frame
             mv = f.motion_vectors
+            intra = f.intra if f.intra is not None else np.zeros(mv.shape[1:], bool)
             if mv.shape[1:] != (h // 4, w // 4):
                 mv = resize_field(mv, h // 4, w // 4, w / f.width, h / f.height)
+                intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
+            intras.append(intra)
             # the reader computes the residual at the work size already (residual_size)
             res = f.residual if f.residual is not None else np.zeros((h, w), np.int16)
             if res.shape != (h, w):
                 res = cv2.resize(res, (w, h), interpolation=cv2.INTER_AREA)
             mvs.append(mv)
             residuals.append(res)
-        mv_t = self._batch(mvs).to(self.device, non_blocking=True)
+        tensors = {"motion_vectors": self._batch(mvs).to(self.device, non_blocking=True),
+                   "residual": None, "residual_stats": None, "intra": None}
+        if self._uses_intra:
+            tensors["intra"] = self._batch(intras).to(self.device, non_blocking=True).unsqueeze(1).float()
         stats = [residual_stats(r) for r in residuals]
         if all(s is not None for s in stats):
-            return mv_t, None, self._batch(stats).to(self.device, non_blocking=True)
-        res_t = self._batch(residuals).to(self.device, non_blocking=True)
-        return mv_t, res_t.unsqueeze(1).float().div_(255.0), None
+            tensors["residual_stats"] = self._batch(stats).to(self.device, non_blocking=True)
+        else:
+            res_t = self._batch(residuals).to(self.device, non_blocking=True)
+            tensors["residual"] = res_t.unsqueeze(1).float().div_(255.0)
+        return tensors
 
     def _masks(self, logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
         """Decide labels at the logits' resolution, then nearest-resize the uint8 ids to the frame."""
@@ -355,11 +365,11 @@ class SegmentationEngine:
                     mask = cv2.resize(mask, (wk.frame.width, wk.frame.height), interpolation=cv2.INTER_NEAREST)
                 out.append(self._result(wk, mask, "copy"))
             return out
-        mv, residual, stats = self._p_tensors(works)
+        inputs = self._p_tensors(works)
         states = [self._cameras[wk.camera].state for wk in works]
         state = states[0] if len(works) == 1 else cat_states(states)
         with self._autocast(self._p_dtype):
-            logits, state = self.model.p_frame(mv, residual, state, residual_stats=stats)
+            logits, state = self.model.p_frame(state=state, **inputs)
         masks = self._masks(logits, works)
         out = []
         for wk, mask, st in zip(works, masks, [state] if len(works) == 1 else split_state(state, [1] * len(works))):

@@ -37,7 +37,10 @@ Policies (each applied on purpose, counted and reported):
   ``backlog_limit`` units queued), units are discarded undecoded and the camera waits for its
   next IDR: an I-frame is never dropped without the state restarting at a clean IDR, and no
   mask is ever made from a picture decoded with missing references because of the queue. All
-  of these are ``queue_drops``.
+  of these are ``queue_drops``. After such a skip the state restarts at an IDR, or on the first
+  frame taken when the camera's queue is empty again; frames taken while it is still behind are
+  decoded only (also ``queue_drops``): a restart on a P-frame runs the I-frame network, which
+  would only put it further behind.
 - **Outputs**: a mask is published only with the header of the message it was computed from,
   and only when its size equals that frame's decoded size (else ``bad_outputs``).
 """
@@ -449,6 +452,16 @@ class MessagePath:
                 if lost is None:          # waiting for an IDR
                     cam.count("awaiting_idr")
                     continue
+                if cam.restart_reason and self._defer_restart(cam, item):
+                    if lost:
+                        cam.restart_reason += f"; {lost}"
+                    try:
+                        engine.decode_only(cam.name, item.data, item.stamp_ns)
+                    except Exception as exc:  # noqa: BLE001
+                        cam.last_error = f"decoder failure: {type(exc).__name__}: {exc}"
+                    cam.count("queue_drops", error="engine behind: the state restarts when it has caught up "
+                                                   "or at the next IDR")
+                    continue
                 if lost:
                     reasons.append(lost)
                 if cam.restart_reason:
@@ -499,6 +512,20 @@ class MessagePath:
                 for cam, _, item in batch:
                     if item is not None:
                         cam.in_flight -= 1
+
+    def _defer_restart(self, cam: CameraState, item: QueuedFrame) -> bool:
+        """After frames were skipped, restart the state only on an IDR or once the camera's queue
+        is empty: a restart on a P-frame runs the I-frame network (several P-frames' cost), which
+        would put an engine that is already behind further behind. Then ``item`` is decoded only
+        (a counted queue drop). Not in ``per_frame`` mode, where every frame costs the same."""
+        if item.idr or getattr(self.engine, "mode", "compressed") == "per_frame":
+            return False
+        with self._cond:
+            if not len(cam.queue):
+                return False
+            cam.queue.drops += 1
+            cam.queue.decode_only += 1
+            return True
 
     def _continuity(self, cam: CameraState, item: QueuedFrame) -> str | None:
         """Whether ``item`` may be decoded: ``None`` (no: the stream waits for an IDR), ``""``

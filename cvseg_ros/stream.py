@@ -16,7 +16,7 @@ import av
 import cv2
 import numpy as np
 
-from .motion_vectors import dense_field, field_shape, resize_field
+from .motion_vectors import dense_field, field_shape, fill_intra, resize_field
 from .residual import MotionCompensator
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class CompressedFrame:
     gop_index: int                 # 0 at an I-frame, then 1, 2, ... for the P-frames after it
     reset: bool                    # restart the model state here with the I-frame network
     rgb: np.ndarray | None = None                  # HxWx3 uint8
-    motion_vectors: np.ndarray | None = None       # (2, H/4, W/4) float32, pixels
+    motion_vectors: np.ndarray | None = None       # (2, H/4, W/4) float32, pixels (intra cells filled)
     intra: np.ndarray | None = None                # (H/4, W/4) bool
     residual: np.ndarray | None = None             # (h, w) int16, luma, at the decoder's residual size
                                                    # (default the frame's size H, W)
@@ -308,7 +308,8 @@ class H264StreamDecoder:
                                  gop_index=self._gop_index, reset=reset)
         if not is_intra:
             if self.motion:
-                result.motion_vectors, result.intra = dense_field(arr, height, width)
+                field, result.intra = dense_field(arr, height, width)
+                result.motion_vectors = fill_intra(field, result.intra)
                 if self._previous_luma is not None and self._previous_luma.shape == luma.shape:
                     field = result.motion_vectors
                     if luma.shape != (height, width):

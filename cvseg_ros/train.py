@@ -39,6 +39,9 @@ from .data import (IGNORE, Group, camvid_pairs, clip_groups, files_digest, h264_
 from .model.segmenter import CompressedSegmenter, make_config
 
 NUM_CLASSES = len(CAMVID_CLASSES)
+#: version of the cached training groups (part of their cache key): bump when the reader's
+#: output changes (2: intra cells get their neighbours' motion; 3: the intra cells are kept)
+GROUPS_FORMAT = 3
 
 
 @dataclass
@@ -63,6 +66,8 @@ class TrainConfig:
     teacher_init: bool = True                # initialise from the converted ENet teacher
     # stage 2: P-frame branch
     accumulate: bool = True                  # improved model: warp along the accumulated motion
+    improved_config: str = ""                # more improved-model settings, "key=value,key=value"
+                                             # (fields of cvseg_ros.model.segmenter.ModelConfig)
     p_steps: int = 700
     p_batch: int = 4
     p_lr: float = 3e-3
@@ -103,6 +108,22 @@ def parse_overrides(argv: list[str], config: TrainConfig) -> TrainConfig:
         setattr(config, key, parsed)
         i += 1
     return config
+
+
+def _model_overrides(text: str) -> dict:
+    """"state_stride=8,warp=false" -> {"state_stride": 8, "warp": False} (types of ModelConfig)."""
+    from .model.segmenter import ModelConfig
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types or key in ("name", "num_classes"):
+            raise ValueError(f"bad model setting {item!r}: use key=value with a key from "
+                             f"{', '.join(k for k in types if k not in ('name', 'num_classes'))}")
+        value = value.strip()
+        out[key] = value.lower() in ("1", "true", "yes", "on") if types[key] in (bool, "bool") else int(value)
+    return out
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -270,12 +291,13 @@ class Trainer:
     # -- stage 2 ---------------------------------------------------------------------------------
     def build_groups(self) -> list[Group]:
         cfg = self.cfg
-        key = (f"L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_{cfg.clip_groups_per_clip}_"
+        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_{cfg.clip_groups_per_clip}_"
                f"{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
         cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if cache.exists():
             z = np.load(cache)
-            return [Group(z[f"rgb{i}"], z[f"mv{i}"], z[f"res{i}"], z[f"lab{i}"]) for i in range(int(z["n"]))]
+            return [Group(z[f"rgb{i}"], z[f"mv{i}"], z[f"res{i}"], z[f"lab{i}"], z[f"intra{i}"])
+                    for i in range(int(z["n"]))]
         images, labels = self.images, self.labels
         if cfg.p_limit:
             images, labels = images[: cfg.p_limit], labels[: cfg.p_limit]
@@ -287,7 +309,8 @@ class Trainer:
                                   max_groups_per_clip=cfg.clip_groups_per_clip, progress=self.dist.main)
         arrays = {"n": np.array(len(groups))}
         for i, g in enumerate(groups):
-            arrays.update({f"rgb{i}": g.rgb, f"mv{i}": g.motion_vectors, f"res{i}": g.residuals, f"lab{i}": g.labels})
+            arrays.update({f"rgb{i}": g.rgb, f"mv{i}": g.motion_vectors, f"res{i}": g.residuals, f"lab{i}": g.labels,
+                           f"intra{i}": g.intra})
         if self.dist.main:
             np.savez(cache, **arrays)
         return groups
@@ -328,7 +351,7 @@ class Trainer:
     def train_pframe(self, name: str, groups: list[Group]) -> CompressedSegmenter:
         from tqdm import tqdm
         cfg = self.cfg
-        extra = {"accumulate": cfg.accumulate} if name == "improved" else {}
+        extra = {"accumulate": cfg.accumulate, **_model_overrides(cfg.improved_config)} if name == "improved" else {}
         model = CompressedSegmenter(make_config(name, NUM_CLASSES, **extra)).to(self.device)
         model.i_frame_net.load_state_dict(load_file(str(self.i_frame_path())))
         for p in model.i_frame_net.parameters():
@@ -408,13 +431,13 @@ class GroupLoss(nn.Module):
         self.model = model
         self.register_buffer("weights", weights)
 
-    def forward(self, z, seg, mvs, residuals, labels):
+    def forward(self, z, seg, mvs, residuals, labels, intra):
         state = self.model.state_from_i_frame(z, seg)
         total = 0.0
         steps = mvs.shape[1]
         size = labels.shape[-2:]
         for t in range(steps):
-            logits, state = self.model.p_frame(mvs[:, t], residuals[:, t], state)
+            logits, state = self.model.p_frame(mvs[:, t], residuals[:, t], state, intra=intra[:, t])
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
             total = total + F.cross_entropy(logits, labels[:, t + 1], weight=self.weights, ignore_index=IGNORE)
         return total / steps
@@ -426,11 +449,12 @@ def collate(groups: list[Group], i_out, flip: bool, device: torch.device):
     mvs = torch.from_numpy(np.stack([g.motion_vectors for g in groups]).astype(np.float32))
     res = torch.from_numpy(np.stack([g.residuals for g in groups])).float().unsqueeze(2) / 255.0
     lab = torch.from_numpy(np.stack([g.labels for g in groups])).long()
+    intra = torch.from_numpy(np.stack([g.intra for g in groups])).float().unsqueeze(2)
     if flip:
-        z, seg, res, lab = z.flip(-1), seg.flip(-1), res.flip(-1), lab.flip(-1)
+        z, seg, res, lab, intra = z.flip(-1), seg.flip(-1), res.flip(-1), lab.flip(-1), intra.flip(-1)
         mvs = mvs.flip(-1)
         mvs[:, :, 0] = -mvs[:, :, 0]
-    return z.to(device), seg.to(device), mvs.to(device), res.to(device), lab.to(device)
+    return z.to(device), seg.to(device), mvs.to(device), res.to(device), lab.to(device), intra.to(device)
 
 
 def _git_commit() -> str | None:

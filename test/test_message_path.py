@@ -248,25 +248,30 @@ def test_duplicates_and_wrong_format_are_dropped_and_counted(make_engine, gop12_
 
 def test_queue_policy_when_the_engine_falls_behind(make_engine, gop12_units):
     """Depth 3. Eight P-frames arrive before the engine runs: the five oldest are decoded only (no
-    mask, references kept), the three newest get masks, the state restarts at the first of them."""
+    mask, references kept); the state does not restart on a P-frame while the camera is still
+    behind (the I-frame network would put it further behind): 6 and 7 are decoded only too, and
+    the state restarts at 8, taken with the queue empty."""
     cam = Camera(make_engine(), queue_depth=3)
     cam.send(gop12_units[0], T0)
     for i in range(1, 9):
         cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
     cam.process()
     v = cam.assert_accounted()
-    assert v["queue_drops"] == "5" and v["queue_decode_only"] == "5" and v["decode_errors"] == "0"
-    assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + i * PERIOD for i in (6, 7, 8)]
+    assert v["queue_drops"] == "7" and v["queue_decode_only"] == "7" and v["decode_errors"] == "0"
+    assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + 8 * PERIOD]
     assert cam.outputs[1].reset and cam.outputs[1].network == "i_frame"
-    assert [o.network for o in cam.outputs[2:]] == ["p_frame", "p_frame"]
     assert int(v["p_frames"]) == 8 and v["lost_units"] == "0"      # every P-frame was decoded
+    # caught up: the next P-frame continues the state
+    cam.send(gop12_units[9], T0 + 9 * PERIOD)
+    assert cam.outputs[2].network == "p_frame" and not cam.outputs[2].reset
     # an IDR waiting: the queue jumps to it (what precedes it is not decoded: nothing needs it)
-    for i in range(9, 14):
+    for i in range(10, 15):
         cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
     cam.process()
     v = cam.assert_accounted()
-    assert [o.stamp_ns for o in cam.outputs[4:]] == [T0 + 12 * PERIOD, T0 + 13 * PERIOD]
-    assert cam.outputs[4].kind == "I" and v["queue_drops"] == str(5 + 3) and v["queue_discarded"] == "3"
+    assert [o.stamp_ns for o in cam.outputs[3:]] == [T0 + 12 * PERIOD, T0 + 13 * PERIOD, T0 + 14 * PERIOD]
+    assert cam.outputs[3].kind == "I" and v["queue_drops"] == str(7 + 2) and v["queue_discarded"] == "2"
+    assert [o.network for o in cam.outputs[3:]] == ["i_frame", "p_frame", "p_frame"]
 
 
 def test_queue_backlog_limit_waits_for_an_idr(make_engine, gop12_units):

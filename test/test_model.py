@@ -49,8 +49,9 @@ def test_shapes_and_state_reset_on_real_reader_output(real_frames, name):
             else:
                 mv = torch.from_numpy(f.motion_vectors)[None]
                 res = torch.from_numpy(f.residual)[None, None].float() / 255
-                assert mv.shape == (1, 2, 90, 120)
-                logits, state = model.p_frame(mv, res, state)
+                intra = torch.from_numpy(f.intra)[None, None].float()
+                assert mv.shape == (1, 2, 90, 120) and intra.shape == (1, 1, 90, 120)
+                logits, state = model.p_frame(mv, res, state, intra=intra)
                 assert logits.shape == (1, 11, math.ceil(360 / stride), math.ceil(480 / stride))
                 assert torch.isfinite(logits).all()
 

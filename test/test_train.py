@@ -56,6 +56,17 @@ def test_short_training_run_lowers_the_loss():
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def test_improved_model_settings_from_the_command_line():
+    from cvseg_ros.train import TrainConfig, _model_overrides, parse_overrides
+    cfg = parse_overrides(["--improved_config=state_stride=8, intra=false"], TrainConfig())
+    settings = _model_overrides(cfg.improved_config)
+    assert settings == {"state_stride": 8, "intra": False}
+    assert make_config("improved", **settings).state_stride == 8
+    for bad in ("state_stride", "name=paper", "no_such_field=1"):
+        with pytest.raises(ValueError, match="bad model setting"):
+            _model_overrides(bad)
+
+
 def test_train_command_exports_a_checkpoint_and_resumes(tmp_path):
     require(SHARED_DATA / "teacher" / "enet-cityscapes.net", "the ENet teacher")
     out, export = tmp_path / "run", tmp_path / "export"

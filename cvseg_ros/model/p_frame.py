@@ -11,10 +11,11 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-def h4_encoder(out_channels: int, out_stride: int, width: int) -> nn.Sequential:
-    """2-channel image at H/4 -> ``out_channels`` features at ``H / out_stride`` (stride-2 steps)."""
-    layers = [conv_bn_relu(2, width)]
-    stride = 4
+def h4_encoder(out_channels: int, out_stride: int, width: int, in_channels: int = 2) -> nn.Sequential:
+    """Image at H/4 -> ``out_channels`` features at ``H / out_stride`` (stride-2 steps)."""
+    # the first convolution already strides (nothing runs at H/4: the inputs are smooth there)
+    layers = [conv_bn_relu(in_channels, width, stride=2 if out_stride > 4 else 1)]
+    stride = 8 if out_stride > 4 else 4
     while stride < out_stride:
         layers.append(conv_bn_relu(width, width, stride=2))
         stride *= 2
@@ -23,18 +24,24 @@ def h4_encoder(out_channels: int, out_stride: int, width: int) -> nn.Sequential:
 
 
 class MotionVectorCNN(nn.Module):
-    """Motion-vector image (2 channels, pixels, at H/4) -> features at ``H / out_stride``.
+    """Motion-vector image (2 channels, pixels, at H/4; with ``intra``, a third channel: 1 on the
+    intra-coded cells) -> features at ``H / out_stride``.
 
     Vectors are divided by ``scale`` px so typical motion is O(1).
     """
 
-    def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16, scale: float = 8.0) -> None:
+    def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16, scale: float = 8.0,
+                 intra: bool = False) -> None:
         super().__init__()
         self.scale = scale
-        self.net = h4_encoder(out_channels, out_stride, width)
+        self.intra = intra
+        self.net = h4_encoder(out_channels, out_stride, width, in_channels=3 if intra else 2)
 
-    def forward(self, motion_vectors: torch.Tensor) -> torch.Tensor:
-        return self.net(motion_vectors / self.scale)
+    def forward(self, motion_vectors: torch.Tensor, intra: torch.Tensor | None = None) -> torch.Tensor:
+        x = motion_vectors / self.scale
+        if self.intra:
+            x = torch.cat([x, intra.to(x.dtype) if intra is not None else torch.zeros_like(x[:, :1])], dim=1)
+        return self.net(x)
 
 
 class ResidualCNN(nn.Module):

@@ -8,10 +8,12 @@ Configurations (``CONFIGS``):
 
 * ``paper`` -- faithful: z(I) and the ConvLSTM state at H/32 with as many channels as classes
   (z(I) = the I-frame logits pooled to H/32); P-frame logits = the hidden state, upsampled.
-* ``improved`` -- ours: a finer state (ConvLSTM at H/8, warped along the motion vectors before each
-  update, as TapLab's feature flow warping) and the I-frame's H/4 logits, warped once along the motion
-  accumulated since the I-frame (no resampling blur building up), then corrected by a
-  residual-guided head. Output at H/4.
+* ``improved`` -- ours: the I-frame's H/4 logits, warped once along the motion accumulated since
+  the I-frame (no resampling blur building up), then corrected per pixel by a residual-guided head
+  (:class:`CorrectionHead`) that also sees a coarse ConvLSTM state (H/16, warped along the motion
+  vectors before each update, as TapLab's feature flow warping) and which cells are intra-coded
+  (new content). Output at H/4. Nothing but the warp, one per-pixel layer and the output layer
+  runs at H/4.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from .conv_lstm import ConvLSTM
 from .i_frame import IFrameNet
-from .p_frame import MotionVectorCNN, ResidualCNN, conv_bn_relu
+from .p_frame import MotionVectorCNN, ResidualCNN
 
 State = tuple[torch.Tensor, ...]
 
@@ -35,10 +37,14 @@ class ModelConfig:
     state_stride: int = 8          # ConvLSTM resolution (paper: 32)
     hidden_channels: int = 24      # ConvLSTM channels (paper: num_classes)
     branch_channels: int = 16      # per P-frame CNN output channels
+    branch_width: int = 16         # inner width of the two P-frame CNNs
     warp: bool = True              # warp state along the motion vectors before the update
     accumulate: bool = False       # warp the I-frame logits once along the motion accumulated since
                                    # the I-frame (no repeated resampling blur) instead of step by step
     output_stride: int = 4         # P-frame logits resolution
+    intra: bool = False            # the intra-coded cells (new content) are an input of the
+                                   # motion-vector CNN and of the correction head
+    head_channels: int = 32        # correction head width (improved)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +52,8 @@ class ModelConfig:
 
 CONFIGS = {
     "paper": dict(state_stride=32, warp=False, output_stride=32),
-    "improved": dict(state_stride=8, hidden_channels=24, warp=True, accumulate=True, output_stride=4),
+    "improved": dict(state_stride=16, hidden_channels=24, warp=True, accumulate=True, output_stride=4,
+                     head_channels=16, intra=True),
 }
 
 
@@ -97,6 +104,26 @@ def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+class CorrectionHead(nn.Module):
+    """Residual-guided correction of the warped logits, per pixel at the output resolution.
+
+    ``head(h, seg, guide)`` = conv1x1(relu(up(P_h h) + P_s [seg, guide])): the same as a 1x1
+    network on the concatenation of the upsampled state, the logits and the residual guide, but the
+    state's projection runs at the state's (coarse) resolution and no wide map is built at H/4.
+    """
+
+    def __init__(self, hidden_channels: int, num_classes: int, width: int, guide_channels: int = 2) -> None:
+        super().__init__()
+        self.state_proj = nn.Conv2d(hidden_channels, width, 1, bias=False)
+        self.pixel_proj = nn.Conv2d(num_classes + guide_channels, width, 1)
+        self.out = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, h: torch.Tensor, seg: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        state = F.interpolate(self.state_proj(h), size=seg.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.pixel_proj(torch.cat([seg, guide.to(seg.dtype)], dim=1)) + state
+        return self.out(torch.relu_(x))
+
+
 class CompressedSegmenter(nn.Module):
     """``i_frame(rgb) -> (logits, state)``; ``p_frame(mv, residual, state) -> (logits, state)``.
 
@@ -110,8 +137,9 @@ class CompressedSegmenter(nn.Module):
         self.config = config
         c = config
         self.i_frame_net = IFrameNet(c.num_classes)
-        self.mv_cnn = MotionVectorCNN(c.branch_channels, out_stride=c.state_stride)
-        self.residual_cnn = ResidualCNN(c.branch_channels, out_stride=c.state_stride)
+        self.mv_cnn = MotionVectorCNN(c.branch_channels, out_stride=c.state_stride, width=c.branch_width,
+                                      intra=c.intra)
+        self.residual_cnn = ResidualCNN(c.branch_channels, out_stride=c.state_stride, width=c.branch_width)
         self.conv_lstm = ConvLSTM(2 * c.branch_channels, c.hidden_channels)
         if c.name == "paper":
             self.init_state = None      # h(0) = z(I) = I-frame logits pooled to H/32
@@ -119,9 +147,8 @@ class CompressedSegmenter(nn.Module):
         else:
             self.init_state = nn.Conv2d(IFrameNet.feature_channels, c.hidden_channels, 1)
             # residual-guided correction of the warped H/4 logits
-            self.head = nn.Sequential(
-                conv_bn_relu(c.hidden_channels + c.num_classes + 2, 32),
-                nn.Conv2d(32, c.num_classes, 3, padding=1))
+            self.head = CorrectionHead(c.hidden_channels, c.num_classes, c.head_channels,
+                                       guide_channels=3 if c.intra else 2)
 
     # -- I-frames ---------------------------------------------------------------------------
     def i_frame(self, rgb: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -134,8 +161,11 @@ class CompressedSegmenter(nn.Module):
         if c.name == "paper":   # H/8 -> H/32
             h = F.adaptive_avg_pool2d(logits, (-(-zh // 4), -(-zw // 4)))
             return h, torch.zeros_like(h)
-        h = self.init_state(z)
         seg = F.adaptive_avg_pool2d(logits, (2 * zh, 2 * zw))   # H/4 (logits may come pooled already)
+        if c.state_stride > 8:   # z(I) is at H/8
+            f = c.state_stride // 8
+            z = F.adaptive_avg_pool2d(z, (-(-zh // f), -(-zw // f)))
+        h = self.init_state(z)
         if c.accumulate:   # + the I-frame's logits and the motion accumulated since (none yet)
             acc = seg.new_zeros(seg.shape[0], 2, *seg.shape[-2:])
             return h, torch.zeros_like(h), seg, acc
@@ -143,15 +173,17 @@ class CompressedSegmenter(nn.Module):
 
     # -- P-frames ---------------------------------------------------------------------------
     def p_frame(self, motion_vectors: torch.Tensor, residual: torch.Tensor | None, state: State,
-                residual_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+                residual_stats: torch.Tensor | None = None, intra: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, State]:
         """``residual_stats``: optionally, what the model reduces ``residual`` to first, made by the
         caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per 4x4 cell, see
-        :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None)."""
+        :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None).
+        ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none)."""
         c = self.config
         # once: the residual CNN's input and the head's guide
         pooled = ResidualCNN.pool(residual) if residual_stats is None \
             else residual_stats * ResidualCNN.STATS_SCALE
-        x = torch.cat([self.mv_cnn(motion_vectors), self.residual_cnn.net(pooled)], dim=1)
+        x = torch.cat([self.mv_cnn(motion_vectors, intra), self.residual_cnn.net(pooled)], dim=1)
         if c.name == "paper":
             h, cell = self.conv_lstm(x, state)
             return h, (h, cell)
@@ -166,9 +198,11 @@ class CompressedSegmenter(nn.Module):
         elif c.warp:
             seg = warp(seg, motion_vectors)
         h, cell = self.conv_lstm(x, (h, cell))
-        h_up = F.interpolate(h, size=seg.shape[-2:], mode="bilinear", align_corners=False)
-        guide = pooled[..., : seg.shape[-2], : seg.shape[-1]]
-        seg = seg + self.head(torch.cat([h_up, seg, guide], dim=1))
+        guide = pooled
+        if c.intra:
+            intra = intra.to(pooled.dtype) if intra is not None else torch.zeros_like(pooled[:, :1])
+            guide = torch.cat([pooled, intra], dim=1)
+        seg = seg + self.head(h, seg, guide[..., : seg.shape[-2], : seg.shape[-1]])
         if c.accumulate:
             return seg, (h, cell, i_frame_seg, acc)
         return seg, (h, cell, seg)
