@@ -102,4 +102,3 @@ def resize_field(field: np.ndarray, rows: int, cols: int, scale_x: float, scale_
 def upsample_field(field: np.ndarray, height: int, width: int, grid: int = GRID) -> np.ndarray:
     """Nearest (block-constant) upsampling of a field to ``(2, height, width)``."""
     return np.repeat(np.repeat(field, grid, axis=1), grid, axis=2)[:, :height, :width]
-

@@ -291,8 +291,8 @@ class Trainer:
     # -- stage 2 ---------------------------------------------------------------------------------
     def build_groups(self) -> list[Group]:
         cfg = self.cfg
-        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_{cfg.clip_groups_per_clip}_"
-               f"{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
+        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_"
+               f"{cfg.clip_groups_per_clip}_{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
         cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if cache.exists():
             z = np.load(cache)

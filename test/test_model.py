@@ -114,3 +114,25 @@ def test_shipped_checkpoint_loads_and_segments():
         assert r.mask.shape == label.shape and r.mask.dtype == np.uint8 and r.stamp in (0, 1, 2)
         valid = label != 255
         assert (r.mask[valid] == label[valid]).mean() > 0.75
+
+
+def test_engine_gives_the_model_the_intra_cells():
+    """The shipped improved model takes the intra-coded cells as an input; the engine hands it the
+    reader's intra map of each P-frame (real H.264 of a CamVid still seen by a moving camera)."""
+    from cvseg_ros.data import read_label, read_rgb, synthetic_sequence
+    require(CAMVID_TRAIN, "CamVid train stills")
+    image = sorted(CAMVID_TRAIN.glob("*.png"))[1]
+    label = CAMVID_TRAIN.parent / "trainannot" / image.name
+    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(2), 4)
+    units = encode_frames(frames, gop=4)
+    engine = SegmentationEngine(device="cpu")
+    assert engine.model.config.intra
+    seen, p_frame = [], engine.model.p_frame
+    engine.model.p_frame = lambda *a, **k: seen.append(k["intra"]) or p_frame(*a, **k)
+    reader = H264StreamDecoder("reference")
+    expected = [f.intra for u in units for f in reader.feed(u) if f.kind == "P"]
+    results = [r for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
+    assert [r.network for r in results] == ["i_frame", "p_frame", "p_frame", "p_frame"]
+    assert len(seen) == 3 and any(e.any() for e in expected)
+    for got, want in zip(seen, expected):
+        assert got.shape == (1, 1, *want.shape) and np.array_equal(got[0, 0].numpy() > 0.5, want)
