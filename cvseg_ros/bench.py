@@ -278,7 +278,7 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
     from sensor_msgs.msg import CompressedImage, Image
     from tqdm import tqdm
 
-    from .demo import node_command, params_file, stop_process
+    from .demo import node_command, params_file, stop_process, wait_for_node
 
     if cameras < 1:
         raise ValueError("--cameras must be >= 1")
@@ -368,19 +368,9 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
     with open(node_log, "w") as node_out:
         proc = subprocess.Popen(cmd, env=env, stdout=node_out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + startup_timeout
-
-            def ready() -> bool:
-                return (all(p.get_subscription_count() > 0 for p in pubs)
-                        and all(node.count_publishers(f"/{c}/semantic/mask") > 0 for c in names))
-
-            while time.monotonic() < deadline and not ready():
-                if proc.poll() is not None:
-                    raise BenchError(f"the node exited with status {proc.returncode} at start-up:\n"
-                                     + node_log.read_text()[-2000:])
-                time.sleep(0.1)
-            if not ready():
-                raise BenchError(f"the node did not come up within {startup_timeout:.0f} s (see {node_log})")
+            wait_for_node(proc, lambda: all(p.get_subscription_count() > 0 for p in pubs)
+                          and all(node.count_publishers(f"/{c}/semantic/mask") > 0 for c in names),
+                          startup_timeout, node_log, "come up", BenchError)
             time.sleep(1.0)   # let discovery settle on both sides (reliable outputs matched)
             rss_idle = _proc_status(proc.pid)
             cpu0 = _proc_cpu_s(proc.pid)

@@ -129,6 +129,20 @@ def node_command(params: Path, overrides: dict[str, str]) -> list[str]:
     return cmd
 
 
+def wait_for_node(proc: subprocess.Popen, ready, timeout: float, node_log: Path, what: str,
+                  error: type[Exception] = RuntimeError) -> None:
+    """Poll ``ready()`` until it is true; raise ``error`` (with the node's log) if the node process
+    exits first or ``timeout`` s pass without it ``what``."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise error(f"the node exited with status {proc.returncode} at start-up:\n"
+                        + node_log.read_text()[-2000:])
+        if time.monotonic() > deadline:
+            raise error(f"the node did not {what} within {timeout:.0f} s (see {node_log})")
+        time.sleep(0.1)
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     """SIGINT (clean shutdown), then SIGTERM, then SIGKILL. Returns the exit status."""
     for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -251,20 +265,10 @@ def run_live(bag: Path, frames: int, out: Path, *, domain_id: int, device: str, 
         exit_code = None
         try:
             # the node subscribes once its engine is loaded: wait for it (or for its death)
-            deadline = time.monotonic() + startup_timeout
             outputs = [f"/{CAMERA}/semantic/mask", f"/{CAMERA}/semantic/color"]
-
-            def ready() -> bool:
-                return node.count_subscribers(TOPIC) > 0 and all(node.count_publishers(t) > 0 for t in outputs)
-
-            while time.monotonic() < deadline and not ready():
-                if proc.poll() is not None:
-                    raise DemoError(f"the node exited with status {proc.returncode} at start-up:\n"
-                                    + node_log.read_text()[-2000:])
-                time.sleep(0.1)
-            if not ready():
-                raise DemoError(f"the node did not subscribe to {TOPIC} within {startup_timeout:.0f} s "
-                                f"(see {node_log})")
+            wait_for_node(proc, lambda: node.count_subscribers(TOPIC) > 0
+                          and all(node.count_publishers(t) > 0 for t in outputs),
+                          startup_timeout, node_log, f"subscribe to {TOPIC}", DemoError)
             log(f"[demo] replaying {frames} frames at {rate}x into the node")
             replayed = replay(bag, rate=rate, reliability="reliable", depth=1000, node=node, context=ctx,
                               wait_for_subscribers=30.0, on_publish=on_publish,

@@ -11,7 +11,6 @@ Modes (how P-frames are segmented; the same decode path for all):
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence

@@ -25,6 +25,25 @@ from typing import Sequence
 
 import numpy as np
 
+from .message_path import make_message
+
+
+def paced_feed(names: Sequence[str], sources: dict, fps: float, stop: threading.Event, send) -> None:
+    """Until ``stop``: every 1/``fps`` s, one access unit per camera (its clip looped), as a
+    ``CompressedImage`` with the frame's stamp, handed to ``send(camera, message)``."""
+    period = 1.0 / fps
+    t0 = time.monotonic()
+    k = 0
+    while not stop.is_set():
+        stamp = 1_700_000_000_000_000_000 + int(k * period * 1e9)
+        for name in names:
+            units = sources[name].units
+            send(name, make_message(units[k % len(units)], stamp, "h264", name))
+        k += 1
+        delay = t0 + k * period - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+
 
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size of a process, from ``/proc/<pid>/status`` (VmRSS)."""
@@ -45,7 +64,7 @@ def soak(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, width: i
          videos: Sequence[str | Path] = (), engine=None, progress=None) -> dict:
     """Run the soak; returns the report (see the module doc)."""
     from .fuzz import default_videos, encoded_source
-    from .message_path import MessagePath, make_message
+    from .message_path import MessagePath
 
     if cameras < 1 or seconds <= 0 or fps <= 0:
         raise ValueError("--cameras >= 1, --seconds > 0 and --fps > 0")
@@ -76,23 +95,11 @@ def soak(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, width: i
             if batch:
                 path.run_batch(batch, publish)
 
-    def feed() -> None:
-        period = 1.0 / fps
-        t0 = time.monotonic()
-        k = 0
-        while not stop.is_set():
-            stamp = 1_700_000_000_000_000_000 + int(k * period * 1e9)
-            for name in names:
-                units = sources[name].units
-                path.receive(name, make_message(units[k % len(units)], stamp, "h264", name))
-            k += 1
-            delay = t0 + k * period - time.monotonic()
-            if delay > 0:
-                stop.wait(delay)
 
     samples = []          # (t, rss, {camera: (waiting, backlog)})
     worker = threading.Thread(target=work, name="soak_worker", daemon=True)
-    feeder = threading.Thread(target=feed, name="soak_feeder", daemon=True)
+    feeder = threading.Thread(target=paced_feed, name="soak_feeder", daemon=True,
+                              args=(names, sources, fps, stop, path.receive))
     t0 = time.monotonic()
     worker.start()
     feeder.start()
@@ -192,9 +199,8 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage
 
-    from .demo import node_command, params_file, stop_process
+    from .demo import node_command, params_file, stop_process, wait_for_node
     from .fuzz import default_videos, encoded_source
-    from .message_path import make_message
 
     warmup = min(30.0, max(3.0, 0.25 * seconds)) if warmup is None else warmup
     if cameras < 1 or seconds <= warmup or fps <= 0:
@@ -240,28 +246,12 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
     with open(node_log, "w") as out:
         proc = subprocess.Popen(node_command(params_file(), overrides), env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while not all(p.get_subscription_count() > 0 for p in pubs.values()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the node did not start (see {node_log}):\n{node_log.read_text()[-2000:]}")
-                time.sleep(0.1)
+            wait_for_node(proc, lambda: all(p.get_subscription_count() > 0 for p in pubs.values()),
+                          startup_timeout, node_log, "subscribe to the cameras")
             time.sleep(0.5)
 
-            def feed() -> None:
-                period = 1.0 / fps
-                t_feed = time.monotonic()
-                k = 0
-                while not stop.is_set():
-                    stamp = 1_700_000_000_000_000_000 + int(k * period * 1e9)
-                    for name in names:
-                        units = sources[name].units
-                        pubs[name].publish(make_message(units[k % len(units)], stamp, "h264", name))
-                    k += 1
-                    delay = t_feed + k * period - time.monotonic()
-                    if delay > 0:
-                        stop.wait(delay)
-
-            feeder = threading.Thread(target=feed, daemon=True)
+            feeder = threading.Thread(target=paced_feed, daemon=True,
+                                      args=(names, sources, fps, stop, lambda name, msg: pubs[name].publish(msg)))
             t0 = time.monotonic()
             feeder.start()
             next_progress = 10.0
