@@ -303,7 +303,8 @@ class SegmentationEngine:
             intra = f.intra if f.intra is not None else np.zeros(mv.shape[1:], bool)
             if mv.shape[1:] != (h // 4, w // 4):
                 mv = resize_field(mv, h // 4, w // 4, w / f.width, h / f.height)
-                intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
+                if self._uses_intra:
+                    intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
             intras.append(intra)
             # the reader computes the residual at the work size already (residual_size)
             res = f.residual if f.residual is not None else np.zeros((h, w), np.int16)

@@ -40,7 +40,7 @@ class MotionVectorCNN(nn.Module):
     def forward(self, motion_vectors: torch.Tensor, intra: torch.Tensor | None = None) -> torch.Tensor:
         x = motion_vectors / self.scale
         if self.intra:
-            x = torch.cat([x, intra.to(x.dtype) if intra is not None else torch.zeros_like(x[:, :1])], dim=1)
+            x = torch.cat([x, intra.to(x.dtype)], dim=1)
         return self.net(x)
 
 

@@ -107,9 +107,10 @@ def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
 class CorrectionHead(nn.Module):
     """Residual-guided correction of the warped logits, per pixel at the output resolution.
 
-    ``head(h, seg, guide)`` = conv1x1(relu(up(P_h h) + P_s [seg, guide])): the same as a 1x1
-    network on the concatenation of the upsampled state, the logits and the residual guide, but the
-    state's projection runs at the state's (coarse) resolution and no wide map is built at H/4.
+    ``head(h, seg, guides)`` = conv1x1(relu(up(P_h h) + P_s [seg, *guides])): the same as a 1x1
+    network on the concatenation of the upsampled state, the logits and the guides (residual
+    statistics, intra cells), but the state's projection runs at the state's (coarse) resolution
+    and no wide map is built at H/4.
     """
 
     def __init__(self, hidden_channels: int, num_classes: int, width: int, guide_channels: int = 2) -> None:
@@ -118,9 +119,9 @@ class CorrectionHead(nn.Module):
         self.pixel_proj = nn.Conv2d(num_classes + guide_channels, width, 1)
         self.out = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, h: torch.Tensor, seg: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
         state = F.interpolate(self.state_proj(h), size=seg.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.pixel_proj(torch.cat([seg, guide.to(seg.dtype)], dim=1)) + state
+        x = self.pixel_proj(torch.cat([seg, *(g.to(seg.dtype) for g in guides)], dim=1)) + state
         return self.out(torch.relu_(x))
 
 
@@ -183,6 +184,8 @@ class CompressedSegmenter(nn.Module):
         # once: the residual CNN's input and the head's guide
         pooled = ResidualCNN.pool(residual) if residual_stats is None \
             else residual_stats * ResidualCNN.STATS_SCALE
+        if c.intra and intra is None:   # no intra map given: no intra cells
+            intra = motion_vectors.new_zeros(motion_vectors.shape[0], 1, *motion_vectors.shape[-2:])
         x = torch.cat([self.mv_cnn(motion_vectors, intra), self.residual_cnn.net(pooled)], dim=1)
         if c.name == "paper":
             h, cell = self.conv_lstm(x, state)
@@ -198,11 +201,8 @@ class CompressedSegmenter(nn.Module):
         elif c.warp:
             seg = warp(seg, motion_vectors)
         h, cell = self.conv_lstm(x, (h, cell))
-        guide = pooled
-        if c.intra:
-            intra = intra.to(pooled.dtype) if intra is not None else torch.zeros_like(pooled[:, :1])
-            guide = torch.cat([pooled, intra], dim=1)
-        seg = seg + self.head(h, seg, guide[..., : seg.shape[-2], : seg.shape[-1]])
+        guides = [pooled, intra] if c.intra else [pooled]
+        seg = seg + self.head(h, seg, [g[..., : seg.shape[-2], : seg.shape[-1]] for g in guides])
         if c.accumulate:
             return seg, (h, cell, i_frame_seg, acc)
         return seg, (h, cell, seg)
