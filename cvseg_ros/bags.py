@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .stream import is_h264_format
 
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
@@ -298,94 +297,83 @@ def _percentile(values: list[float], q: float) -> float | None:
 def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str = "auto",
              checkpoint: str | None = None, storage: str = "mcap", max_frames: int | None = None,
              threads: int | None = None, engine=None) -> dict:
-    """Run the engine over every ``CompressedImage`` topic of ``bag`` (log-time order); frames of
-    different cameras that follow each other are batched (one per camera, as the node does).
+    """Run every ``CompressedImage`` topic of ``bag`` (log-time order) through the node's message
+    path (:class:`~cvseg_ros.message_path.MessagePath`: the same checks, drop policies, batching
+    and counters as ``cvseg_node``), without DDS and without ever falling behind: a camera's
+    queued frame is segmented before its next one is taken.
 
-    Latency of a frame = wall time of the :meth:`process` call that segmented it."""
+    Latency of a frame = read from the bag -> mask (includes waiting for the other cameras' frames
+    of its batch)."""
+    from .message_path import DROP_REASONS, MessagePath, make_message
     if engine is None:
         from .engine import SegmentationEngine
         engine = SegmentationEngine(checkpoint=checkpoint or None, device=device, threads=threads)
     ts = typestore()
     Image = ts.types[IMAGE]
     cameras: dict[str, str] = {}       # topic -> camera
-    frames_in: dict[str, int] = {}
-    wrong_format: dict[str, int] = {}
+    for topic, info in bag_info(bag)["topics"].items():
+        if info["type"] == COMPRESSED_IMAGE:
+            name = camera_from_topic(topic)
+            cameras[topic] = topic.strip("/").replace("/", "_") if name in cameras.values() else name
+    if not cameras:
+        raise ValueError(f"{bag}: no {COMPRESSED_IMAGE} topic")
+    path = MessagePath(engine, cameras.values(), topics={c: t for t, c in cameras.items()})
     latencies: list[float] = []
-    batch_ms: list[float] = []
-    masks_out = 0
+    busy_s = 0.0
+    log_ns_of: dict[tuple[str, int], int] = {}
     writer = _open_writer(record, storage) if record else None
     out_conns: dict[str, Any] = {}
 
-    def camera_of(topic: str) -> str:
-        if topic not in cameras:
-            name = camera_from_topic(topic)
-            if name in cameras.values():
-                name = topic.strip("/").replace("/", "_")
-            cameras[topic] = name
-            frames_in[name] = wrong_format[name] = 0
-        return cameras[topic]
-
-    def flush(pending: list[tuple[str, BagImage]]) -> None:
-        nonlocal masks_out
-        if not pending:
+    def publish(out) -> None:
+        latencies.append((time.monotonic_ns() - out.received_ns) / 1e6)
+        log_ns = log_ns_of.pop((out.camera, out.stamp_ns))
+        if writer is None:
             return
+        topic = f"/{out.camera}/semantic/mask"
+        if topic not in out_conns:
+            out_conns[topic] = writer.add_connection(topic, IMAGE, typestore=ts)
+        mask = np.ascontiguousarray(out.mask, dtype=np.uint8)
+        msg = Image(header=_header(ts, out.stamp_ns, out.header.frame_id), height=mask.shape[0],
+                    width=mask.shape[1], encoding="mono8", is_bigendian=0, step=mask.shape[1],
+                    data=mask.reshape(-1))
+        writer.write(out_conns[topic], log_ns, ts.serialize_cdr(msg, IMAGE))
+
+    def drain() -> None:
+        nonlocal busy_s
         start = time.perf_counter()
-        results = engine.process([(cam, m.data, m.stamp_ns) for cam, m in pending])
-        ms = 1000 * (time.perf_counter() - start)
-        batch_ms.append(ms)
-        latencies.extend([ms] * len(results))
-        masks_out += len(results)
-        if writer is not None:
-            by_cam = {cam: m for cam, m in pending}
-            for r in results:
-                src = by_cam[r.camera]
-                topic = f"/{r.camera}/semantic/mask"
-                if topic not in out_conns:
-                    out_conns[topic] = writer.add_connection(topic, IMAGE, typestore=ts)
-                mask = np.ascontiguousarray(r.mask, dtype=np.uint8)
-                msg = Image(header=_header(ts, src.stamp_ns, src.frame_id), height=mask.shape[0],
-                            width=mask.shape[1], encoding="mono8", is_bigendian=0, step=mask.shape[1],
-                            data=mask.reshape(-1))
-                writer.write(out_conns[topic], src.log_ns, ts.serialize_cdr(msg, IMAGE))
-        pending.clear()
+        path.drain(publish)
+        busy_s += time.perf_counter() - start
 
     total = 0
     wall0 = time.perf_counter()
     try:
         if writer is not None:
             writer.open()
-        pending: list[tuple[str, BagImage]] = []
-        for m in iter_compressed(bag):
-            cam = camera_of(m.topic)
-            frames_in[cam] += 1
-            if not is_h264_format(m.format):
-                wrong_format[cam] += 1
-                continue
-            if any(c == cam for c, _ in pending):
-                flush(pending)
-            pending.append((cam, m))
+        for m in iter_compressed(bag, list(cameras)):
+            cam = cameras[m.topic]
+            if len(path.cameras[cam].queue):     # this camera's last frame first: never behind
+                drain()
+            log_ns_of[(cam, m.stamp_ns)] = m.log_ns
+            path.receive(cam, make_message(m.data, m.stamp_ns, m.format, m.frame_id))
             total += 1
             if max_frames is not None and total >= max_frames:
                 break
-        flush(pending)
+        drain()
     finally:
         if writer is not None:
             writer.close()
     wall = time.perf_counter() - wall0
-    if not cameras:
-        raise ValueError(f"{bag}: no {COMPRESSED_IMAGE} topic")
     per_camera = {}
     for topic, cam in cameras.items():
-        st = engine.stats(cam)
-        per_camera[cam] = {"topic": topic, "frames_in": frames_in[cam], "masks_out": st.get("masks_out"),
+        c, st = path.cameras[cam].counts, engine.stats(cam)
+        per_camera[cam] = {"topic": topic, "frames_in": c["received"], "masks_out": c["published"],
                            "i_frames": st.get("i_frames"), "p_frames": st.get("p_frames"),
-                           "skipped_before_keyframe": st.get("skipped_before_keyframe"),
-                           "decode_errors": st.get("corrupt"), "b_frames": st.get("b_frames"),
-                           "wrong_format": wrong_format[cam]}
-    busy_s = sum(batch_ms) / 1000
+                           "decode_errors": st.get("corrupt"),
+                           **{k: c[k] for k in DROP_REASONS if k != "decode_errors"}}
+    masks_out = sum(pc["masks_out"] for pc in per_camera.values())
     return {
         "bag": str(bag), "device": str(engine.device),
-        "frames_in": sum(frames_in.values()), "masks_out": masks_out,
+        "frames_in": sum(pc["frames_in"] for pc in per_camera.values()), "masks_out": masks_out,
         "wall_s": round(wall, 3),
         "fps": round(masks_out / wall, 2) if wall > 0 else None,
         "engine_fps": round(masks_out / busy_s, 2) if busy_s > 0 else None,

@@ -3,8 +3,8 @@
 :class:`MessagePath` is what ``cvseg_node`` runs: its subscription callbacks call
 :meth:`MessagePath.receive`, its worker thread :meth:`MessagePath.take_batch` and
 :meth:`MessagePath.run_batch`, its ``/diagnostics`` come from :meth:`MessagePath.camera_values`.
-The fuzz and soak commands and the tests drive the same object in-process, without DDS. Messages
-are duck-typed: anything with ``format``, ``data`` and ``header.stamp.sec/nanosec`` (a
+The fuzz, soak and eval-bag commands and the tests drive the same object in-process, without
+DDS. Messages are duck-typed: anything with ``format``, ``data`` and ``header.stamp.sec/nanosec`` (a
 ``sensor_msgs/CompressedImage``, a rosbags message, :func:`make_message`).
 
 Every message received ends in exactly one outcome, counted per camera (:data:`DROP_REASONS`):

@@ -116,6 +116,40 @@ def test_eval_bag_records_masks(made, tmp_path, capsys):
             assert m.step == m.width and m.data.size == m.width * m.height
 
 
+def test_eval_bag_applies_the_node_policies(made, tmp_path):
+    """eval-bag runs the node's message path: a repeated message and a JPEG one in the bag are
+    dropped and counted as the node would, every other message gets its mask."""
+    import numpy as np
+
+    from cvseg_ros.bags import (COMPRESSED_IMAGE, _header, _open_writer, eval_bag, iter_compressed,
+                                typestore)
+    storage, bag = made
+    ts = typestore()
+    CompressedImage = ts.types[COMPRESSED_IMAGE]
+    edited = tmp_path / "edited"
+    messages = list(iter_compressed(bag))
+    with _open_writer(edited, storage) as writer:
+        conns = {t: writer.add_connection(t, COMPRESSED_IMAGE, typestore=ts) for t in TOPICS}
+
+        def write(m, fmt="h264", stamp_ns=None):
+            stamp_ns = m.stamp_ns if stamp_ns is None else stamp_ns
+            msg = CompressedImage(header=_header(ts, stamp_ns, m.frame_id), format=fmt,
+                                  data=np.frombuffer(m.data, dtype=np.uint8))
+            writer.write(conns[m.topic], m.log_ns, ts.serialize_cdr(msg, COMPRESSED_IMAGE))
+
+        for i, m in enumerate(messages):
+            write(m)
+            if i == 5:
+                write(m, stamp_ns=m.stamp_ns + 1)        # the same bytes again
+            if i == 9:
+                write(m, fmt="jpeg", stamp_ns=m.stamp_ns + 2)
+    result = eval_bag(edited, device="cpu", threads=1)
+    cams = result["cameras"]
+    assert sum(c["duplicates"] for c in cams.values()) == 1
+    assert sum(c["wrong_format"] for c in cams.values()) == 1
+    assert result["frames_in"] == len(messages) + 2 and result["masks_out"] == len(messages)
+
+
 def test_replay_publishes_every_message_with_its_timing(made):
     """`replay` over real DDS: every message arrives byte-identical, spaced as recorded."""
     rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
