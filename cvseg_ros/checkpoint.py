@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model.segmenter import CompressedSegmenter, ModelConfig, make_config
+from .model.segmenter import CONFIGS, CompressedSegmenter, ModelConfig
 
 PACKAGE_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors"
@@ -134,9 +134,8 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
     """Build the model its metadata describes and load validated weights. Returns (model, metadata)."""
     weights, _ = _paths(path or DEFAULT_CHECKPOINT)
     meta = read_metadata(weights)
-    cfg = dict(meta["config"])
     try:
-        config = make_config(cfg.pop("name"), **cfg)
+        config = config_of(meta)
         model = CompressedSegmenter(config)
     except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, RuntimeError from the model
         raise CheckpointError(f"{weights}: bad model configuration ({type(exc).__name__}: {exc})") from None
@@ -179,5 +178,10 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
 
 
 def config_of(meta: dict) -> ModelConfig:
+    """The model configuration a checkpoint's metadata stores. A field it lacks (written before the
+    field existed) takes the dataclass default: what the model did before the field existed."""
     cfg = dict(meta["config"])
-    return make_config(cfg.pop("name"), **cfg)
+    name = cfg.pop("name")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model configuration {name!r}; choose from {sorted(CONFIGS)}")
+    return ModelConfig(name=name, **cfg)

@@ -117,13 +117,17 @@ def h264_round_trip(images: np.ndarray, crfs: tuple[int, ...] = (18, 23, 28), se
 
 
 # -- temporal groups ---------------------------------------------------------------------------
+#: groups hold the residual at 1/RESIDUAL_STRIDE of the frame size: what the models' configurations
+#: take (``ModelConfig.residual_stride``); the mean and mean |r| per cell are all they use of it
+RESIDUAL_STRIDE = 2
+
 @dataclass
 class Group:
     """One GOP as the model sees it: the I-frame image and, per P-frame, vectors and residual."""
 
     rgb: np.ndarray              # [H,W,3] uint8, the decoded I-frame
     motion_vectors: np.ndarray   # [T-1,2,H/4,W/4] float16
-    residuals: np.ndarray        # [T-1,H,W] int16
+    residuals: np.ndarray        # [T-1,H/s,W/s] int16, s = RESIDUAL_STRIDE
     labels: np.ndarray           # [T,H,W] uint8 (255 = ignore), frame 0 = the I-frame
     intra: np.ndarray            # [T-1,H/4,W/4] bool, intra-coded cells
 
@@ -169,7 +173,7 @@ def encode_group(frames: list[np.ndarray], labels: list[np.ndarray], fps: float 
                  crf: int = 23) -> Group | None:
     """Encode frames as one GOP with libx264 and read it back with our reader."""
     units = encode_frames(frames, fps=fps, gop=len(frames), crf=crf)
-    decoder = H264StreamDecoder("train")
+    decoder = H264StreamDecoder("train", residual_size=lambda h, w: (h // RESIDUAL_STRIDE, w // RESIDUAL_STRIDE))
     decoded = [f for u in units for f in decoder.feed(u)]
     if len(decoded) != len(frames) or decoded[0].kind != "I" or any(f.kind != "P" for f in decoded[1:]):
         return None

@@ -99,6 +99,19 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
 
 
+def class_ids(logits: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] logits -> [B,H,W] uint8 arg-max over the classes (the first on ties), as
+    ``logits.argmax(1)`` but computed plane by plane on NCHW memory: the class maximum, then the
+    lowest class index reaching it. About 2x faster than ``argmax`` on the CPU, where an arg-max
+    over 11 values per pixel runs as a scalar loop."""
+    x = logits.contiguous()
+    num_classes = x.shape[1]   # at most 255 (mono8 masks, 255 = unknown)
+    at_max = x == x.amax(dim=1, keepdim=True)
+    # class c scores C-1-c where it reaches the maximum: the largest score is the lowest such class
+    reverse = torch.arange(num_classes - 1, -1, -1, dtype=torch.uint8, device=x.device).view(1, -1, 1, 1)
+    return (num_classes - 1) - (at_max.to(torch.uint8) * reverse).amax(dim=1)
+
+
 def _round8(n: float) -> int:
     return max(8, int(round(n / 8.0)) * 8)
 
@@ -160,6 +173,7 @@ class SegmentationEngine:
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
         self._uses_intra = bool(getattr(self.model.config, "intra", False))
+        self._residual_stride = int(getattr(self.model.config, "residual_stride", 1))
         self.precision = resolve_precision(precision, self.device)
         self._i_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self._p_dtype = torch.bfloat16 if self.precision in ("bf16", "mixed") else None
@@ -173,7 +187,7 @@ class SegmentationEngine:
             # only the compressed mode needs the vectors and the residual (at the work size)
             self._cameras[camera] = _Camera(H264StreamDecoder(
                 camera, rgb_for_p_frames=self.mode == "per_frame", motion=self.mode == "compressed",
-                residual_size=self.work_size))
+                residual_size=self.residual_size))
 
     @property
     def cameras(self) -> list[str]:
@@ -214,6 +228,11 @@ class SegmentationEngine:
         """Network input size: the frame scaled to the checkpoint's height, multiples of 8."""
         scale = min(1.0, self.reference_height / height)
         return _round8(height * scale), _round8(width * scale)
+
+    def residual_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the residual image the model takes: the work size / the model's residual stride."""
+        h, w = self.work_size(height, width)
+        return h // self._residual_stride, w // self._residual_stride
 
     def process(self, units: Sequence[tuple[str, bytes, Any]]) -> list[SegmentationResult]:
         """Decode and segment a batch of ``(camera, access_unit, stamp)``; results in input order.
@@ -296,6 +315,7 @@ class SegmentationEngine:
         |r|; they are computed here (OpenCV, from the int16 residual) and the full-resolution
         residual tensor is not made."""
         h, w = works[0].work_size
+        rh, rw = h // self._residual_stride, w // self._residual_stride
         mvs, residuals, intras = [], [], []
         for wk in works:
             f = wk.frame
@@ -306,17 +326,17 @@ class SegmentationEngine:
                 if self._uses_intra:
                     intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
             intras.append(intra)
-            # the reader computes the residual at the work size already (residual_size)
-            res = f.residual if f.residual is not None else np.zeros((h, w), np.int16)
-            if res.shape != (h, w):
-                res = cv2.resize(res, (w, h), interpolation=cv2.INTER_AREA)
+            # the reader computes the residual at the model's size already (residual_size)
+            res = f.residual if f.residual is not None else np.zeros((rh, rw), np.int16)
+            if res.shape != (rh, rw):
+                res = cv2.resize(res, (rw, rh), interpolation=cv2.INTER_AREA)
             mvs.append(mv)
             residuals.append(res)
         tensors = {"motion_vectors": self._batch(mvs).to(self.device, non_blocking=True),
                    "residual": None, "residual_stats": None, "intra": None}
         if self._uses_intra:
             tensors["intra"] = self._batch(intras).to(self.device, non_blocking=True).unsqueeze(1).float()
-        stats = [residual_stats(r) for r in residuals]
+        stats = [residual_stats(r, cell=4 // self._residual_stride) for r in residuals]
         if all(s is not None for s in stats):
             tensors["residual_stats"] = self._batch(stats).to(self.device, non_blocking=True)
         else:
@@ -326,8 +346,7 @@ class SegmentationEngine:
 
     def _masks(self, logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
         """Decide labels at the logits' resolution, then nearest-resize the uint8 ids to the frame."""
-        # arg-max over classes with the classes innermost in memory (NCHW arg-max is several times slower)
-        ids = logits.permute(0, 2, 3, 1).contiguous().argmax(dim=3).to(torch.uint8).cpu().numpy()
+        ids = class_ids(logits).cpu().numpy()
         masks = []
         for small, wk in zip(ids, works):
             f = wk.frame

@@ -16,7 +16,7 @@ import av
 import cv2
 import numpy as np
 
-from .motion_vectors import dense_field, field_shape, fill_intra, resize_field
+from .motion_vectors import GRID, dense_field, field_shape, fill_intra, resize_field
 from .residual import MotionCompensator
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class H264StreamDecoder:
     e.g. for a network that runs on every frame).
     ``residual_size``: ``(height, width) -> (h, w)``, the size the residual is computed at (the
     size the model consumes it at); default the frame's size. At another size the luma planes are
-    area-resized to it and warped with the field resampled and scaled to it.
+    area-resized to it and warped with the field scaled to it (at exactly half size, each field
+    cell covers 2x2 pixels; otherwise the field is resampled).
     """
 
     def __init__(self, name: str = "stream", rgb_for_p_frames: bool = False, motion: bool = True,
@@ -220,6 +221,18 @@ class H264StreamDecoder:
         log.debug("%s: %s", self.name, message)
         return []
 
+    def _residual(self, luma: np.ndarray, field: np.ndarray, height: int, width: int) -> np.ndarray:
+        """``luma`` minus the previous luma warped along ``field`` (of a ``height`` x ``width`` frame),
+        at the luma's size."""
+        grid = GRID
+        if luma.shape != (height, width):
+            if luma.shape == field_shape(height, width, GRID // 2) and GRID % 2 == 0:
+                grid, field = GRID // 2, field * np.float32(0.5)   # half size: same cells, 2x2 pixels each
+            else:
+                rows, cols = field_shape(*luma.shape)
+                field = resize_field(field, rows, cols, luma.shape[1] / width, luma.shape[0] / height)
+        return self._compensator.residual(luma, self._previous_luma, field, grid)
+
     def _residual_luma(self, frame: av.VideoFrame) -> np.ndarray:
         """The luma plane at the residual size (a copy: it is kept as the next frame's reference)."""
         if self.residual_size is not None:
@@ -311,11 +324,7 @@ class H264StreamDecoder:
                 field, result.intra = dense_field(arr, height, width)
                 result.motion_vectors = fill_intra(field, result.intra)
                 if self._previous_luma is not None and self._previous_luma.shape == luma.shape:
-                    field = result.motion_vectors
-                    if luma.shape != (height, width):
-                        rows, cols = field_shape(*luma.shape)
-                        field = resize_field(field, rows, cols, luma.shape[1] / width, luma.shape[0] / height)
-                    result.residual = self._compensator.residual(luma, self._previous_luma, field)
+                    result.residual = self._residual(luma, result.motion_vectors, height, width)
         if reset:
             st.resets += 1
             if not is_intra:

@@ -19,15 +19,26 @@ from conftest import CAMVID_TRAIN, require
 
 
 @pytest.fixture(scope="module")
-def real_frames():
-    """A real CamVid still seen by a moving camera, encoded with GOP 4 and decoded by our reader."""
+def real_units():
+    """A real CamVid still seen by a moving camera, encoded with GOP 4."""
     from cvseg_ros.data import read_label, read_rgb, synthetic_sequence
     require(CAMVID_TRAIN, "CamVid train stills")
     image = sorted(CAMVID_TRAIN.glob("*.png"))[0]
     label = CAMVID_TRAIN.parent / "trainannot" / image.name
     frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(1), 6)
-    decoder = H264StreamDecoder("test")
-    return [f for u in encode_frames(frames, gop=4) for f in decoder.feed(u)]
+    return encode_frames(frames, gop=4)
+
+
+def decode(units, residual_stride: int):
+    decoder = H264StreamDecoder("test", residual_size=lambda h, w: (h // residual_stride, w // residual_stride))
+    return [f for u in units for f in decoder.feed(u)]
+
+
+@pytest.fixture(scope="module")
+def real_frames(real_units):
+    """``real_units`` decoded by our reader (the residual at half size, as the configurations take it)."""
+    from cvseg_ros.data import RESIDUAL_STRIDE
+    return decode(real_units, RESIDUAL_STRIDE)
 
 
 @pytest.mark.parametrize("name", ["paper", "improved"])
@@ -51,6 +62,7 @@ def test_shapes_and_state_reset_on_real_reader_output(real_frames, name):
                 res = torch.from_numpy(f.residual)[None, None].float() / 255
                 intra = torch.from_numpy(f.intra)[None, None].float()
                 assert mv.shape == (1, 2, 90, 120) and intra.shape == (1, 1, 90, 120)
+                assert res.shape == (1, 1, 180, 240) and model.config.residual_stride == 2
                 logits, state = model.p_frame(mv, res, state, intra=intra)
                 assert logits.shape == (1, 11, math.ceil(360 / stride), math.ceil(480 / stride))
                 assert torch.isfinite(logits).all()
@@ -136,3 +148,35 @@ def test_engine_gives_the_model_the_intra_cells():
     assert len(seen) == 3 and any(e.any() for e in expected)
     for got, want in zip(seen, expected):
         assert got.shape == (1, 1, *want.shape) and np.array_equal(got[0, 0].numpy() > 0.5, want)
+
+
+def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float rounding, but for a few values: rounding may flip which of two equal
+    values (flat areas of a decoded frame) an ENet max-pooling picks, and the unpooling then puts
+    it one pixel off."""
+    off = (got - want).abs() > 1e-4 * want.abs().max()
+    assert off.float().mean() < 1e-3, off.float().mean()
+    assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
+
+
+def test_inference_copy_gives_the_trained_models_outputs(real_units):
+    """The engine's inference copy (batch norms folded, channels-last) computes what the shipped
+    model computes, on real reader output."""
+    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT
+    from cvseg_ros.model.inference import inference_copy
+    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    model.eval()
+    fast = inference_copy(model)
+    # all but the ENet initial block's norm (it follows a concatenation, not one convolution)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) == 1
+    frames = decode(real_units, model.config.residual_stride)
+    rgb = torch.from_numpy(frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        (want, want_state), (got, got_state) = model.i_frame(rgb), fast.i_frame(rgb.contiguous(memory_format=torch.channels_last))
+        assert_same_up_to_rounding(got, want)
+        for f in frames[1:4]:
+            args = (torch.from_numpy(f.motion_vectors)[None], torch.from_numpy(f.residual)[None, None].float() / 255)
+            intra = torch.from_numpy(f.intra)[None, None].float()
+            want, want_state = model.p_frame(*args, want_state, intra=intra)
+            got, got_state = fast.p_frame(*args, got_state, intra=intra)
+            assert_same_up_to_rounding(got, want)

@@ -45,10 +45,10 @@ class MotionVectorCNN(nn.Module):
 
 
 class ResidualCNN(nn.Module):
-    """Residual image (1 channel luma, full resolution, /255) -> features at ``H / out_stride``.
+    """Residual image (1 channel luma /255, at full or half resolution) -> features at ``H / out_stride``.
 
-    The full-resolution residual is first reduced to H/4 by mean |r| and mean r pooling (cheap),
-    so no convolution runs at full resolution.
+    The residual is first reduced to H/4 cells by mean r and mean |r| pooling (cheap), so no
+    convolution runs above H/4.
     """
 
     def __init__(self, out_channels: int, out_stride: int = 8, width: int = 16) -> None:
@@ -59,11 +59,11 @@ class ResidualCNN(nn.Module):
     STATS_SCALE = 8.0
 
     @staticmethod
-    def pool(residual: torch.Tensor) -> torch.Tensor:
-        """[B,1,H,W] -> [B,2,H/4,W/4]: mean residual and mean absolute residual per 4x4 cell
-        (times :attr:`STATS_SCALE`)."""
-        return torch.cat([F.avg_pool2d(residual, 4, ceil_mode=True),
-                          F.avg_pool2d(residual.abs(), 4, ceil_mode=True)], dim=1) * ResidualCNN.STATS_SCALE
+    def pool(residual: torch.Tensor, cell: int = 4) -> torch.Tensor:
+        """[B,1,h,w] -> [B,2,h/cell,w/cell]: mean residual and mean absolute residual per cell
+        (times :attr:`STATS_SCALE`); ``cell`` = 4 for a full-resolution residual, 2 at half."""
+        return torch.cat([F.avg_pool2d(residual, cell, ceil_mode=True),
+                          F.avg_pool2d(residual.abs(), cell, ceil_mode=True)], dim=1) * ResidualCNN.STATS_SCALE
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         return self.net(self.pool(residual))

@@ -45,15 +45,17 @@ class ModelConfig:
     intra: bool = False            # the intra-coded cells (new content) are an input of the
                                    # motion-vector CNN and of the correction head
     head_channels: int = 32        # correction head width (improved)
+    residual_stride: int = 1       # the residual image comes at H / residual_stride (1 or 2; the
+                                   # model pools it to H/4 cells either way)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 CONFIGS = {
-    "paper": dict(state_stride=32, warp=False, output_stride=32),
+    "paper": dict(state_stride=32, warp=False, output_stride=32, residual_stride=2),
     "improved": dict(state_stride=16, hidden_channels=24, warp=True, accumulate=True, output_stride=4,
-                     head_channels=16, intra=True),
+                     head_channels=16, intra=True, residual_stride=2),
 }
 
 
@@ -128,7 +130,8 @@ class CorrectionHead(nn.Module):
 class CompressedSegmenter(nn.Module):
     """``i_frame(rgb) -> (logits, state)``; ``p_frame(mv, residual, state) -> (logits, state)``.
 
-    ``rgb`` [B,3,H,W] in 0..1; ``mv`` [B,2,H/4,W/4] pixels; ``residual`` [B,1,H,W] luma / 255.
+    ``rgb`` [B,3,H,W] in 0..1; ``mv`` [B,2,H/4,W/4] pixels; ``residual`` [B,1,H/s,W/s] luma / 255
+    with s = ``config.residual_stride``.
     I-frame logits are at H; P-frame logits at H / ``config.output_stride``. State tensors are
     batched along dim 0.
     """
@@ -182,7 +185,7 @@ class CompressedSegmenter(nn.Module):
         ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none)."""
         c = self.config
         # once: the residual CNN's input and the head's guide
-        pooled = ResidualCNN.pool(residual) if residual_stats is None \
+        pooled = ResidualCNN.pool(residual, cell=4 // c.residual_stride) if residual_stats is None \
             else residual_stats * ResidualCNN.STATS_SCALE
         if c.intra and intra is None:   # no intra map given: no intra cells
             intra = motion_vectors.new_zeros(motion_vectors.shape[0], 1, *motion_vectors.shape[-2:])
