@@ -180,12 +180,12 @@ def teacher_segmenter(teacher, warmup: Sequence[bytes] = ()) -> Segmenter:
 def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.0, gop: int = 12,
              checkpoint: str | Path | None = None, paper_checkpoint: str | Path | None = None,
              teacher: str | Path | None = None, methods: Sequence[str] | None = None,
-             device: str = "auto", max_frames: int | None = None, precision: str = "fp32",
+             device: str = "auto", max_frames: int | None = None, precision: str = "auto",
              threads: int | None = None, crf: int = 23, progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Run the methods over the same access units; returns the JSON-ready result (NaN -> None)."""
     from .checkpoint import load_checkpoint
-    from .engine import SegmentationEngine, resolve_device
+    from .engine import SegmentationEngine, resolve_device, resolve_precision
     from .video import encode_frames
 
     if gop < 1:
@@ -259,7 +259,7 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
         "width": width,
         "height": height,
         "device": str(dev),
-        "precision": precision,
+        "precision": resolve_precision(precision, dev),   # what "auto" is on this machine
         "threads": _threads(),
         "crf": crf,
         "checkpoint": str(checkpoint),
@@ -401,8 +401,9 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="subset to run (default: all available)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--precision", choices=("fp32", "bf16", "mixed", "auto"), default="fp32",
-                   help="fp32; bf16 (both networks); mixed (P-frame branch in bf16); auto (mixed on a CPU with native bf16)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "mixed", "auto"), default="auto",
+                   help="auto (the engine's and the node's default: mixed on a CPU with native bf16, else "
+                        "fp32); fp32; bf16 (both networks); mixed (P-frame branch in bf16)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and OpenCV threads (default: theirs); 1 gives steadier timings on a busy CPU")
     p.add_argument("--crf", type=int, default=23, help="libx264 quality of the encoded stream")

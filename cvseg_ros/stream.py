@@ -226,7 +226,7 @@ class H264StreamDecoder:
         at the luma's size."""
         grid = GRID
         if luma.shape != (height, width):
-            if luma.shape == field_shape(height, width, GRID // 2) and GRID % 2 == 0:
+            if luma.shape == field_shape(height, width, GRID // 2):
                 grid, field = GRID // 2, field * np.float32(0.5)   # half size: same cells, 2x2 pixels each
             else:
                 rows, cols = field_shape(*luma.shape)

@@ -180,3 +180,18 @@ def test_inference_copy_gives_the_trained_models_outputs(real_units):
             want, want_state = model.p_frame(*args, want_state, intra=intra)
             got, got_state = fast.p_frame(*args, got_state, intra=intra)
             assert_same_up_to_rounding(got, want)
+
+
+def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
+    """The engine's arg-max (maximum, then the lowest class reaching it) equals ``argmax(1)`` on
+    the shipped model's logits of a real frame, ties included (first class wins)."""
+    from cvseg_ros.engine import class_ids
+    engine = SegmentationEngine(device="cpu")
+    rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        logits = engine.model.i_frame(rgb.contiguous(memory_format=torch.channels_last))[0]
+    logits = torch.cat([logits, logits.flip(-1)])            # a batch of two
+    logits[:, 5, :40] = logits[:, 2, :40] = 1e3               # ties between classes 2 and 5
+    ids = class_ids(logits)
+    assert ids.dtype == torch.uint8 and ids.shape == (2, 360, 480)
+    assert torch.equal(ids.long(), logits.argmax(1)) and (ids[:, :40] == 2).all()
