@@ -117,9 +117,11 @@ def h264_round_trip(images: np.ndarray, crfs: tuple[int, ...] = (18, 23, 28), se
 
 
 # -- temporal groups ---------------------------------------------------------------------------
-#: groups hold the residual at 1/RESIDUAL_STRIDE of the frame size: what the models' configurations
-#: take (``ModelConfig.residual_stride``); the mean and mean |r| per cell are all they use of it
+#: groups hold the residual at 1/RESIDUAL_STRIDE of the frame size, from P-frames decoded with
+#: (DEBLOCK_P_FRAMES) or without H.264's deblocking filter: what the models' configurations take
+#: (``ModelConfig.residual_stride``, ``ModelConfig.deblock_p_frames``)
 RESIDUAL_STRIDE = 2
+DEBLOCK_P_FRAMES = False
 
 @dataclass
 class Group:
@@ -173,7 +175,8 @@ def encode_group(frames: list[np.ndarray], labels: list[np.ndarray], fps: float 
                  crf: int = 23) -> Group | None:
     """Encode frames as one GOP with libx264 and read it back with our reader."""
     units = encode_frames(frames, fps=fps, gop=len(frames), crf=crf)
-    decoder = H264StreamDecoder("train", residual_size=lambda h, w: (h // RESIDUAL_STRIDE, w // RESIDUAL_STRIDE))
+    decoder = H264StreamDecoder("train", residual_size=lambda h, w: (h // RESIDUAL_STRIDE, w // RESIDUAL_STRIDE),
+                                deblock_p_frames=DEBLOCK_P_FRAMES)
     decoded = [f for u in units for f in decoder.feed(u)]
     if len(decoded) != len(frames) or decoded[0].kind != "I" or any(f.kind != "P" for f in decoded[1:]):
         return None

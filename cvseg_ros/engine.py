@@ -174,6 +174,7 @@ class SegmentationEngine:
         self.mode = mode
         self._uses_intra = bool(getattr(self.model.config, "intra", False))
         self._residual_stride = int(getattr(self.model.config, "residual_stride", 1))
+        self._deblock_p_frames = bool(getattr(self.model.config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
         self._i_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self._p_dtype = torch.bfloat16 if self.precision in ("bf16", "mixed") else None
@@ -184,10 +185,12 @@ class SegmentationEngine:
     # -- cameras --------------------------------------------------------------------------------
     def add_camera(self, camera: str) -> None:
         if camera not in self._cameras:
-            # only the compressed mode needs the vectors and the residual (at the work size)
+            # only the compressed mode needs the vectors and the residual (at the model's size), and
+            # only it may skip the P-frames' deblocking (the other modes' networks see their pixels)
+            compressed = self.mode == "compressed"
             self._cameras[camera] = _Camera(H264StreamDecoder(
-                camera, rgb_for_p_frames=self.mode == "per_frame", motion=self.mode == "compressed",
-                residual_size=self.residual_size))
+                camera, rgb_for_p_frames=self.mode == "per_frame", motion=compressed,
+                residual_size=self.residual_size, deblock_p_frames=self._deblock_p_frames or not compressed))
 
     @property
     def cameras(self) -> list[str]:

@@ -34,15 +34,15 @@ from torch import nn
 
 from .checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
 from .classes import CAMVID_CLASSES, CAMVID_PALETTE, camvid_class_map
-from .data import (IGNORE, RESIDUAL_STRIDE, Group, camvid_pairs, clip_groups, files_digest, h264_round_trip, load_camvid,
-                   random_crop, shared_data_dir, still_groups)
+from .data import (DEBLOCK_P_FRAMES, IGNORE, RESIDUAL_STRIDE, Group, camvid_pairs, clip_groups, files_digest,
+                   h264_round_trip, load_camvid, random_crop, shared_data_dir, still_groups)
 from .model.segmenter import CompressedSegmenter, make_config
 
 NUM_CLASSES = len(CAMVID_CLASSES)
 #: version of the cached training groups (part of their cache key): bump when the reader's
 #: output changes (2: intra cells get their neighbours' motion; 3: the intra cells are kept;
-#: 4: the residual at half size)
-GROUPS_FORMAT = 4
+#: 4: the residual at half size; 5: P-frames decoded without the deblocking filter)
+GROUPS_FORMAT = 5
 
 
 @dataclass
@@ -354,9 +354,10 @@ class Trainer:
         cfg = self.cfg
         extra = {"accumulate": cfg.accumulate, **_model_overrides(cfg.improved_config)} if name == "improved" else {}
         config = make_config(name, NUM_CLASSES, **extra)
-        if config.residual_stride != RESIDUAL_STRIDE:
-            raise ValueError(f"{name}: residual_stride={config.residual_stride}, but the training groups hold "
-                             f"the residual at 1/{RESIDUAL_STRIDE} of the frame size")
+        if config.residual_stride != RESIDUAL_STRIDE or config.deblock_p_frames != DEBLOCK_P_FRAMES:
+            raise ValueError(f"{name}: residual_stride={config.residual_stride}, deblock_p_frames="
+                             f"{config.deblock_p_frames}, but the training groups hold the residual at "
+                             f"1/{RESIDUAL_STRIDE} of the frame size with deblock_p_frames={DEBLOCK_P_FRAMES}")
         model = CompressedSegmenter(config).to(self.device)
         model.i_frame_net.load_state_dict(load_file(str(self.i_frame_path())))
         for p in model.i_frame_net.parameters():

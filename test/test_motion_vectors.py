@@ -158,3 +158,30 @@ def test_filled_vectors_predict_real_video_better(monkeypatch):
     zero, _ = residual_energy()
     assert intra_share > 0.01, f"only {intra_share:.2%} intra cells: nothing to compare"
     assert filled < 0.97 * zero, (filled, zero, intra_share)
+
+
+def test_skipping_the_p_frames_deblocking_keeps_vectors_and_i_frames():
+    """``deblock_p_frames=False`` (what the shipped models take): the same vectors and intra cells
+    (they come from the bitstream), I-frames decoded exactly, P-frame pixels close to the exact
+    decode, and a residual still far smaller than the frame difference."""
+    clip = require(CLIPS_DIR / "udacity_solidWhiteRight.mp4", "real clip")
+    units = [u.data for u in itertools.islice(read_access_units(clip), 30)]
+    exact = H264StreamDecoder(rgb_for_p_frames=True)
+    fast = H264StreamDecoder(rgb_for_p_frames=True, deblock_p_frames=False)
+    drift, residual, diff = [], [], []
+    previous = None
+    for unit in units:
+        (a,), (b,) = exact.feed(unit), fast.feed(unit)
+        assert a.kind == b.kind
+        if a.kind == "I":
+            assert np.array_equal(a.rgb, b.rgb)
+        else:
+            assert np.array_equal(a.motion_vectors, b.motion_vectors) and np.array_equal(a.intra, b.intra)
+            drift.append(np.abs(a.rgb.astype(np.int16) - b.rgb).mean())
+            residual.append(np.mean(b.residual.astype(np.float64) ** 2))
+            luma = cv2.cvtColor(b.rgb, cv2.COLOR_RGB2GRAY).astype(np.float64)
+            if previous is not None:
+                diff.append(np.mean((luma - previous) ** 2))
+        previous = cv2.cvtColor(b.rgb, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    assert len(drift) >= 25 and 0 < max(drift) < 3.0, drift
+    assert np.mean(residual) < 0.7 * np.mean(diff)

@@ -47,15 +47,22 @@ class ModelConfig:
     head_channels: int = 32        # correction head width (improved)
     residual_stride: int = 1       # the residual image comes at H / residual_stride (1 or 2; the
                                    # model pools it to H/4 cells either way)
+    deblock_p_frames: bool = True  # the inputs come from P-frames decoded with H.264's deblocking
+                                   # filter (False: without, see H264StreamDecoder)
+
+    def __post_init__(self) -> None:
+        if self.residual_stride not in (1, 2, 4):
+            raise ValueError(f"residual_stride must be 1, 2 or 4 (the residual pooled to H/4 cells), "
+                             f"got {self.residual_stride}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 CONFIGS = {
-    "paper": dict(state_stride=32, warp=False, output_stride=32, residual_stride=2),
+    "paper": dict(state_stride=32, warp=False, output_stride=32, residual_stride=2, deblock_p_frames=False),
     "improved": dict(state_stride=16, hidden_channels=24, warp=True, accumulate=True, output_stride=4,
-                     head_channels=16, intra=True, residual_stride=2),
+                     head_channels=16, intra=True, residual_stride=2, deblock_p_frames=False),
 }
 
 
