@@ -187,7 +187,7 @@ class CompressedSegmenter(nn.Module):
                 residual_stats: torch.Tensor | None = None, intra: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, State]:
         """``residual_stats``: optionally, what the model reduces ``residual`` to first, made by the
-        caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per 4x4 cell, see
+        caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per H/4 cell, see
         :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None).
         ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none)."""
         c = self.config
