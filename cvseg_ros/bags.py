@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
 STORAGES = ("mcap", "sqlite3")

@@ -49,15 +49,9 @@ def dense_field(blocks: np.ndarray | None, height: int, width: int,
     cells = ncx * ncy
     owner = np.repeat(np.arange(len(blocks), dtype=np.int32), cells)
     k = np.arange(owner.size, dtype=np.int32) - np.repeat(np.cumsum(cells, dtype=np.int32) - cells, cells)
-    shift = np.log2(ncx).astype(np.int32)
-    if np.array_equal(np.left_shift(1, shift), ncx):   # H.264 widths (1, 2 or 4 cells): shifts, not divisions
-        shift = shift[owner]
-        y = cy0[owner] + np.right_shift(k, shift)
-        x = cx0[owner] + (k & (np.left_shift(1, shift) - 1))
-    else:
-        width_of = ncx[owner]
-        y = cy0[owner] + k // width_of
-        x = cx0[owner] + k % width_of
+    width_of = ncx[owner]
+    y = cy0[owner] + k // width_of
+    x = cx0[owner] + k % width_of
     inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)
     if not inside.all():
         y, x, owner = y[inside], x[inside], owner[inside]

@@ -95,7 +95,6 @@ def soak(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, width: i
             if batch:
                 path.run_batch(batch, publish)
 
-
     samples = []          # (t, rss, {camera: (waiting, backlog)})
     worker = threading.Thread(target=work, name="soak_worker", daemon=True)
     feeder = threading.Thread(target=paced_feed, name="soak_feeder", daemon=True,

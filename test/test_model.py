@@ -150,6 +150,25 @@ def test_engine_gives_the_model_the_intra_cells():
         assert got.shape == (1, 1, *want.shape) and np.array_equal(got[0, 0].numpy() > 0.5, want)
 
 
+def test_engine_reads_p_frames_as_the_shipped_model_was_trained(real_units):
+    """Compressed mode decodes with the shipped configuration's reader settings (residual at half
+    size, P-frames without deblocking), the same as the training groups; the other modes decode
+    every frame exactly."""
+    from cvseg_ros.data import DEBLOCK_P_FRAMES, RESIDUAL_STRIDE
+    engine = SegmentationEngine(device="cpu")
+    config = engine.model.config
+    assert (config.residual_stride, config.deblock_p_frames) == (RESIDUAL_STRIDE, DEBLOCK_P_FRAMES) == (2, False)
+    results = [r for i, u in enumerate(real_units) for r in engine.process([("cam", u, i)])]
+    decoder = engine._cameras["cam"].decoder
+    assert not decoder.deblock_p_frames     # its effect: test_motion_vectors.py
+    assert decoder._previous_luma.shape == (180, 240)       # the last reference luma: half of 360x480
+    assert [r.network for r in results].count("p_frame") == 4
+    for mode in ("per_frame", "iframe_copy"):
+        other = SegmentationEngine(device="cpu", mode=mode)
+        other.add_camera("cam")
+        assert other._cameras["cam"].decoder.deblock_p_frames
+
+
 def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal up to float rounding, but for a few values: rounding may flip which of two equal
     values (flat areas of a decoded frame) an ENet max-pooling picks, and the unpooling then puts

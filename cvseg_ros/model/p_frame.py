@@ -65,5 +65,5 @@ class ResidualCNN(nn.Module):
         return torch.cat([F.avg_pool2d(residual, cell, ceil_mode=True),
                           F.avg_pool2d(residual.abs(), cell, ceil_mode=True)], dim=1) * ResidualCNN.STATS_SCALE
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        return self.net(self.pool(residual))
+    def forward(self, residual: torch.Tensor, cell: int = 4) -> torch.Tensor:
+        return self.net(self.pool(residual, cell))

@@ -45,8 +45,8 @@ class ModelConfig:
     intra: bool = False            # the intra-coded cells (new content) are an input of the
                                    # motion-vector CNN and of the correction head
     head_channels: int = 32        # correction head width (improved)
-    residual_stride: int = 1       # the residual image comes at H / residual_stride (1 or 2; the
-                                   # model pools it to H/4 cells either way)
+    residual_stride: int = 1       # the residual image comes at H / residual_stride (1, 2 or 4;
+                                   # the model pools it to H/4 cells either way)
     deblock_p_frames: bool = True  # the inputs come from P-frames decoded with H.264's deblocking
                                    # filter (False: without, see H264StreamDecoder)
 
