@@ -20,6 +20,7 @@ setup(
     install_requires=[
         "setuptools",
         "numpy",
+        "numba",
         "av>=14",
         "opencv-python-headless<5",
         "safetensors",

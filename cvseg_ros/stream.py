@@ -114,6 +114,23 @@ def _luma(frame: av.VideoFrame, copy: bool = True) -> np.ndarray:
     return rows[:, : frame.width].copy() if copy else rows[:, : frame.width]
 
 
+def warm_up_motion_analysis() -> None:
+    """Compile (or load from Numba's disk cache) the motion-vector field's routines now, for the
+    block layout PyAV exports, so that no camera's first P-frame waits for it (about 1 s without
+    the cache)."""
+    from .video import encode_frames
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    codec = av.CodecContext.create("h264", "r")
+    codec.options = {"flags2": "+export_mvs"}
+    for unit in encode_frames([np.dstack([np.roll(ramp, k, axis=1)] * 3) for k in range(2)], gop=2):
+        for frame in codec.decode(av.Packet(unit)):
+            side = frame.side_data.get("MOTION_VECTORS")
+            if side is not None:
+                field, intra = dense_field(side.to_ndarray(), frame.height, frame.width)
+                intra[:2, :2], intra[2:, 2:] = True, False   # both kinds of cell: the fill runs
+                fill_intra(field, intra)
+
+
 class H264StreamDecoder:
     """Decodes one H.264 stream access unit by access unit, with motion vectors and residuals.
 

@@ -178,14 +178,16 @@ def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
 
 
-def test_inference_copy_gives_the_trained_models_outputs(real_units):
-    """The engine's inference copy (batch norms folded, channels-last) computes what the shipped
-    model computes, on real reader output."""
-    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT
+@pytest.mark.parametrize("name", ["improved", "paper"])
+def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
+    """The engine's inference copy (batch norms folded, the P-frame CNNs fused, channels-last)
+    computes what the shipped model computes, on real reader output."""
+    from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
     from cvseg_ros.model.inference import inference_copy
-    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / f"cvseg_{name}.safetensors")
     model.eval()
     fast = inference_copy(model)
+    assert fast.fused_branches is not None and model.fused_branches is None
     # all but the ENet initial block's norm (it follows a concatenation, not one convolution)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) == 1
     frames = decode(real_units, model.config.residual_stride)
@@ -202,15 +204,21 @@ def test_inference_copy_gives_the_trained_models_outputs(real_units):
 
 
 def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
-    """The engine's arg-max (maximum, then the lowest class reaching it) equals ``argmax(1)`` on
-    the shipped model's logits of a real frame, ties included (first class wins)."""
-    from cvseg_ros.engine import class_ids
+    """The engine's arg-max equals ``argmax(1)`` on the shipped model's logits of a real frame,
+    ties included (first class wins): the compiled CPU loops in both memory layouts, and the
+    tensor formulation a GPU runs."""
+    from cvseg_ros.engine import _class_ids_on_device, class_ids
     engine = SegmentationEngine(device="cpu")
     rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
     with torch.inference_mode():
         logits = engine.model.i_frame(rgb.contiguous(memory_format=torch.channels_last))[0]
     logits = torch.cat([logits, logits.flip(-1)])            # a batch of two
     logits[:, 5, :40] = logits[:, 2, :40] = 1e3               # ties between classes 2 and 5
-    ids = class_ids(logits)
-    assert ids.dtype == torch.uint8 and ids.shape == (2, 360, 480)
-    assert torch.equal(ids.long(), logits.argmax(1)) and (ids[:, :40] == 2).all()
+    want = logits.argmax(1).numpy()
+    assert len(np.unique(want)) >= 5 and (want[:, :40] == 2).all()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ids = class_ids(logits.contiguous(memory_format=layout))
+        assert ids.dtype == np.uint8 and ids.shape == (2, 360, 480) and np.array_equal(ids, want), layout
+    assert np.array_equal(class_ids(logits.bfloat16()), logits.bfloat16().argmax(1).numpy())
+    on_device = _class_ids_on_device(logits)
+    assert on_device.dtype == torch.uint8 and np.array_equal(on_device.numpy(), want)

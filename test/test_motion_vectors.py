@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import CLIPS_DIR, require
-from cvseg_ros.motion_vectors import GRID, field_shape, fill_intra
+from cvseg_ros.motion_vectors import GRID, dense_field, field_shape, fill_intra
 from cvseg_ros.stream import H264StreamDecoder
 from cvseg_ros.video import encode_frames, read_access_units
 
@@ -137,6 +137,63 @@ def test_intra_cells_take_their_neighbours_motion():
     # nothing to fill from, or nothing to fill: the field as it is
     assert fill_intra(field, np.ones((rows, cols), bool)) is field
     assert fill_intra(field, np.zeros((rows, cols), bool)) is field
+
+
+def painted_by_hand(blocks: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """dense_field's job done block by block and cell by cell in plain Python (the reference)."""
+    rows, cols = field_shape(height, width)
+    field = np.zeros((2, rows, cols), np.float32)
+    intra = np.ones((rows, cols), bool)
+    for b in blocks:
+        if b["source"] >= 0:
+            continue
+        scale = np.float32(max(int(b["motion_scale"]), 1))
+        left, top = (int(b["dst_x"]) - int(b["w"]) // 2) // GRID, (int(b["dst_y"]) - int(b["h"]) // 2) // GRID
+        for y in range(top, top + max(int(b["h"]) // GRID, 1)):
+            for x in range(left, left + max(int(b["w"]) // GRID, 1)):
+                if 0 <= y < rows and 0 <= x < cols:
+                    field[:, y, x] = np.float32(b["motion_x"]) / scale, np.float32(b["motion_y"]) / scale
+                    intra[y, x] = False
+    return field, intra
+
+
+def filled_by_box_filters(field: np.ndarray, intra: np.ndarray, sizes=(5, 23)) -> np.ndarray:
+    """fill_intra's job with OpenCV box filters (the reference): per intra cell, the inter cells'
+    mean vector in the smallest window that has any."""
+    inter = (~intra).astype(np.float64)
+    out = field.astype(np.float64).copy()
+    todo = intra.copy()
+    for size in sorted(sizes):
+        sx, sy, n = (cv2.boxFilter(p, -1, (size, size), normalize=False, borderType=cv2.BORDER_CONSTANT)
+                     for p in (field[0] * inter, field[1] * inter, inter))
+        here = todo & (n > 0.5)
+        out[0][here], out[1][here] = sx[here] / n[here], sy[here] / n[here]
+        todo &= ~here
+    out[:, todo] = 0.0
+    return out
+
+
+def test_field_and_intra_fill_match_plain_references_on_real_video():
+    """The compiled block painting and intra fill against the plain references above, on the
+    exported blocks of real P-frames (all block sizes, blocks along every border)."""
+    clip = require(CLIPS_DIR / "udacity_solidWhiteRight.mp4", "real clip")
+    checked = sizes = 0
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        for frame in itertools.islice(container.decode(stream), 40):
+            side = frame.side_data.get("MOTION_VECTORS")
+            if side is None:
+                continue
+            blocks = side.to_ndarray()
+            field, intra = dense_field(blocks, frame.height, frame.width)
+            ref_field, ref_intra = painted_by_hand(blocks, frame.height, frame.width)
+            assert np.array_equal(field, ref_field) and np.array_equal(intra, ref_intra)
+            assert 0 < intra.sum() < intra.size, "no intra cells to fill: the test would prove little"
+            assert np.allclose(fill_intra(field, intra), filled_by_box_filters(field, intra), atol=1e-4)
+            sizes = max(sizes, len(np.unique(blocks["w"].astype(int) * 100 + blocks["h"])))
+            checked += 1
+    assert checked >= 30 and sizes >= 3, (checked, sizes)
 
 
 def test_filled_vectors_predict_real_video_better(monkeypatch):

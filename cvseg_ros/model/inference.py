@@ -1,6 +1,7 @@
 """An inference copy of a trained :class:`CompressedSegmenter`: batch norms folded into the
-convolutions before them, optionally channels-last weights. Same architecture, same weights (up to
-float rounding), same outputs; the checkpoint on disk is untouched.
+convolutions before them, the two P-frame CNNs run as one grouped stack, optionally channels-last
+weights. Same architecture, same weights (up to float rounding), same outputs; the checkpoint on
+disk is untouched.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
+from .p_frame import FusedBranches
 
 # (conv, batch norm) attribute pairs where the norm directly follows the convolution in forward()
 _ENET_PAIRS = {
@@ -48,10 +50,13 @@ def fold_batchnorms_(model: nn.Module) -> int:
 
 
 def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """A deep copy in eval mode with batch norms folded (and channels-last weights)."""
+    """A deep copy in eval mode with batch norms folded, the P-frame CNNs fused (for a
+    :class:`CompressedSegmenter`) and channels-last weights."""
     fast = copy.deepcopy(model).eval()
     with torch.no_grad():
         fold_batchnorms_(fast)
+        if hasattr(fast, "mv_cnn") and hasattr(fast, "residual_cnn"):
+            fast.fused_branches = FusedBranches(fast.mv_cnn, fast.residual_cnn)
     for p in fast.parameters():
         p.requires_grad_(False)
     if channels_last:

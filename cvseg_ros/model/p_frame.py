@@ -67,3 +67,66 @@ class ResidualCNN(nn.Module):
 
     def forward(self, residual: torch.Tensor, cell: int = 4) -> torch.Tensor:
         return self.net(self.pool(residual, cell))
+
+
+class FusedBranches(nn.Module):
+    """Both P-frame CNNs as one stack of grouped convolutions (group 1: the motion-vector CNN,
+    group 2: the residual CNN): the same features, concatenated, in half the operations. Built
+    from trained CNNs with their batch norms folded (:func:`cvseg_ros.model.inference.inference_copy`);
+    ``forward(motion_vectors, intra, pooled)`` = ``cat([mv_cnn(motion_vectors, intra), residual_cnn.net(pooled)])``.
+    """
+
+    def __init__(self, mv_cnn: MotionVectorCNN, residual_cnn: ResidualCNN) -> None:
+        super().__init__()
+        self.intra = mv_cnn.intra
+        mv_layers, res_layers = _conv_layers(mv_cnn.net), _conv_layers(residual_cnn.net)
+        if len(mv_layers) != len(res_layers):
+            raise ValueError("the two P-frame CNNs differ in depth")
+        self.input_channels = (mv_layers[0][0].in_channels, res_layers[0][0].in_channels)
+        layers: list[nn.Module] = []
+        for index, ((a, relu_a), (b, relu_b)) in enumerate(zip(mv_layers, res_layers)):
+            geometry = (a.kernel_size, a.stride, a.padding, a.out_channels, relu_a)
+            if geometry != (b.kernel_size, b.stride, b.padding, b.out_channels, relu_b) or a.dilation != (1, 1):
+                raise ValueError(f"the two P-frame CNNs differ at layer {index}")
+            group_in = max(a.in_channels, b.in_channels)
+            fused = nn.Conv2d(2 * group_in, 2 * a.out_channels, a.kernel_size, a.stride, a.padding, groups=2)
+            with torch.no_grad():
+                fused.weight.zero_()
+                scale = 1.0 / mv_cnn.scale if index == 0 else 1.0   # the vectors' division, folded in
+                fused.weight[: a.out_channels, : a.in_channels] = a.weight * scale
+                if index == 0 and mv_cnn.intra:                      # the intra channel is not divided
+                    fused.weight[: a.out_channels, 2] = a.weight[:, 2]
+                fused.weight[a.out_channels:, : b.in_channels] = b.weight
+                fused.bias.copy_(torch.cat([_bias(a), _bias(b)]))
+            layers.append(fused)
+            if relu_a:
+                layers.append(nn.ReLU(inplace=True))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, motion_vectors: torch.Tensor, intra: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        mv_in = [motion_vectors, intra.to(motion_vectors.dtype)] if self.intra else [motion_vectors]
+        res_in = [pooled]
+        # the narrower group is padded with copies of its first channel, which have zero weights
+        (n_mv, n_res) = self.input_channels
+        mv_in += [motion_vectors[:, :1]] * (n_res - n_mv)
+        res_in += [pooled[:, :1]] * (n_mv - n_res)
+        return self.net(torch.cat(mv_in + res_in, dim=1))
+
+
+def _conv_layers(net: nn.Sequential) -> list[tuple[nn.Conv2d, bool]]:
+    """(convolution, followed by a ReLU) per layer of an :func:`h4_encoder` whose batch norms
+    are folded (Identity)."""
+    layers = []
+    for child in net:
+        if isinstance(child, nn.Conv2d):
+            layers.append((child, False))
+        elif (isinstance(child, nn.Sequential) and len(child) == 3 and isinstance(child[0], nn.Conv2d)
+              and isinstance(child[1], nn.Identity) and isinstance(child[2], nn.ReLU)):
+            layers.append((child[0], True))
+        else:
+            raise ValueError(f"cannot fuse a P-frame CNN layer {child}: fold its batch norms first")
+    return layers
+
+
+def _bias(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)

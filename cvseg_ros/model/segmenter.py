@@ -25,7 +25,7 @@ from torch import nn
 
 from .conv_lstm import ConvLSTM
 from .i_frame import IFrameNet
-from .p_frame import MotionVectorCNN, ResidualCNN
+from .p_frame import FusedBranches, MotionVectorCNN, ResidualCNN
 
 State = tuple[torch.Tensor, ...]
 
@@ -152,6 +152,8 @@ class CompressedSegmenter(nn.Module):
                                       intra=c.intra)
         self.residual_cnn = ResidualCNN(c.branch_channels, out_stride=c.state_stride, width=c.branch_width)
         self.conv_lstm = ConvLSTM(2 * c.branch_channels, c.hidden_channels)
+        #: both CNNs as one grouped stack, set by the inference copy (``None``: run them one by one)
+        self.fused_branches: FusedBranches | None = None
         if c.name == "paper":
             self.init_state = None      # h(0) = z(I) = I-frame logits pooled to H/32
             self.head = None
@@ -196,7 +198,10 @@ class CompressedSegmenter(nn.Module):
             else residual_stats * ResidualCNN.STATS_SCALE
         if c.intra and intra is None:   # no intra map given: no intra cells
             intra = motion_vectors.new_zeros(motion_vectors.shape[0], 1, *motion_vectors.shape[-2:])
-        x = torch.cat([self.mv_cnn(motion_vectors, intra), self.residual_cnn.net(pooled)], dim=1)
+        if self.fused_branches is not None:
+            x = self.fused_branches(motion_vectors, intra, pooled)
+        else:
+            x = torch.cat([self.mv_cnn(motion_vectors, intra), self.residual_cnn.net(pooled)], dim=1)
         if c.name == "paper":
             h, cell = self.conv_lstm(x, state)
             return h, (h, cell)
