@@ -20,7 +20,11 @@ class ConvLSTM(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
-        gates = self.gates(torch.cat([x, h], dim=1))
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            h = h.contiguous(memory_format=torch.channels_last)
+        # h in x's dtype: under autocast the convolution casts it anyway, and a concatenation of
+        # mixed dtypes (or layouts) is a slow copy
+        gates = self.gates(torch.cat([x, h.to(x.dtype)], dim=1))
         n = self.hidden_channels
         if not gates.is_contiguous() and gates.is_contiguous(memory_format=torch.channels_last):
             # channels-last (inference copy): the same arithmetic on the NHWC view, where each
