@@ -94,6 +94,18 @@ def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torc
     return grid
 
 
+def _pixel_scale(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """[2] factors from input pixels (x, y) of a height x width image to normalised [-1, 1] units
+    (cached)."""
+    key = ("scale", height, width, device)
+    scale = _GRIDS.get(key)
+    if scale is None:
+        with torch.inference_mode(False), torch.no_grad():
+            scale = torch.tensor([2.0 / width, 2.0 / height], device=device, dtype=torch.float32)
+        _GRIDS[key] = scale
+    return scale
+
+
 def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
     """Backward-warp ``x`` [B,C,h,w] along a field given in input pixels at H/4 [B,2,H/4,W/4].
 
@@ -105,8 +117,8 @@ def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
         mv = F.adaptive_avg_pool2d(mv, (h, w))
     # pixels of the input image -> normalised [-1, 1] coordinates of this map
     full_h, full_w = motion_vectors.shape[-2] * 4, motion_vectors.shape[-1] * 4
-    scale = torch.tensor([2.0 / full_w, 2.0 / full_h], device=mv.device, dtype=torch.float32)
-    grid = _base_grid(h, w, x.device, torch.float32) + mv.float().permute(0, 2, 3, 1) * scale
+    grid = torch.addcmul(_base_grid(h, w, x.device, torch.float32), mv.float().permute(0, 2, 3, 1),
+                         _pixel_scale(full_h, full_w, x.device))
     # sampling positions always in fp32: in bf16 (8-bit mantissa) a normalised coordinate near the
     # border is off by up to half a cell of a 120-wide map
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -131,7 +143,9 @@ class CorrectionHead(nn.Module):
     def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
         state = F.interpolate(self.state_proj(h), size=seg.shape[-2:], mode="bilinear", align_corners=False)
         x = self.pixel_proj(torch.cat([seg, *(g.to(seg.dtype) for g in guides)], dim=1)) + state
-        return self.out(torch.relu_(x))
+        # in seg's dtype (fp32 under autocast): the caller adds it to seg, and mixed-dtype
+        # arithmetic is slower than the cast
+        return self.out(torch.relu_(x)).to(seg.dtype)
 
 
 class CompressedSegmenter(nn.Module):
