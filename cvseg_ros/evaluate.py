@@ -38,8 +38,12 @@ TIMING = ("per-access-unit wall time (time.perf_counter) of one call that takes 
           "mask at frame size: SegmentationEngine.process (decode + network + mask), or for the teacher "
           "H264StreamDecoder.feed + Teacher.predict_camvid; after a warm-up on a separate camera. "
           "ms_per_frame = the median time of each frame kind (I, P) weighted by that kind's share of the "
-          "frames (robust to outliers, and it counts the I-frames' cost); ms_per_frame_median and "
-          "ms_per_frame_mean are the plain median and mean over all frames")
+          "frames (robust to outliers, and it counts the I-frames' cost), per pass over the stream; the "
+          "engine's methods make timing_passes passes, the first scored, the others interleaved "
+          "(one pass of each method in turn, the order rotated), and ms_per_frame is the median over "
+          "the passes (ms_per_frame_passes), so that a drift of the machine's speed during the run "
+          "does not favour one method; ms_per_frame_median and ms_per_frame_mean are the plain median "
+          "and mean over all timed frames")
 CAMERA = "cam"
 
 
@@ -87,6 +91,16 @@ def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_fra
 
 
 # -- running one method ---------------------------------------------------------------------------
+def _weighted_by_kind(times_ms: Sequence[float], kinds: Sequence[str]) -> tuple[float, dict[str, float]]:
+    """(the median time of each frame kind weighted by the kind's share of the frames, the medians)."""
+    by_kind, weighted = {}, 0.0
+    for kind in sorted(set(kinds)):
+        t = [ms for ms, k in zip(times_ms, kinds) if k == kind]
+        by_kind[kind] = statistics.median(t)
+        weighted += statistics.median(t) * len(t) / len(times_ms)
+    return weighted, by_kind
+
+
 @dataclass
 class MethodRun:
     metrics: SegmentationMetrics
@@ -94,23 +108,26 @@ class MethodRun:
     kinds: list[str] = field(default_factory=list)
     networks: dict[str, int] = field(default_factory=dict)
     missing: int = 0
+    #: (times_ms, kinds) of the timing-only passes after the scored one
+    more_passes: list[tuple[list[float], list[str]]] = field(default_factory=list)
 
     def summary(self) -> dict:
         m = self.metrics
-        by_kind, weighted = {}, 0.0
-        for kind in sorted(set(self.kinds)):
-            t = [ms for ms, k in zip(self.times_ms, self.kinds) if k == kind]
-            by_kind[kind] = round(statistics.median(t), 3)
-            weighted += statistics.median(t) * len(t) / len(self.times_ms)
+        passes = [(self.times_ms, self.kinds)] + self.more_passes
+        per_pass = [_weighted_by_kind(t, k) for t, k in passes]
+        kinds = sorted({kind for _, by_kind in per_pass for kind in by_kind})
+        by_kind = {kind: round(statistics.median(b[kind] for _, b in per_pass if kind in b), 3) for kind in kinds}
+        all_times = [ms for t, _ in passes for ms in t]
         return {
             "miou": m.miou(),
             "pixel_acc": m.pixel_accuracy(),
             "per_class_iou": m.per_class_iou(),
             "miou_by_gop_position": m.miou_by_gop_position(),
             "frames_by_gop_position": list(m.frames_by_position),
-            "ms_per_frame": round(weighted, 3),
-            "ms_per_frame_median": round(statistics.median(self.times_ms), 3),
-            "ms_per_frame_mean": round(statistics.fmean(self.times_ms), 3),
+            "ms_per_frame": round(statistics.median(w for w, _ in per_pass), 3),
+            "ms_per_frame_passes": [round(w, 3) for w, _ in per_pass],
+            "ms_per_frame_median": round(statistics.median(all_times), 3),
+            "ms_per_frame_mean": round(statistics.fmean(all_times), 3),
             "ms_per_frame_by_kind": by_kind,
             "networks": dict(self.networks),
             "missing_masks": self.missing,
@@ -150,6 +167,18 @@ def run_method(name: str, units: Sequence[bytes], labels: Sequence[np.ndarray], 
     return run
 
 
+def time_pass(segment: Segmenter, units: Sequence[bytes]) -> tuple[list[float], list[str]]:
+    """One more pass over the stream, timed only (the masks were scored in the first pass; the
+    first unit is an IDR, so the method restarts cleanly)."""
+    times, kinds = [], []
+    for i, unit in enumerate(units):
+        start = time.perf_counter()
+        outputs = segment(i, unit)
+        times.append(1000.0 * (time.perf_counter() - start))
+        kinds.append(outputs[0][3] if outputs else "-")
+    return times, kinds
+
+
 def engine_segmenter(engine, warmup: Sequence[bytes] = ()) -> Segmenter:
     for unit in warmup:   # lazy initialisation (kernels, allocations) is not part of the timing
         engine.process([("warmup", unit, -1)])
@@ -181,9 +210,10 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
              checkpoint: str | Path | None = None, paper_checkpoint: str | Path | None = None,
              teacher: str | Path | None = None, methods: Sequence[str] | None = None,
              device: str = "auto", max_frames: int | None = None, precision: str = "auto",
-             threads: int | None = None, crf: int = 23, progress: bool = True,
+             threads: int | None = None, crf: int = 23, progress: bool = True, timing_passes: int = 3,
              log: Callable[[str], None] = print) -> dict:
-    """Run the methods over the same access units; returns the JSON-ready result (NaN -> None)."""
+    """Run the methods over the same access units; returns the JSON-ready result (NaN -> None).
+    ``timing_passes``: passes over the stream timed per engine method (see :data:`TIMING`)."""
     from .checkpoint import load_checkpoint
     from .engine import SegmentationEngine, resolve_device, resolve_precision
     from .video import encode_frames
@@ -239,18 +269,27 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
     if threads:
         import torch
         torch.set_num_threads(threads)
+    if timing_passes < 1:
+        raise ValueError(f"--timing-passes must be >= 1, got {timing_passes}")
     runs: dict[str, MethodRun] = {}
+    engine_segments: dict[str, Segmenter] = {}
     for name in METHODS:
         if name not in methods:
             continue
-        if name == "teacher":
+        if name == "teacher":   # one pass: ~20 s each
             segment = teacher_segmenter(teacher_model, units[:WARMUP_UNITS])
         else:
             model, meta = model_of(paper_checkpoint if name == "compressed_paper" else checkpoint)
             engine = SegmentationEngine(model=model, metadata=meta, device=str(dev), mode=ENGINE_MODES[name],
                                         precision=precision, threads=threads)
-            segment = engine_segmenter(engine, units[:WARMUP_UNITS])
+            segment = engine_segments[name] = engine_segmenter(engine, units[:WARMUP_UNITS])
         runs[name] = run_method(name, units, labels, gop, segment, progress)
+    order = list(engine_segments)
+    if order and timing_passes > 1:
+        log(f"timing: {timing_passes - 1} more pass(es) of {', '.join(order)}, interleaved")
+    for p in range(1, timing_passes if order else 1):   # each method once per round, the order rotated
+        for name in order[p % len(order):] + order[: p % len(order)]:
+            runs[name].more_passes.append(time_pass(engine_segments[name], units))
 
     result = {
         "frames": len(units),
@@ -262,6 +301,7 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
         "precision": resolve_precision(precision, dev),   # what "auto" is on this machine
         "threads": _threads(),
         "crf": crf,
+        "timing_passes": timing_passes,
         "checkpoint": str(checkpoint),
         "checkpoint_note": model_of(checkpoint)[1].get("note") if any(
             m in runs for m in ("compressed", "per_frame", "iframe_copy")) else None,
@@ -408,6 +448,9 @@ def register(sub) -> None:
                    help="torch and OpenCV threads (default: theirs); 1 gives steadier timings on a busy CPU")
     p.add_argument("--crf", type=int, default=23, help="libx264 quality of the encoded stream")
     p.add_argument("--max-frames", type=int, default=None, help="only the first N frames")
+    p.add_argument("--timing-passes", type=int, default=3,
+                   help="passes over the stream timed per method, interleaved; ms/frame is their median "
+                        "(the teacher: one pass)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
 
@@ -416,7 +459,8 @@ def _main(args) -> int:
     result = evaluate(args.frames, args.labels, fps=args.fps, gop=args.gop, checkpoint=args.checkpoint,
                       paper_checkpoint=args.paper_checkpoint, teacher=args.teacher, methods=args.methods,
                       device=args.device, max_frames=args.max_frames, precision=args.precision,
-                      threads=args.threads, crf=args.crf, progress=not args.no_progress)
+                      threads=args.threads, crf=args.crf, progress=not args.no_progress,
+                      timing_passes=args.timing_passes)
     paths = write_outputs(result, args.json_out, args.out_dir)
     print()
     print(markdown_table(result))

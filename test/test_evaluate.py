@@ -57,6 +57,9 @@ def test_structure(evaluation):
         assert all(v is not None and 0.0 <= v <= 1.0 for v in m["miou_by_gop_position"])
         assert m["frames_by_gop_position"] == [2, 2] + [1] * (GOP - 2)
         assert m["ms_per_frame"] > 0 and m["missing_masks"] == 0
+        # three interleaved timed passes (the first one scored), the figure their median
+        passes = m["ms_per_frame_passes"]
+        assert len(passes) == result["timing_passes"] == 3 and m["ms_per_frame"] == sorted(passes)[1]
         assert sum(m["networks"].values()) == FRAMES
     assert methods["per_frame"]["networks"] == {"i_frame": FRAMES}
     assert methods["iframe_copy"]["networks"] == {"i_frame": 2, "copy": FRAMES - 2}
