@@ -91,3 +91,28 @@ def test_wheel_carries_the_data_files(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         text = archive.read(entry_points).decode()
     assert "cvseg = cvseg_ros.cli:main" in text and "cvseg_node = cvseg_ros.node:main" in text
+
+
+def test_compiled_loops_run_where_no_cache_can_be_written(monkeypatch):
+    """Where Numba finds no writable place for its disk cache (a read-only install and home), the
+    loops are compiled in memory instead of failing at import."""
+    import numba
+
+    from cvseg_ros import jit
+
+    real_njit = numba.njit
+    cached_attempts = []
+
+    def njit(*args, **options):
+        if options.get("cache"):
+            cached_attempts.append(options)
+            raise RuntimeError("cannot cache function 'add': no locator available for file 'x.py'")
+        return real_njit(*args, **options)
+
+    monkeypatch.setattr(jit.numba, "njit", njit)
+
+    def add(a, b):
+        return a + b
+
+    compiled_add = jit.compiled(add)
+    assert cached_attempts and compiled_add(2, 3) == 5 and len(compiled_add.signatures) == 1
