@@ -222,3 +222,16 @@ def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
     assert np.array_equal(class_ids(logits.bfloat16()), logits.bfloat16().argmax(1).numpy())
     on_device = _class_ids_on_device(logits)
     assert on_device.dtype == torch.uint8 and np.array_equal(on_device.numpy(), want)
+
+
+def test_engine_start_prepares_the_compiled_loops():
+    """A fresh process: creating a compressed-mode engine compiles (or loads) every Numba loop the
+    frames will need, for the block layout PyAV exports, so no first frame waits for it."""
+    import subprocess
+    import sys
+    code = ("from cvseg_ros import engine, motion_vectors as mv\n"
+            "before = [len(f.signatures) for f in (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last)]\n"
+            "engine.SegmentationEngine(device='cpu')\n"
+            "print(before, [len(f.signatures) for f in (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last)])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0] [1, 1, 1, 1]", out.stdout + out.stderr
