@@ -150,10 +150,7 @@ def run_method(name: str, units: Sequence[bytes], labels: Sequence[np.ndarray], 
     run = MethodRun(SegmentationMetrics(len(CAMVID_CLASSES), gop))
     scored = [False] * len(labels)
     for i, unit in enumerate(tqdm(units, desc=f"{name:>16}", unit="frame", disable=not progress)):
-        start = time.perf_counter()
-        outputs = segment(i, unit)
-        run.times_ms.append(1000.0 * (time.perf_counter() - start))
-        run.kinds.append(outputs[0][3] if outputs else "-")
+        outputs = _timed(segment, i, unit, run.times_ms, run.kinds)
         for stamp, mask, gop_index, _kind, network in outputs:
             if not (0 <= stamp < len(labels)) or scored[stamp]:
                 raise RuntimeError(f"{name}: unexpected mask for frame {stamp}")
@@ -167,15 +164,21 @@ def run_method(name: str, units: Sequence[bytes], labels: Sequence[np.ndarray], 
     return run
 
 
+def _timed(segment: Segmenter, i: int, unit: bytes, times_ms: list[float], kinds: list[str]):
+    """``segment(i, unit)``, its wall time and frame kind appended to ``times_ms`` and ``kinds``."""
+    start = time.perf_counter()
+    outputs = segment(i, unit)
+    times_ms.append(1000.0 * (time.perf_counter() - start))
+    kinds.append(outputs[0][3] if outputs else "-")
+    return outputs
+
+
 def time_pass(segment: Segmenter, units: Sequence[bytes]) -> tuple[list[float], list[str]]:
     """One more pass over the stream, timed only (the masks were scored in the first pass; the
     first unit is an IDR, so the method restarts cleanly)."""
     times, kinds = [], []
     for i, unit in enumerate(units):
-        start = time.perf_counter()
-        outputs = segment(i, unit)
-        times.append(1000.0 * (time.perf_counter() - start))
-        kinds.append(outputs[0][3] if outputs else "-")
+        _timed(segment, i, unit, times, kinds)
     return times, kinds
 
 

@@ -6,7 +6,6 @@ disk is untouched.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import nn
@@ -14,8 +13,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
 from .p_frame import FusedBranches
-
-log = logging.getLogger(__name__)
 
 # (conv, batch norm) attribute pairs where the norm directly follows the convolution in forward()
 _ENET_PAIRS = {
@@ -59,10 +56,8 @@ def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
     with torch.no_grad():
         fold_batchnorms_(fast)
         if hasattr(fast, "mv_cnn") and hasattr(fast, "residual_cnn"):
-            try:
-                fast.fused_branches = FusedBranches(fast.mv_cnn, fast.residual_cnn)
-            except ValueError as exc:   # CNNs of different shapes: they run one by one
-                log.info("P-frame CNNs not fused: %s", exc)
+            # both CNNs come from one h4_encoder geometry (ModelConfig): they always fuse
+            fast.fused_branches = FusedBranches(fast.mv_cnn, fast.residual_cnn)
     for p in fast.parameters():
         p.requires_grad_(False)
     if channels_last:
