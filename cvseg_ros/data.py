@@ -132,6 +132,7 @@ class Group:
     residuals: np.ndarray        # [T-1,H/s,W/s] int16, s = RESIDUAL_STRIDE
     labels: np.ndarray           # [T,H,W] uint8 (255 = ignore), frame 0 = the I-frame
     intra: np.ndarray            # [T-1,H/4,W/4] bool, intra-coded cells
+    luma: np.ndarray             # [T,H/4,W/4] uint8, each frame's mean luma per cell (frame 0 = the I-frame)
 
     @property
     def length(self) -> int:
@@ -184,7 +185,8 @@ def encode_group(frames: list[np.ndarray], labels: list[np.ndarray], fps: float 
                  motion_vectors=np.stack([f.motion_vectors for f in decoded[1:]]).astype(np.float16),
                  residuals=np.stack([f.residual for f in decoded[1:]]),
                  labels=np.stack(labels),
-                 intra=np.stack([f.intra for f in decoded[1:]]))
+                 intra=np.stack([f.intra for f in decoded[1:]]),
+                 luma=np.stack([f.luma_cells for f in decoded]))
 
 
 def still_groups(images: np.ndarray, labels: np.ndarray, length: int, seed: int = 0,

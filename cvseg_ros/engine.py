@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from .jit import compiled
+from .model import luma_matching
 from .model.inference import inference_copy
 from .model.segmenter import CompressedSegmenter, cat_states, split_state
 from .motion_vectors import resize_field
@@ -161,12 +162,13 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
 def warm_up_compiled(motion: bool) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
     first frame waits for them (about 1 s each without the cache). ``motion``: also the
-    motion-vector field's (compressed mode)."""
+    motion-vector field's and the luma matching's (compressed mode)."""
     logits = torch.zeros(1, 2, 4, 4)
     class_ids(logits)
     class_ids(logits.contiguous(memory_format=torch.channels_last))
     if motion:
         warm_up_motion_analysis()
+        luma_matching.warm_up()
 
 
 def _round8(n: float) -> int:
@@ -230,6 +232,7 @@ class SegmentationEngine:
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
         self._uses_intra = bool(getattr(self.model.config, "intra", False))
+        self._uses_luma = bool(getattr(self.model.config, "uses_luma", False))
         self._residual_stride = int(getattr(self.model.config, "residual_stride", 1))
         self._deblock_p_frames = bool(getattr(self.model.config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
@@ -395,6 +398,8 @@ class SegmentationEngine:
             residuals.append(res)
         tensors = {"motion_vectors": self._batch(mvs).to(self.device, non_blocking=True),
                    "residual": None, "residual_stats": None, "intra": None}
+        if self._uses_luma:
+            tensors["luma"] = self._luma_tensor(works)
         if self._uses_intra:
             tensors["intra"] = self._batch(intras).to(self.device, non_blocking=True).unsqueeze(1).float()
         stats = [residual_stats(r, cell=4 // self._residual_stride) for r in residuals]
@@ -404,6 +409,19 @@ class SegmentationEngine:
             res_t = self._batch(residuals).to(self.device, non_blocking=True)
             tensors["residual"] = res_t.unsqueeze(1).float().div_(255.0)
         return tensors
+
+    def _luma_tensor(self, works: list[_Work]) -> torch.Tensor | None:
+        """[B,1,h/4,w/4] the frames' luma cells at the work size (None if a frame has none)."""
+        h, w = works[0].work_size
+        cells = []
+        for wk in works:
+            c = wk.frame.luma_cells
+            if c is None:
+                return None
+            if c.shape != (h // 4, w // 4):
+                c = cv2.resize(c, (w // 4, h // 4), interpolation=cv2.INTER_AREA)
+            cells.append(c)
+        return self._batch(cells).to(self.device, non_blocking=True).unsqueeze(1).float()
 
     def _masks(self, logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
         """Decide labels at the logits' resolution, then nearest-resize the uint8 ids to the frame."""
@@ -425,7 +443,10 @@ class SegmentationEngine:
 
     def _run_i(self, works: list[_Work]):
         with self._autocast(self._i_dtype):
-            logits, state = self.model.i_frame(self._rgb_tensor(works))
+            if self._uses_luma:
+                logits, state = self.model.i_frame(self._rgb_tensor(works), luma=self._luma_tensor(works))
+            else:
+                logits, state = self.model.i_frame(self._rgb_tensor(works))
         masks = self._masks(logits, works)
         states = [state] if len(works) == 1 else split_state(state, [1] * len(works))
         out = []

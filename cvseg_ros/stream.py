@@ -71,6 +71,8 @@ class CompressedFrame:
     intra: np.ndarray | None = None                # (H/4, W/4) bool
     residual: np.ndarray | None = None             # (h, w) int16, luma, at the decoder's residual size
                                                    # (default the frame's size H, W)
+    luma_cells: np.ndarray | None = None           # (H/4, W/4) uint8, the mean luma of each cell of the
+                                                   # motion-vector field (I- and P-frames)
 
 
 @dataclass
@@ -344,6 +346,9 @@ class H264StreamDecoder:
         result = CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame),
                                  width=width, height=height, stamp=stamp, index=st.frames - 1,
                                  gop_index=self._gop_index, reset=reset)
+        if self.motion:
+            rows, cols = field_shape(height, width)
+            result.luma_cells = cv2.resize(luma, (cols, rows), interpolation=cv2.INTER_AREA)
         if not is_intra:
             if self.motion:
                 field, result.intra = dense_field(arr, height, width)

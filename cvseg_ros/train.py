@@ -41,8 +41,8 @@ from .model.segmenter import CompressedSegmenter, make_config
 NUM_CLASSES = len(CAMVID_CLASSES)
 #: version of the cached training groups (part of their cache key): bump when the reader's
 #: output changes (2: intra cells get their neighbours' motion; 3: the intra cells are kept;
-#: 4: the residual at half size; 5: P-frames decoded without the deblocking filter)
-GROUPS_FORMAT = 5
+#: 4: the residual at half size; 5: P-frames decoded without the deblocking filter; 6: + luma cells)
+GROUPS_FORMAT = 6
 
 
 @dataclass
@@ -297,7 +297,7 @@ class Trainer:
         cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if cache.exists():
             z = np.load(cache)
-            return [Group(z[f"rgb{i}"], z[f"mv{i}"], z[f"res{i}"], z[f"lab{i}"], z[f"intra{i}"])
+            return [Group(z[f"rgb{i}"], z[f"mv{i}"], z[f"res{i}"], z[f"lab{i}"], z[f"intra{i}"], z[f"luma{i}"])
                     for i in range(int(z["n"]))]
         images, labels = self.images, self.labels
         if cfg.p_limit:
@@ -311,7 +311,7 @@ class Trainer:
         arrays = {"n": np.array(len(groups))}
         for i, g in enumerate(groups):
             arrays.update({f"rgb{i}": g.rgb, f"mv{i}": g.motion_vectors, f"res{i}": g.residuals, f"lab{i}": g.labels,
-                           f"intra{i}": g.intra})
+                           f"intra{i}": g.intra, f"luma{i}": g.luma})
         if self.dist.main:
             np.savez(cache, **arrays)
         return groups
@@ -352,7 +352,9 @@ class Trainer:
     def train_pframe(self, name: str, groups: list[Group]) -> CompressedSegmenter:
         from tqdm import tqdm
         cfg = self.cfg
-        extra = {"accumulate": cfg.accumulate, **_model_overrides(cfg.improved_config)} if name == "improved" else {}
+        # (luma matching corrects the accumulated motion: none without it)
+        extra = {"accumulate": cfg.accumulate, **({} if cfg.accumulate else {"luma_matching": False}),
+                 **_model_overrides(cfg.improved_config)} if name == "improved" else {}
         config = make_config(name, NUM_CLASSES, **extra)
         if config.residual_stride != RESIDUAL_STRIDE or config.deblock_p_frames != DEBLOCK_P_FRAMES:
             raise ValueError(f"{name}: residual_stride={config.residual_stride}, deblock_p_frames="
@@ -437,13 +439,15 @@ class GroupLoss(nn.Module):
         self.model = model
         self.register_buffer("weights", weights)
 
-    def forward(self, z, seg, mvs, residuals, labels, intra):
-        state = self.model.state_from_i_frame(z, seg)
+    def forward(self, z, seg, mvs, residuals, labels, intra, luma):
+        uses_luma = self.model.config.uses_luma
+        state = self.model.state_from_i_frame(z, seg, luma[:, 0] if uses_luma else None)
         total = 0.0
         steps = mvs.shape[1]
         size = labels.shape[-2:]
         for t in range(steps):
-            logits, state = self.model.p_frame(mvs[:, t], residuals[:, t], state, intra=intra[:, t])
+            logits, state = self.model.p_frame(mvs[:, t], residuals[:, t], state, intra=intra[:, t],
+                                               luma=luma[:, t + 1] if uses_luma else None)
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
             total = total + F.cross_entropy(logits, labels[:, t + 1], weight=self.weights, ignore_index=IGNORE)
         return total / steps
@@ -456,11 +460,12 @@ def collate(groups: list[Group], i_out, flip: bool, device: torch.device):
     res = torch.from_numpy(np.stack([g.residuals for g in groups])).float().unsqueeze(2) / 255.0
     lab = torch.from_numpy(np.stack([g.labels for g in groups])).long()
     intra = torch.from_numpy(np.stack([g.intra for g in groups])).float().unsqueeze(2)
+    luma = torch.from_numpy(np.stack([g.luma for g in groups])).float().unsqueeze(2)
     if flip:
-        z, seg, res, lab, intra = z.flip(-1), seg.flip(-1), res.flip(-1), lab.flip(-1), intra.flip(-1)
+        z, seg, res, lab, intra, luma = (t.flip(-1) for t in (z, seg, res, lab, intra, luma))
         mvs = mvs.flip(-1)
         mvs[:, :, 0] = -mvs[:, :, 0]
-    return z.to(device), seg.to(device), mvs.to(device), res.to(device), lab.to(device), intra.to(device)
+    return tuple(t.to(device) for t in (z, seg, mvs, res, lab, intra, luma))
 
 
 def _git_commit() -> str | None:

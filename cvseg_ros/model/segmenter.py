@@ -13,7 +13,9 @@ Configurations (``CONFIGS``):
   (:class:`CorrectionHead`) that also sees a coarse ConvLSTM state (H/16, warped along the motion
   vectors before each update, as TapLab's feature flow warping) and which cells are intra-coded
   (new content). Output at H/4. Nothing but the warp, one per-pixel layer and the output layer
-  runs at H/4.
+  runs at H/4. With ``luma_matching`` the accumulated motion is first checked against the pixels
+  (each frame's luma cells against the I-frame's, :mod:`.luma_matching`) and corrected along
+  outlines, where block vectors drag labels off moving objects.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from .conv_lstm import ConvLSTM
 from .i_frame import IFrameNet
+from .luma_matching import refine_accumulated_motion
 from .p_frame import FusedBranches, MotionVectorCNN, ResidualCNN
 
 State = tuple[torch.Tensor, ...]
@@ -49,11 +52,24 @@ class ModelConfig:
                                    # the model pools it to H/4 cells either way)
     deblock_p_frames: bool = True  # the inputs come from P-frames decoded with H.264's deblocking
                                    # filter (False: without, see H264StreamDecoder)
+    luma_matching: bool = False    # correct the accumulated motion at outlines by matching each
+                                   # frame's luma cells against the I-frame's (model.luma_matching;
+                                   # needs ``accumulate``)
+    match_guide: bool = False      # the head also sees how well each cell's luma matches the
+                                   # I-frame's where the (corrected) accumulated motion points
 
     def __post_init__(self) -> None:
         if self.residual_stride not in (1, 2, 4):
             raise ValueError(f"residual_stride must be 1, 2 or 4 (the residual pooled to H/4 cells), "
                              f"got {self.residual_stride}")
+        if (self.luma_matching or self.match_guide) and not (self.accumulate and self.name != "paper"):
+            raise ValueError("luma_matching and match_guide need the improved model's accumulated motion "
+                             "(accumulate=True)")
+
+    @property
+    def uses_luma(self) -> bool:
+        """The model takes the frames' luma cells (``luma=`` of i_frame and p_frame)."""
+        return self.luma_matching or self.match_guide
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +78,7 @@ class ModelConfig:
 CONFIGS = {
     "paper": dict(state_stride=32, warp=False, output_stride=32, residual_stride=2, deblock_p_frames=False),
     "improved": dict(state_stride=16, hidden_channels=24, warp=True, accumulate=True, output_stride=4,
-                     head_channels=16, intra=True, residual_stride=2, deblock_p_frames=False),
+                     head_channels=16, intra=True, residual_stride=2, deblock_p_frames=False, luma_matching=True),
 }
 
 
@@ -76,6 +92,17 @@ def make_config(name: str, num_classes: int = 11, **overrides) -> ModelConfig:
 
 
 _GRIDS: dict = {}
+
+#: the match guide (absolute luma difference, grey levels) is multiplied by this
+MATCH_SCALE = 1.0 / 32.0
+
+
+def luma_cells_from_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] RGB in 0..1 -> [B,1,H/4,W/4] mean luma per 4x4 cell on the decoder's scale
+    (BT.601, limited range 16..235): the luma cells of a frame when only its RGB is at hand."""
+    weights = rgb.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) * 219.0
+    luma = (rgb.float() * weights.float()).sum(dim=1, keepdim=True) + 16.0
+    return F.avg_pool2d(luma, 4, ceil_mode=True)
 
 
 def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -175,14 +202,19 @@ class CompressedSegmenter(nn.Module):
             self.init_state = nn.Conv2d(IFrameNet.feature_channels, c.hidden_channels, 1)
             # residual-guided correction of the warped H/4 logits
             self.head = CorrectionHead(c.hidden_channels, c.num_classes, c.head_channels,
-                                       guide_channels=3 if c.intra else 2)
+                                       guide_channels=2 + int(c.intra) + int(c.match_guide))
 
     # -- I-frames ---------------------------------------------------------------------------
-    def i_frame(self, rgb: torch.Tensor) -> tuple[torch.Tensor, State]:
+    def i_frame(self, rgb: torch.Tensor, luma: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """``luma``: the frame's luma cells [B,1,H/4,W/4] as the decoder gave them (used when the
+        configuration matches luma; default: computed from ``rgb``)."""
         z, logits = self.i_frame_net(rgb)
-        return logits, self.state_from_i_frame(z, logits)
+        if self.config.uses_luma and luma is None:
+            luma = luma_cells_from_rgb(rgb)
+        return logits, self.state_from_i_frame(z, logits, luma)
 
-    def state_from_i_frame(self, z: torch.Tensor, logits: torch.Tensor) -> State:
+    def state_from_i_frame(self, z: torch.Tensor, logits: torch.Tensor, luma: torch.Tensor | None = None) -> State:
+        """``luma``: the I-frame's luma cells, needed when the configuration matches luma."""
         c = self.config
         zh, zw = z.shape[-2:]
         if c.name == "paper":   # H/8 -> H/32
@@ -195,17 +227,23 @@ class CompressedSegmenter(nn.Module):
         h = self.init_state(z)
         if c.accumulate:   # + the I-frame's logits and the motion accumulated since (none yet)
             acc = seg.new_zeros(seg.shape[0], 2, *seg.shape[-2:])
+            if c.uses_luma:   # + the I-frame's luma cells
+                if luma is None:
+                    raise ValueError(f"the {c.name} configuration matches luma: pass the I-frame's luma cells")
+                return h, torch.zeros_like(h), seg, acc, luma.float()[..., : seg.shape[-2], : seg.shape[-1]]
             return h, torch.zeros_like(h), seg, acc
         return h, torch.zeros_like(h), seg
 
     # -- P-frames ---------------------------------------------------------------------------
     def p_frame(self, motion_vectors: torch.Tensor, residual: torch.Tensor | None, state: State,
-                residual_stats: torch.Tensor | None = None, intra: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, State]:
+                residual_stats: torch.Tensor | None = None, intra: torch.Tensor | None = None,
+                luma: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """``residual_stats``: optionally, what the model reduces ``residual`` to first, made by the
         caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per H/4 cell, see
         :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None).
-        ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none)."""
+        ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none).
+        ``luma``: [B,1,H/4,W/4], the frame's luma cells (0..255; used when the configuration
+        matches luma; None: the accumulated motion is not corrected and the match guide is 0)."""
         c = self.config
         # once: the residual CNN's input and the head's guide
         pooled = ResidualCNN.pool(residual, cell=4 // c.residual_stride) if residual_stats is None \
@@ -223,17 +261,30 @@ class CompressedSegmenter(nn.Module):
         if c.warp:   # h and c share their size: one grid_sample for both
             hc = warp(torch.cat([h, cell], dim=1), motion_vectors)
             h, cell = hc[:, : h.shape[1]], hc[:, h.shape[1]:]
+        match = None
         if c.accumulate:   # content at p came from p + acc(p) in the I-frame
             i_frame_seg = seg
             acc = motion_vectors + warp(state[3], motion_vectors)
+            if c.uses_luma:
+                i_frame_luma = state[4]
+                if luma is not None:
+                    luma = luma.float()[..., : acc.shape[-2], : acc.shape[-1]]
+                    if c.luma_matching:
+                        acc = refine_accumulated_motion(acc, luma, i_frame_luma)
+                    if c.match_guide:   # how far this cell's luma is from the I-frame's where acc points
+                        match = (luma - warp(i_frame_luma, acc)).abs_() * MATCH_SCALE
+                if c.match_guide and match is None:
+                    match = acc.new_zeros(acc.shape[0], 1, *acc.shape[-2:])
             seg = warp(i_frame_seg, acc)
         elif c.warp:
             seg = warp(seg, motion_vectors)
         h, cell = self.conv_lstm(x, (h, cell))
         guides = [pooled, intra] if c.intra else [pooled]
+        if match is not None:
+            guides.append(match)
         seg = seg + self.head(h, seg, [g[..., : seg.shape[-2], : seg.shape[-1]] for g in guides])
         if c.accumulate:
-            return seg, (h, cell, i_frame_seg, acc)
+            return seg, (h, cell, i_frame_seg, acc, *state[4:])
         return seg, (h, cell, seg)
 
     def p_frame_parameters(self):

@@ -1,0 +1,206 @@
+"""Luma matching: correct the motion accumulated since the I-frame where it has carried an outline
+off its object, by checking it against the pixels.
+
+The accumulated motion ``acc`` (at H/4 cells, in input pixels) says where each cell's content was
+in the I-frame. Built from block vectors and resampled frame after frame, it blends the motions
+of an object and its background along their outline, and the I-frame's labels then trail behind
+moving objects (cars, cyclists) or spread over the background. The decoder gives us the luma of
+both pictures, so each cell can check its vector: the mean luma of the 3x3 cells around it in this
+frame against the I-frame's luma where the vector points. Where the vector field varies around a
+cell (an outline) and that check fails, the cell takes the vector of the neighbour (3x3) that
+matches best, by a margin. The state keeps the corrected motion, so a correction carries on.
+
+On the CPU a compiled loop (a few thousand cells of a 90x120 map are searched); elsewhere
+(CUDA) the same decisions as tensor operations.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..jit import compiled
+
+#: the acc maps are at H/CELL; vectors are in input pixels
+CELL = 4
+#: a cell searches its 3x3 neighbours' vectors, each judged on the 3x3 cells around it
+RADIUS = 1
+PATCH = 1
+#: a cell is searched only where a neighbour's vector differs from its own by more than this
+#: (input pixels, |dx| + |dy|): inside a smoothly moving region every vector is as good
+SPREAD = 2.5
+#: ... and only where its own vector matches worse than this (sum of |luma difference| over the
+#: 3x3 cells, grey levels): about 4.5 per cell
+GOOD = 40.0
+#: a neighbour's vector must match better than the cell's own by this much (grey levels, summed)
+MARGIN = 9.0
+#: a neighbour's vector within this of one tried already is not tried (input pixels, |dx| + |dy|)
+SAME = 1.5
+
+
+@compiled(inline="always", fastmath=True)
+def _patch_cost(luma, ref, i, j, vx, vy, limit):
+    """Sum over the 3x3 cells around (i, j) of |luma - ref sampled at the cell + (vy, vx)| (cells;
+    bilinear, border-clamped); may stop early once it reaches ``limit``."""
+    h, w = luma.shape
+    fy0, fx0 = np.floor(vy), np.floor(vx)
+    fy, fx = np.float32(vy - fy0), np.float32(vx - fx0)
+    oy, ox = int(fy0), int(fx0)
+    one = np.float32(1)
+    w00, w01, w10, w11 = (one - fx) * (one - fy), fx * (one - fy), (one - fx) * fy, fx * fy
+    cost = np.float32(0)
+    if 1 <= i < h - 1 and 1 <= j < w - 1 and 0 <= i - 1 + oy and i + 2 + oy < h and 0 <= j - 1 + ox and j + 2 + ox < w:
+        for ii in range(i - 1, i + 2):   # inside the map: no clamping
+            y0 = ii + oy
+            for jj in range(j - 1, j + 2):
+                x0 = jj + ox
+                sample = w00 * ref[y0, x0] + w01 * ref[y0, x0 + 1] + w10 * ref[y0 + 1, x0] + w11 * ref[y0 + 1, x0 + 1]
+                cost += abs(luma[ii, jj] - sample)
+        return cost
+    for ii in range(i - 1, i + 2):
+        ii = min(max(ii, 0), h - 1)
+        y0, y1 = min(max(ii + oy, 0), h - 1), min(max(ii + oy + 1, 0), h - 1)
+        for jj in range(j - 1, j + 2):
+            jj = min(max(jj, 0), w - 1)
+            x0, x1 = min(max(jj + ox, 0), w - 1), min(max(jj + ox + 1, 0), w - 1)
+            sample = w00 * ref[y0, x0] + w01 * ref[y0, x1] + w10 * ref[y1, x0] + w11 * ref[y1, x1]
+            cost += abs(luma[ii, jj] - sample)
+        if cost >= limit:
+            break
+    return cost
+
+
+@compiled
+def _mark_outlines(ax, ay, spread, outline):
+    """outline[i, j] = some 3x3 neighbour's vector differs from (ax, ay)[i, j] by more than
+    ``spread`` (|dx| + |dy|); each neighbouring pair is compared once."""
+    h, w = ax.shape
+    outline[:] = False
+    for i in range(h):
+        for j in range(w):
+            for qi, qj in ((i, j + 1), (i + 1, j - 1), (i + 1, j), (i + 1, j + 1)):
+                if 0 <= qj < w and qi < h and abs(ax[qi, qj] - ax[i, j]) + abs(ay[qi, qj] - ay[i, j]) > spread:
+                    outline[i, j] = True
+                    outline[qi, qj] = True
+
+
+@compiled(fastmath=True)
+def _refine(acc, luma, ref, scale, spread, good, margin, same, out):
+    """acc, out [B,2,h,w] (input pixels); luma, ref [B,h,w]. See the module docstring. Returns the
+    number of cells searched."""
+    batch, _, h, w = acc.shape
+    searched = 0
+    tried_x, tried_y = np.empty(9, np.float32), np.empty(9, np.float32)
+    outline = np.empty((h, w), np.bool_)
+    out[:] = acc
+    for b in range(batch):
+        frame_luma, i_frame_luma = luma[b], ref[b]
+        _mark_outlines(acc[b, 0], acc[b, 1], spread, outline)
+        for i in range(h):
+            for j in range(w):
+                if not outline[i, j]:
+                    continue
+                ax, ay = acc[b, 0, i, j], acc[b, 1, i, j]
+                own = _patch_cost(frame_luma, i_frame_luma, i, j, ax * scale, ay * scale, np.float32(np.inf))
+                if own <= good:
+                    continue
+                searched += 1
+                best = own - margin
+                tried_x[0], tried_y[0], tried = ax, ay, 1
+                for qi in range(max(i - 1, 0), min(i + 2, h)):
+                    for qj in range(max(j - 1, 0), min(j + 2, w)):
+                        vx, vy = acc[b, 0, qi, qj], acc[b, 1, qi, qj]
+                        seen = False
+                        for k in range(tried):   # a vector (nearly) tried already
+                            if abs(vx - tried_x[k]) + abs(vy - tried_y[k]) <= same:
+                                seen = True
+                                break
+                        if seen:
+                            continue
+                        tried_x[tried], tried_y[tried], tried = vx, vy, tried + 1
+                        cost = _patch_cost(frame_luma, i_frame_luma, i, j, vx * scale, vy * scale, best)
+                        if cost < best:
+                            best = cost
+                            out[b, 0, i, j], out[b, 1, i, j] = vx, vy
+    return searched
+
+
+def _candidate_offsets() -> list[tuple[int, int]]:
+    """The cell itself first (it wins ties), then its neighbours in the compiled loop's order."""
+    return [(0, 0)] + [(di, dj) for di in range(-RADIUS, RADIUS + 1) for dj in range(-RADIUS, RADIUS + 1)
+                       if (di, dj) != (0, 0)]
+
+
+def _shifted(x: torch.Tensor, di: int, dj: int) -> torch.Tensor:
+    """x[..., i + di, j + dj] with indices clamped to the map (x: [B,C,h,w])."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h, device=x.device) + di).clamp_(0, h - 1)
+    cols = (torch.arange(w, device=x.device) + dj).clamp_(0, w - 1)
+    return x[..., rows, :][..., cols]
+
+
+def patch_costs(vectors: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B,h,w]: for each cell, the sum over the 3x3 cells around it of |luma - ref sampled at the
+    cell + its vector| (``vectors`` [B,2,h,w] in input pixels, times ``scale`` in cells; bilinear,
+    border-clamped), as tensor operations (one sampling call for all the patch's cells)."""
+    h, w = vectors.shape[-2:]
+    patch = [(di, dj) for di in range(-PATCH, PATCH + 1) for dj in range(-PATCH, PATCH + 1)]
+    ys = torch.arange(h, device=vectors.device, dtype=torch.float32).view(1, 1, h, 1)
+    xs = torch.arange(w, device=vectors.device, dtype=torch.float32).view(1, 1, 1, w)
+    di = torch.tensor([d[0] for d in patch], device=vectors.device, dtype=torch.float32).view(1, -1, 1, 1)
+    dj = torch.tensor([d[1] for d in patch], device=vectors.device, dtype=torch.float32).view(1, -1, 1, 1)
+    # each patch cell (clamped to the map), displaced by the centre cell's vector: [B,9,h,w]
+    py = (ys + di).clamp(0, h - 1) + vectors[:, 1:2].float() * scale
+    px = (xs + dj).clamp(0, w - 1) + vectors[:, 0:1].float() * scale
+    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1).flatten(1, 2)   # [B,9h,w,2]
+    samples = F.grid_sample(ref.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    around = torch.cat([_shifted(luma.float(), a, b) for a, b in patch], dim=1)               # [B,9,h,w]
+    return (around - samples.view(-1, len(patch), h, w)).abs().sum(dim=1)
+
+
+def _refine_tensors(acc: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`_refine` as tensor operations (any device): the same decisions, all cells at once."""
+    b, _, h, w = acc.shape
+    offsets = _candidate_offsets()
+    candidates = torch.stack([_shifted(acc, di, dj) for di, dj in offsets], dim=1)   # [B,9,2,h,w]
+    outline = ((candidates - acc[:, None]).abs().sum(dim=2) > SPREAD).any(dim=1)    # [B,h,w]
+    n = len(offsets)
+    costs = patch_costs(candidates.flatten(0, 1), luma.repeat_interleave(n, dim=0),
+                        ref.repeat_interleave(n, dim=0), scale).view(b, n, h, w)
+    own = costs[:, 0].clone()
+    # the own vector comes first (it wins ties) and needs no margin; a neighbour within SAME of a
+    # vector tried before it is not tried
+    tried = [torch.ones_like(own, dtype=torch.bool)]
+    for k in range(1, len(offsets)):
+        close = (candidates[:, :k] - candidates[:, k : k + 1]).abs().sum(dim=2) <= SAME   # [B,k,h,w]
+        seen = (close & torch.stack(tried, dim=1)).any(dim=1)
+        tried.append(~seen)
+        costs[:, k] = costs[:, k].masked_fill(seen, float("inf"))
+    costs[:, 0] = own - MARGIN
+    choice = costs.argmin(dim=1, keepdim=True)                                       # first minimum
+    chosen = candidates.gather(1, choice[:, :, None].expand(b, 1, 2, h, w))[:, 0]
+    keep = ~outline | (own <= GOOD)
+    return torch.where(keep[:, None], acc, chosen)
+
+
+def refine_accumulated_motion(acc: torch.Tensor, luma: torch.Tensor, i_frame_luma: torch.Tensor) -> torch.Tensor:
+    """``acc`` [B,2,h,w] (input pixels, at H/4) checked against the pixels: ``luma`` and
+    ``i_frame_luma`` [B,1,h,w] are the mean luma (0..255) of this frame's and the I-frame's
+    H/4 cells. Returns the corrected motion (no gradient flows through the choice)."""
+    scale = 1.0 / CELL
+    if acc.device.type != "cpu":
+        with torch.no_grad():
+            return _refine_tensors(acc.float(), luma.float(), i_frame_luma.float(), scale)
+    a = acc.detach().float().contiguous().numpy()
+    out = np.empty_like(a)
+    _refine(a, luma.detach().float()[:, 0].contiguous().numpy(), i_frame_luma.detach().float()[:, 0].contiguous().numpy(),
+            np.float32(scale), np.float32(SPREAD), np.float32(GOOD), np.float32(MARGIN), np.float32(SAME), out)
+    return torch.from_numpy(out)
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the loop now, so no camera's first P-frame waits."""
+    acc = torch.zeros(1, 2, 3, 3)
+    acc[0, 0, 1, 1] = 8.0
+    luma = torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3) * 20
+    refine_accumulated_motion(acc, luma, luma.flip(-1))

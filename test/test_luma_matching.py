@@ -1,0 +1,132 @@
+"""Luma matching on real H.264: the CamVid val sequence, read by our reader."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cvseg_ros.model import luma_matching
+from cvseg_ros.model.segmenter import CompressedSegmenter, luma_cells_from_rgb, make_config, warp
+from cvseg_ros.stream import H264StreamDecoder
+from cvseg_ros.video import encode_frames
+
+from conftest import SHARED_DATA, require
+
+CAMVID_VAL = SHARED_DATA / "camvid" / "val"
+
+
+@pytest.fixture(scope="module")
+def val_gop():
+    """The first GOP (an I-frame and 11 P-frames) of the CamVid val sequence (a street with
+    cyclists and cars), encoded as the evaluation does and read back with the shipped settings."""
+    from cvseg_ros.data import read_rgb
+    require(CAMVID_VAL, "CamVid val sequence")
+    frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
+    decoder = H264StreamDecoder("val", residual_size=lambda h, w: (h // 2, w // 2), deblock_p_frames=False)
+    return [f for u in encode_frames(frames, fps=15, gop=12) for f in decoder.feed(u)]
+
+
+def accumulated_motions(frames):
+    """Per P-frame: (accumulated motion since the I-frame, this frame's luma cells, the I-frame's),
+    the motion carried as the improved model carries it (corrected frame after frame)."""
+    cells = lambda f: torch.from_numpy(f.luma_cells).float()[None, None]   # noqa: E731
+    i_frame_luma, acc, out = cells(frames[0]), None, []
+    for f in frames[1:]:
+        mv = torch.from_numpy(f.motion_vectors)[None]
+        raw = mv if acc is None else mv + warp(acc, mv)
+        out.append((raw, cells(f), i_frame_luma))
+        acc = luma_matching.refine_accumulated_motion(raw, cells(f), i_frame_luma)
+    return out
+
+
+def test_reader_gives_the_luma_of_every_cell(val_gop):
+    assert [f.kind for f in val_gop] == ["I"] + ["P"] * 11
+    for f in val_gop:
+        assert f.luma_cells.shape == (90, 120) and f.luma_cells.dtype == np.uint8
+    # the fallback from RGB (BT.601, limited range) lands on the decoder's luma scale
+    i_frame = val_gop[0]
+    rgb = torch.from_numpy(i_frame.rgb).permute(2, 0, 1)[None].float() / 255
+    from_rgb = luma_cells_from_rgb(rgb)[0, 0].numpy()
+    assert np.abs(from_rgb - i_frame.luma_cells).mean() < 1.5
+
+
+def test_matching_moves_only_outline_cells_to_a_better_matching_neighbour_vector(val_gop):
+    changed_total = 0
+    for raw, luma, ref in accumulated_motions(val_gop):
+        refined = luma_matching.refine_accumulated_motion(raw, luma, ref)
+        changed = (refined != raw).any(dim=1)[0]
+        changed_total += int(changed.sum())
+        if not changed.any():
+            continue
+        # every new vector is one of the cell's 3x3 neighbours' vectors ...
+        neighbours = torch.stack([luma_matching._shifted(raw, di, dj) for di, dj in luma_matching._candidate_offsets()], 1)
+        assert ((neighbours == refined[:, None]).all(dim=2)).any(dim=1)[0][changed].all()
+        # ... that matches the pixels better than the old one, by the margin
+        scale = 1.0 / luma_matching.CELL
+        before = luma_matching.patch_costs(raw, luma, ref, scale)[0]
+        after = luma_matching.patch_costs(refined, luma, ref, scale)[0]
+        assert (after[changed] < before[changed] - luma_matching.MARGIN + 1e-3).all()
+        assert (before[changed] > luma_matching.GOOD).all()
+    # the camera drives forward past cyclists and parked cars: outlines get corrected
+    assert changed_total > 500
+
+
+def test_compiled_loop_and_tensor_operations_decide_alike(val_gop):
+    for raw, luma, ref in accumulated_motions(val_gop)[::3]:
+        compiled = luma_matching.refine_accumulated_motion(raw, luma, ref)
+        tensors = luma_matching._refine_tensors(raw, luma, ref, 1.0 / luma_matching.CELL)
+        differ = ((compiled - tensors).abs().sum(dim=1) > 1e-4).float().mean()
+        assert differ < 1e-3, differ   # float rounding may settle a near tie the other way
+
+
+def test_a_smoothly_moving_picture_is_left_alone(val_gop):
+    raw, luma, ref = accumulated_motions(val_gop)[5]
+    uniform = torch.ones_like(raw) * raw.mean(dim=(2, 3), keepdim=True)
+    assert torch.equal(luma_matching.refine_accumulated_motion(uniform, luma, ref), uniform)
+
+
+def test_model_carries_the_i_frame_luma_and_corrects_its_motion(val_gop):
+    torch.manual_seed(0)
+    config = make_config("improved", luma_matching=True, match_guide=True)
+    model = CompressedSegmenter(config).eval()
+    plain = CompressedSegmenter(dataclasses.replace(config, luma_matching=False)).eval()
+    plain.load_state_dict(model.state_dict())
+    cells = lambda f: torch.from_numpy(f.luma_cells).float()[None, None]   # noqa: E731
+    rgb = torch.from_numpy(val_gop[0].rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        _, state = model.i_frame(rgb, luma=cells(val_gop[0]))
+        plain_state = state
+        assert len(state) == 5 and torch.equal(state[4], cells(val_gop[0]))
+        for f in val_gop[1:]:
+            inputs = dict(motion_vectors=torch.from_numpy(f.motion_vectors)[None],
+                          residual=torch.from_numpy(f.residual)[None, None].float() / 255,
+                          intra=torch.from_numpy(f.intra)[None, None].float(), luma=cells(f))
+            logits, state = model.p_frame(state=state, **inputs)
+            plain_logits, plain_state = plain.p_frame(state=plain_state, **inputs)
+            assert logits.shape == (1, 11, 90, 120) and torch.equal(state[4], cells(val_gop[0]))
+        # same weights: only the corrected motion (and so the match guide) tells them apart
+        assert not torch.equal(state[3], plain_state[3])
+        assert (logits.argmax(1) != plain_logits.argmax(1)).any()
+    with pytest.raises(ValueError, match="luma"):
+        model.state_from_i_frame(*model.i_frame_net(rgb))
+    with pytest.raises(ValueError, match="accumulate"):
+        make_config("improved", accumulate=False, luma_matching=True)
+
+
+def test_engine_gives_the_shipped_model_the_decoders_luma(val_gop):
+    """The shipped improved model matches luma; the engine hands it the reader's luma cells of
+    the I-frame (kept in the state) and of each P-frame."""
+    from cvseg_ros.data import read_rgb
+    from cvseg_ros.engine import SegmentationEngine
+    engine = SegmentationEngine(device="cpu")
+    assert engine.model.config.luma_matching
+    seen, p_frame = [], engine.model.p_frame
+    engine.model.p_frame = lambda *a, **k: seen.append(k["luma"]) or p_frame(*a, **k)
+    frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
+    results = [r for i, u in enumerate(encode_frames(frames, fps=15, gop=12)) for r in engine.process([("cam", u, i)])]
+    assert [r.network for r in results] == ["i_frame"] + ["p_frame"] * 11
+    assert torch.equal(engine._cameras["cam"].state[4][0, 0], torch.from_numpy(val_gop[0].luma_cells).float())
+    for got, frame in zip(seen, val_gop[1:]):
+        assert torch.equal(got[0, 0], torch.from_numpy(frame.luma_cells).float())
