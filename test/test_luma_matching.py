@@ -61,7 +61,7 @@ def test_matching_moves_only_outline_cells_to_a_better_matching_neighbour_vector
         if not changed.any():
             continue
         # every new vector is one of the cell's 3x3 neighbours' vectors ...
-        neighbours = torch.stack([luma_matching._shifted(raw, di, dj) for di, dj in luma_matching._candidate_offsets()], 1)
+        neighbours = torch.stack([luma_matching._shifted(raw, di, dj) for di, dj in luma_matching.NEIGHBOURS], 1)
         assert ((neighbours == refined[:, None]).all(dim=2)).any(dim=1)[0][changed].all()
         # ... that matches the pixels better than the old one, by the margin
         scale = 1.0 / luma_matching.CELL

@@ -116,3 +116,5 @@ def test_compiled_loops_run_where_no_cache_can_be_written(monkeypatch):
 
     compiled_add = jit.compiled(add)
     assert cached_attempts and compiled_add(2, 3) == 5 and len(compiled_add.signatures) == 1
+    with_options = jit.compiled(fastmath=True)(add)   # options reach njit either way
+    assert cached_attempts[-1] == {"cache": True, "nogil": True, "fastmath": True} and with_options(2.0, 3.0) == 5.0

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 from ..jit import compiled
 
-#: the acc maps are at H/CELL; vectors are in input pixels
+#: the acc maps are at H/CELL; vectors are in input pixels. A cell tries its 3x3 neighbours'
+#: vectors, each judged on the 3x3 cells around it.
 CELL = 4
-#: a cell searches its 3x3 neighbours' vectors, each judged on the 3x3 cells around it
-RADIUS = 1
-PATCH = 1
+#: the 3x3 neighbourhood: the cell itself first (it wins ties), then row by row (the compiled
+#: loop's order)
+NEIGHBOURS = [(0, 0)] + [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
 #: a cell is searched only where a neighbour's vector differs from its own by more than this
 #: (input pixels, |dx| + |dy|): inside a smoothly moving region every vector is as good
 SPREAD = 2.5
@@ -125,12 +126,6 @@ def _refine(acc, luma, ref, scale, spread, good, margin, same, out):
     return searched
 
 
-def _candidate_offsets() -> list[tuple[int, int]]:
-    """The cell itself first (it wins ties), then its neighbours in the compiled loop's order."""
-    return [(0, 0)] + [(di, dj) for di in range(-RADIUS, RADIUS + 1) for dj in range(-RADIUS, RADIUS + 1)
-                       if (di, dj) != (0, 0)]
-
-
 def _shifted(x: torch.Tensor, di: int, dj: int) -> torch.Tensor:
     """x[..., i + di, j + dj] with indices clamped to the map (x: [B,C,h,w])."""
     h, w = x.shape[-2:]
@@ -144,7 +139,7 @@ def patch_costs(vectors: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, sc
     cell + its vector| (``vectors`` [B,2,h,w] in input pixels, times ``scale`` in cells; bilinear,
     border-clamped), as tensor operations (one sampling call for all the patch's cells)."""
     h, w = vectors.shape[-2:]
-    patch = [(di, dj) for di in range(-PATCH, PATCH + 1) for dj in range(-PATCH, PATCH + 1)]
+    patch = NEIGHBOURS
     ys = torch.arange(h, device=vectors.device, dtype=torch.float32).view(1, 1, h, 1)
     xs = torch.arange(w, device=vectors.device, dtype=torch.float32).view(1, 1, 1, w)
     di = torch.tensor([d[0] for d in patch], device=vectors.device, dtype=torch.float32).view(1, -1, 1, 1)
@@ -161,7 +156,7 @@ def patch_costs(vectors: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, sc
 def _refine_tensors(acc: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`_refine` as tensor operations (any device): the same decisions, all cells at once."""
     b, _, h, w = acc.shape
-    offsets = _candidate_offsets()
+    offsets = NEIGHBOURS
     candidates = torch.stack([_shifted(acc, di, dj) for di, dj in offsets], dim=1)   # [B,9,2,h,w]
     outline = ((candidates - acc[:, None]).abs().sum(dim=2) > SPREAD).any(dim=1)    # [B,h,w]
     n = len(offsets)
