@@ -212,10 +212,13 @@ class SegmentationEngine:
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", mode: str = "compressed",
                  model: CompressedSegmenter | None = None, metadata: dict | None = None,
-                 precision: str = "auto", threads: int | None = None, optimize: bool = True) -> None:
+                 precision: str = "auto", threads: int | None = None, optimize: bool = True,
+                 luma_matching: bool = True) -> None:
         """``precision``: see :data:`PRECISIONS`. ``optimize``: run an inference copy of the model
         (batch norms folded into the convolutions, channels-last): same outputs up to float
-        rounding, less time."""
+        rounding, less time. ``luma_matching=False``: do not correct the accumulated motion
+        against the frames' luma even where the checkpoint's model does (less time per P-frame,
+        less accuracy; see README)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         self.device = resolve_device(device)
@@ -232,7 +235,8 @@ class SegmentationEngine:
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
         self._uses_intra = bool(getattr(self.model.config, "intra", False))
-        self._uses_luma = bool(getattr(self.model.config, "uses_luma", False))
+        # without the frames' luma cells the model uses the accumulated motion as it is
+        self._uses_luma = bool(getattr(self.model.config, "uses_luma", False)) and luma_matching
         self._residual_stride = int(getattr(self.model.config, "residual_stride", 1))
         self._deblock_p_frames = bool(getattr(self.model.config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)

@@ -130,3 +130,21 @@ def test_engine_gives_the_shipped_model_the_decoders_luma(val_gop):
     assert torch.equal(engine._cameras["cam"].state[4][0, 0], torch.from_numpy(val_gop[0].luma_cells).float())
     for got, frame in zip(seen, val_gop[1:]):
         assert torch.equal(got[0, 0], torch.from_numpy(frame.luma_cells).float())
+
+
+def test_engine_can_leave_the_matching_off(val_gop):
+    """``luma_matching=False`` (the node's parameter): the model gets no luma and uses the
+    accumulated motion as it is; the masks differ from the default engine's."""
+    from cvseg_ros.data import read_rgb
+    from cvseg_ros.engine import SegmentationEngine
+    frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
+    units = encode_frames(frames, fps=15, gop=12)
+    masks = {}
+    for on in (True, False):
+        engine = SegmentationEngine(device="cpu", luma_matching=on)
+        seen, p_frame = [], engine.model.p_frame
+        engine.model.p_frame = lambda *a, **k: seen.append(k.get("luma")) or p_frame(*a, **k)
+        masks[on] = [r.mask for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
+        assert len(seen) == 11 and all((luma is not None) == on for luma in seen)
+    assert np.array_equal(masks[True][0], masks[False][0])            # the I-frame
+    assert any(not np.array_equal(a, b) for a, b in zip(masks[True][1:], masks[False][1:]))

@@ -53,7 +53,7 @@ def test_params_file_lists_every_parameter():
     flat = file_params()
     for name in ("cameras", "front.topic", "device", "checkpoint", "publish_mask", "publish_color",
                  "qos_reliability", "queue_depth", "batch_window_ms", "max_stamp_gap_periods",
-                 "diagnostics_period", "input_timeout_s", "threads"):
+                 "diagnostics_period", "input_timeout_s", "luma_matching", "threads"):
         assert name in flat, name
     assert flat["cameras"] == ["front"] and flat["front.topic"] == "/front/image_raw/h264"
     assert "class_names" in PARAMS.read_text()       # documented (read-only, set by the node)
