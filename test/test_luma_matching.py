@@ -63,6 +63,9 @@ def test_matching_moves_only_outline_cells_to_a_better_matching_neighbour_vector
         # every new vector is one of the cell's 3x3 neighbours' vectors ...
         neighbours = torch.stack([luma_matching._shifted(raw, di, dj) for di, dj in luma_matching.NEIGHBOURS], 1)
         assert ((neighbours == refined[:, None]).all(dim=2)).any(dim=1)[0][changed].all()
+        # ... on an outline: a neighbour's vector differs from the cell's by more than SPREAD ...
+        spread = (neighbours - raw[:, None]).abs().sum(dim=2).amax(dim=1)[0]
+        assert (spread[changed] > luma_matching.SPREAD).all()
         # ... that matches the pixels better than the old one, by the margin
         scale = 1.0 / luma_matching.CELL
         before = luma_matching.patch_costs(raw, luma, ref, scale)[0]
@@ -85,6 +88,8 @@ def test_a_smoothly_moving_picture_is_left_alone(val_gop):
     raw, luma, ref = accumulated_motions(val_gop)[5]
     uniform = torch.ones_like(raw) * raw.mean(dim=(2, 3), keepdim=True)
     assert torch.equal(luma_matching.refine_accumulated_motion(uniform, luma, ref), uniform)
+    with pytest.raises(ValueError, match="cover"):   # the compiled loop would read past the maps
+        luma_matching.refine_accumulated_motion(raw, luma[..., :-1, :], ref)
 
 
 def test_model_carries_the_i_frame_luma_and_corrects_its_motion(val_gop):

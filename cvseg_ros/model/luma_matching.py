@@ -182,6 +182,9 @@ def refine_accumulated_motion(acc: torch.Tensor, luma: torch.Tensor, i_frame_lum
     """``acc`` [B,2,h,w] (input pixels, at H/4) checked against the pixels: ``luma`` and
     ``i_frame_luma`` [B,1,h,w] are the mean luma (0..255) of this frame's and the I-frame's
     H/4 cells. Returns the corrected motion (no gradient flows through the choice)."""
+    if luma.shape[-2:] != acc.shape[-2:] or i_frame_luma.shape[-2:] != acc.shape[-2:]:
+        raise ValueError(f"luma cells {tuple(luma.shape)} and I-frame luma cells {tuple(i_frame_luma.shape)} "
+                         f"must cover the motion's {tuple(acc.shape[-2:])} cells")
     scale = 1.0 / CELL
     if acc.device.type != "cpu":
         with torch.no_grad():
