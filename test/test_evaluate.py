@@ -48,6 +48,7 @@ def test_structure(evaluation):
         assert name in methods
     assert "teacher" not in methods   # only with --teacher
     assert ("compressed_paper" in methods) != ("compressed_paper" in result["skipped"])
+    assert "compressed_no_matching" in methods   # the shipped checkpoint matches luma
     for name, m in methods.items():
         assert _in_unit(m["miou"]) and m["miou"] is not None, name
         assert _in_unit(m["pixel_acc"]) and m["pixel_acc"] is not None, name
@@ -64,6 +65,8 @@ def test_structure(evaluation):
     assert methods["per_frame"]["networks"] == {"i_frame": FRAMES}
     assert methods["iframe_copy"]["networks"] == {"i_frame": 2, "copy": FRAMES - 2}
     assert methods["compressed"]["networks"] == {"i_frame": 2, "p_frame": FRAMES - 2}
+    assert methods["compressed_no_matching"]["networks"] == methods["compressed"]["networks"]
+    assert methods["compressed_no_matching"]["miou_by_gop_position"][0] == methods["compressed"]["miou_by_gop_position"][0]
     assert "speedup" in result and "gap_closed" in result and "compressed" in result["derived"]
     assert "median" in result["ms_per_frame_is"]
 
