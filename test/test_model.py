@@ -69,18 +69,22 @@ def test_shapes_and_state_reset_on_real_reader_output(real_frames, name):
 
 
 def test_batched_streams_equal_single_streams(real_frames):
-    """Two cameras in one forward pass give what each gives alone."""
+    """Two cameras in one forward pass give what each gives alone (luma matching included)."""
     torch.manual_seed(0)
     model = CompressedSegmenter(make_config("improved")).eval()
+    assert model.config.luma_matching
     i_frame, p_frame = real_frames[0], real_frames[1]
     rgb = torch.from_numpy(i_frame.rgb).permute(2, 0, 1)[None].float() / 255
     mv = torch.from_numpy(p_frame.motion_vectors)[None]
     res = torch.from_numpy(p_frame.residual)[None, None].float() / 255
+    i_luma = torch.from_numpy(i_frame.luma_cells)[None, None].float()
+    luma = torch.from_numpy(p_frame.luma_cells)[None, None].float()
     with torch.inference_mode():
-        _, s1 = model.i_frame(rgb)
-        _, s2 = model.i_frame(rgb.flip(-1))
-        single = [model.p_frame(mv, res, s)[0] for s in (s1, s2)]
-        both, state = model.p_frame(torch.cat([mv, mv]), torch.cat([res, res]), cat_states([s1, s2]))
+        _, s1 = model.i_frame(rgb, luma=i_luma)
+        _, s2 = model.i_frame(rgb.flip(-1), luma=i_luma.flip(-1))
+        single = [model.p_frame(mv, res, s, luma=lu)[0] for s, lu in ((s1, luma), (s2, luma.flip(-1)))]
+        both, state = model.p_frame(torch.cat([mv, mv]), torch.cat([res, res]), cat_states([s1, s2]),
+                                    luma=torch.cat([luma, luma.flip(-1)]))
     assert torch.allclose(both[0], single[0][0], atol=1e-4)
     assert torch.allclose(both[1], single[1][0], atol=1e-4)
     assert all(t.shape[0] == 1 for t in split_state(state, [1, 1])[0])
