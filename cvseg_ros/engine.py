@@ -23,7 +23,7 @@ from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from .jit import compiled
 from .model import luma_matching
 from .model.inference import inference_copy
-from .model.segmenter import CompressedSegmenter, cat_states, split_state
+from .model.segmenter import CompressedSegmenter, cat_states, split_state, warm_up_warp
 from .motion_vectors import resize_field
 from .residual import residual_stats
 from .stream import CompressedFrame, H264StreamDecoder, warm_up_motion_analysis
@@ -162,13 +162,14 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
 def warm_up_compiled(motion: bool) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
     first frame waits for them (about 1 s each without the cache). ``motion``: also the
-    motion-vector field's and the luma matching's (compressed mode)."""
+    motion-vector field's, the luma matching's and the warp's (compressed mode)."""
     logits = torch.zeros(1, 2, 4, 4)
     class_ids(logits)
     class_ids(logits.contiguous(memory_format=torch.channels_last))
     if motion:
         warm_up_motion_analysis()
         luma_matching.warm_up()
+        warm_up_warp()
 
 
 def _round8(n: float) -> int:

@@ -234,10 +234,40 @@ def test_engine_start_prepares_the_compiled_loops():
     import subprocess
     import sys
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
-            "from cvseg_ros.model import luma_matching as lm\n"
-            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine)\n"
+            "from cvseg_ros.model import luma_matching as lm, segmenter as sg\n"
+            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine,\n"
+            "         sg._warp_channels_last)\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0] [1, 1, 1, 1, 1]", out.stdout + out.stderr
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1]", out.stdout + out.stderr
+
+
+def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
+    """Channels-last maps are warped by a compiled loop on the CPU: the same as grid_sample
+    (bilinear, border) along a real P-frame's vectors, at H/4 and at H/16, vectors pointing out of
+    the frame included; with a gradient to keep (training) grid_sample runs."""
+    import torch.nn.functional as F
+    from cvseg_ros.model import segmenter
+    mv = torch.from_numpy(real_frames[1].motion_vectors)[None]
+    out_of_frame = mv * 4 + torch.tensor([200.0, -150.0]).view(1, 2, 1, 1)
+    mv = torch.cat([mv, out_of_frame])     # the second stream's vectors leave the frame
+    generator = torch.Generator().manual_seed(0)
+    for size, channels in (((90, 120), 11), ((23, 30), 48)):
+        x = torch.randn(2, channels, *size, generator=generator).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            got = segmenter.warp(x, mv)
+            pooled = F.adaptive_avg_pool2d(mv, size)
+            saved, segmenter.COMPILED_WARP_CHANNELS = segmenter.COMPILED_WARP_CHANNELS, 10 ** 6
+            try:
+                want = segmenter.warp(x, mv)   # the grid_sample path
+            finally:
+                segmenter.COMPILED_WARP_CHANNELS = saved
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == x.shape
+        assert (got - want).abs().max() < 1e-4
+        px = torch.arange(size[1]).view(1, 1, -1) + pooled[:, 0] * size[1] / 480
+        assert ((px < 0) | (px > size[1] - 1)).float().mean() > 0.01   # samples clamped at the border
+    trained = torch.randn(1, 11, 90, 120, requires_grad=True)
+    segmenter.warp(trained.contiguous(memory_format=torch.channels_last), mv[:1]).sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0

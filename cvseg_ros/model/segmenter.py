@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..jit import compiled
 from .conv_lstm import ConvLSTM
 from .i_frame import IFrameNet
 from .luma_matching import refine_accumulated_motion
@@ -133,17 +135,58 @@ def _pixel_scale(height: int, width: int, device: torch.device) -> torch.Tensor:
     return scale
 
 
+@compiled(fastmath=True)
+def _warp_channels_last(x, mv, scale_x, scale_y, out):
+    """:func:`warp` for x [B,h,w,C] (channels last) and mv [B,2,h,w] (input pixels, times
+    ``scale_*`` in cells): bilinear, border-clamped, the same weights for all channels of a pixel."""
+    batch, h, w, channels = x.shape
+    last_y, last_x = np.float32(h - 1), np.float32(w - 1)
+    one, zero = np.float32(1), np.float32(0)
+    for b in range(batch):
+        for i in range(h):
+            for j in range(w):
+                py = min(max(np.float32(i) + mv[b, 1, i, j] * scale_y, zero), last_y)
+                px = min(max(np.float32(j) + mv[b, 0, i, j] * scale_x, zero), last_x)
+                y0, x0 = int(py), int(px)
+                fy, fx = py - np.float32(y0), px - np.float32(x0)
+                y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+                w00, w01 = (one - fy) * (one - fx), (one - fy) * fx
+                w10, w11 = fy * (one - fx), fy * fx
+                for c in range(channels):
+                    out[b, i, j, c] = (w00 * x[b, y0, x0, c] + w01 * x[b, y0, x1, c]
+                                       + w10 * x[b, y1, x0, c] + w11 * x[b, y1, x1, c])
+
+
+#: maps with at least this many channels, channels-last, are warped by the compiled loop on the
+#: CPU (grid_sample's channels-last path is slower there; with few channels its NCHW path wins)
+COMPILED_WARP_CHANNELS = 8
+
+
+def warm_up_warp() -> None:
+    """Compile (or load from Numba's cache) the channels-last warp now."""
+    x = torch.zeros(1, COMPILED_WARP_CHANNELS, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        warp(x, torch.zeros(1, 2, 2, 2))
+
+
 def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
     """Backward-warp ``x`` [B,C,h,w] along a field given in input pixels at H/4 [B,2,H/4,W/4].
 
     Output at p samples ``x`` at p + mv (the previous frame's content that moved to p).
     """
-    b, _, h, w = x.shape
+    b, channels, h, w = x.shape
     mv = motion_vectors
     if mv.shape[-2:] != (h, w):
         mv = F.adaptive_avg_pool2d(mv, (h, w))
-    # pixels of the input image -> normalised [-1, 1] coordinates of this map
     full_h, full_w = motion_vectors.shape[-2] * 4, motion_vectors.shape[-1] * 4
+    if (x.device.type == "cpu" and channels >= COMPILED_WARP_CHANNELS and x.dtype == torch.float32
+            and x.permute(0, 2, 3, 1).is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or mv.requires_grad))):
+        out = torch.empty_like(x)   # channels-last, as x
+        _warp_channels_last(x.permute(0, 2, 3, 1).numpy(), mv.float().contiguous().numpy(),
+                            np.float32(w / full_w), np.float32(h / full_h), out.permute(0, 2, 3, 1).numpy())
+        return out
+    # pixels of the input image -> normalised [-1, 1] coordinates of this map
     grid = torch.addcmul(_base_grid(h, w, x.device, torch.float32), mv.float().permute(0, 2, 3, 1),
                          _pixel_scale(full_h, full_w, x.device))
     # sampling positions always in fp32: in bf16 (8-bit mantissa) a normalised coordinate near the
