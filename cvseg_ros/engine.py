@@ -236,8 +236,10 @@ class SegmentationEngine:
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
         self._uses_intra = bool(getattr(self.model.config, "intra", False))
-        # without the frames' luma cells the model uses the accumulated motion as it is
-        self._uses_luma = bool(getattr(self.model.config, "uses_luma", False)) and luma_matching
+        # the frames' luma cells, for the compressed mode's P-frames (without them the model uses the
+        # accumulated motion as it is)
+        self._uses_luma = bool(getattr(self.model.config, "uses_luma", False)) and luma_matching \
+            and mode == "compressed"
         self._residual_stride = int(getattr(self.model.config, "residual_stride", 1))
         self._deblock_p_frames = bool(getattr(self.model.config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
@@ -448,10 +450,8 @@ class SegmentationEngine:
 
     def _run_i(self, works: list[_Work]):
         with self._autocast(self._i_dtype):
-            if self._uses_luma:
-                logits, state = self.model.i_frame(self._rgb_tensor(works), luma=self._luma_tensor(works))
-            else:
-                logits, state = self.model.i_frame(self._rgb_tensor(works))
+            logits, state = self.model.i_frame(self._rgb_tensor(works),
+                                               luma=self._luma_tensor(works) if self._uses_luma else None)
         masks = self._masks(logits, works)
         states = [state] if len(works) == 1 else split_state(state, [1] * len(works))
         out = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cvseg_ros.model import luma_matching
-from cvseg_ros.model.segmenter import CompressedSegmenter, luma_cells_from_rgb, make_config, warp
+from cvseg_ros.model.segmenter import CompressedSegmenter, make_config, warp
 from cvseg_ros.stream import H264StreamDecoder
 from cvseg_ros.video import encode_frames
 
@@ -45,11 +45,12 @@ def test_reader_gives_the_luma_of_every_cell(val_gop):
     assert [f.kind for f in val_gop] == ["I"] + ["P"] * 11
     for f in val_gop:
         assert f.luma_cells.shape == (90, 120) and f.luma_cells.dtype == np.uint8
-    # the fallback from RGB (BT.601, limited range) lands on the decoder's luma scale
-    i_frame = val_gop[0]
-    rgb = torch.from_numpy(i_frame.rgb).permute(2, 0, 1)[None].float() / 255
-    from_rgb = luma_cells_from_rgb(rgb)[0, 0].numpy()
-    assert np.abs(from_rgb - i_frame.luma_cells).mean() < 1.5
+    # the mean of each 4x4 cell of the decoded luma: the I-frame's against its RGB (BT.601,
+    # limited range, as the decoder converted it)
+    rgb = val_gop[0].rgb.astype(np.float32)
+    luma = 16 + (rgb @ np.array([0.299, 0.587, 0.114], np.float32)) * 219 / 255
+    cells = luma.reshape(90, 4, 120, 4).mean(axis=(1, 3))
+    assert np.abs(cells - val_gop[0].luma_cells).mean() < 1.5
 
 
 def test_matching_moves_only_outline_cells_to_a_better_matching_neighbour_vector(val_gop):
@@ -114,8 +115,12 @@ def test_model_carries_the_i_frame_luma_and_corrects_its_motion(val_gop):
         # same weights: only the corrected motion (and so the match guide) tells them apart
         assert not torch.equal(state[3], plain_state[3])
         assert (logits.argmax(1) != plain_logits.argmax(1)).any()
-    with pytest.raises(ValueError, match="luma"):
-        model.state_from_i_frame(*model.i_frame_net(rgb))
+        # without the I-frame's luma (the engine's other modes) the state holds none and the
+        # P-frames run unmatched: as the plain model
+        _, bare = model.i_frame(rgb)
+        assert len(bare) == 4
+        unmatched, _ = model.p_frame(state=bare, **inputs)
+        assert torch.equal(unmatched, plain.p_frame(state=bare, **inputs)[0])
     with pytest.raises(ValueError, match="accumulate"):
         make_config("improved", accumulate=False, luma_matching=True)
 
@@ -151,5 +156,9 @@ def test_engine_can_leave_the_matching_off(val_gop):
         engine.model.p_frame = lambda *a, **k: seen.append(k.get("luma")) or p_frame(*a, **k)
         masks[on] = [r.mask for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
         assert len(seen) == 11 and all((luma is not None) == on for luma in seen)
+        assert len(engine._cameras["cam"].state) == (5 if on else 4)   # the I-frame's luma kept or not
     assert np.array_equal(masks[True][0], masks[False][0])            # the I-frame
+    per_frame = SegmentationEngine(device="cpu", mode="per_frame")   # no luma work in the other modes
+    per_frame.process([("cam", units[0], 0)])
+    assert len(per_frame._cameras["cam"].state) == 4
     assert any(not np.array_equal(a, b) for a, b in zip(masks[True][1:], masks[False][1:]))

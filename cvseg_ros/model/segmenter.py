@@ -99,14 +99,6 @@ _GRIDS: dict = {}
 MATCH_SCALE = 1.0 / 32.0
 
 
-def luma_cells_from_rgb(rgb: torch.Tensor) -> torch.Tensor:
-    """[B,3,H,W] RGB in 0..1 -> [B,1,H/4,W/4] mean luma per 4x4 cell on the decoder's scale
-    (BT.601, limited range 16..235): the luma cells of a frame when only its RGB is at hand."""
-    weights = rgb.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) * 219.0
-    luma = (rgb.float() * weights.float()).sum(dim=1, keepdim=True) + 16.0
-    return F.avg_pool2d(luma, 4, ceil_mode=True)
-
-
 def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[1,h,w,2] normalised (x, y) coordinates of the pixel centres of an h x w map (cached)."""
     key = (h, w, device, dtype)
@@ -249,15 +241,14 @@ class CompressedSegmenter(nn.Module):
 
     # -- I-frames ---------------------------------------------------------------------------
     def i_frame(self, rgb: torch.Tensor, luma: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
-        """``luma``: the frame's luma cells [B,1,H/4,W/4] as the decoder gave them (used when the
-        configuration matches luma; default: computed from ``rgb``)."""
+        """``luma``: the frame's luma cells [B,1,H/4,W/4] (0..255) as the decoder gave them; a
+        configuration that matches luma keeps them in the state (without them, this GOP's
+        P-frames are not matched)."""
         z, logits = self.i_frame_net(rgb)
-        if self.config.uses_luma and luma is None:
-            luma = luma_cells_from_rgb(rgb)
         return logits, self.state_from_i_frame(z, logits, luma)
 
     def state_from_i_frame(self, z: torch.Tensor, logits: torch.Tensor, luma: torch.Tensor | None = None) -> State:
-        """``luma``: the I-frame's luma cells, needed when the configuration matches luma."""
+        """``luma``: the I-frame's luma cells (see :meth:`i_frame`)."""
         c = self.config
         zh, zw = z.shape[-2:]
         if c.name == "paper":   # H/8 -> H/32
@@ -270,9 +261,7 @@ class CompressedSegmenter(nn.Module):
         h = self.init_state(z)
         if c.accumulate:   # + the I-frame's logits and the motion accumulated since (none yet)
             acc = seg.new_zeros(seg.shape[0], 2, *seg.shape[-2:])
-            if c.uses_luma:   # + the I-frame's luma cells
-                if luma is None:
-                    raise ValueError(f"the {c.name} configuration matches luma: pass the I-frame's luma cells")
+            if c.uses_luma and luma is not None:   # + the I-frame's luma cells
                 return h, torch.zeros_like(h), seg, acc, luma.float()[..., : seg.shape[-2], : seg.shape[-1]]
             return h, torch.zeros_like(h), seg, acc
         return h, torch.zeros_like(h), seg
@@ -286,7 +275,8 @@ class CompressedSegmenter(nn.Module):
         :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None).
         ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none).
         ``luma``: [B,1,H/4,W/4], the frame's luma cells (0..255; used when the configuration
-        matches luma; None: the accumulated motion is not corrected and the match guide is 0)."""
+        matches luma and the state holds the I-frame's; else the accumulated motion is not corrected
+        and the match guide is 0)."""
         c = self.config
         # once: the residual CNN's input and the head's guide
         pooled = ResidualCNN.pool(residual, cell=4 // c.residual_stride) if residual_stats is None \
@@ -309,8 +299,8 @@ class CompressedSegmenter(nn.Module):
             i_frame_seg = seg
             acc = motion_vectors + warp(state[3], motion_vectors)
             if c.uses_luma:
-                i_frame_luma = state[4]
-                if luma is not None:
+                i_frame_luma = state[4] if len(state) > 4 else None
+                if luma is not None and i_frame_luma is not None:
                     luma = luma.float()[..., : acc.shape[-2], : acc.shape[-1]]
                     if c.luma_matching:
                         acc = refine_accumulated_motion(acc, luma, i_frame_luma)
