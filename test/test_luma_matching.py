@@ -64,9 +64,8 @@ def test_matching_moves_only_outline_cells_to_a_better_matching_neighbour_vector
         # every new vector is one of the cell's 3x3 neighbours' vectors ...
         neighbours = torch.stack([luma_matching._shifted(raw, di, dj) for di, dj in luma_matching.NEIGHBOURS], 1)
         assert ((neighbours == refined[:, None]).all(dim=2)).any(dim=1)[0][changed].all()
-        # ... on an outline: a neighbour's vector differs from the cell's by more than SPREAD ...
-        spread = (neighbours - raw[:, None]).abs().sum(dim=2).amax(dim=1)[0]
-        assert (spread[changed] > luma_matching.SPREAD).all()
+        # ... on an outline: along a row, column or diagonal the field bends by more than SPREAD ...
+        assert luma_matching.outlines(raw)[0][changed].all()
         # ... that matches the pixels better than the old one, by the margin
         scale = 1.0 / luma_matching.CELL
         before = luma_matching.patch_costs(raw, luma, ref, scale)[0]
@@ -89,6 +88,16 @@ def test_a_smoothly_moving_picture_is_left_alone(val_gop):
     raw, luma, ref = accumulated_motions(val_gop)[5]
     uniform = torch.ones_like(raw) * raw.mean(dim=(2, 3), keepdim=True)
     assert torch.equal(luma_matching.refine_accumulated_motion(uniform, luma, ref), uniform)
+    # a zoom (driving forward): the vectors grow towards the edges, by up to 3 px from cell to
+    # cell, but steadily: no outline
+    ys, xs = torch.meshgrid(torch.arange(90.0), torch.arange(120.0), indexing="ij")
+    zoom = torch.stack([(xs - 60) * 3.0, (ys - 45) * 3.0])[None]
+    assert not luma_matching.outlines(zoom).any()
+    assert torch.equal(luma_matching.refine_accumulated_motion(zoom, luma, ref), zoom)
+    # a step between two motions is an outline on both sides
+    step = torch.zeros(1, 2, 90, 120)
+    step[:, 0, :, 60:] = 8.0
+    assert luma_matching.outlines(step)[0, 1:-1].nonzero()[:, 1].unique().tolist() == [59, 60]
     with pytest.raises(ValueError, match="cover"):   # the compiled loop would read past the maps
         luma_matching.refine_accumulated_motion(raw, luma[..., :-1, :], ref)
 

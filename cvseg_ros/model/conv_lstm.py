@@ -16,6 +16,10 @@ class ConvLSTM(nn.Module):
         with torch.no_grad():  # forget-gate bias 1: keep the I-frame state by default
             self.gates.bias.zero_()
             self.gates.bias[hidden_channels:2 * hidden_channels].fill_(1.0)
+        # the gates' scale in the channels-last path: 1 for i, f, o; 2 for g (tanh(g) = 2 sigmoid(2g) - 1)
+        scale = torch.ones(4 * hidden_channels)
+        scale[3 * hidden_channels:] = 2
+        self.register_buffer("gate_scale", scale, persistent=False)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +33,12 @@ class ConvLSTM(nn.Module):
         if not gates.is_contiguous() and gates.is_contiguous(memory_format=torch.channels_last):
             # channels-last (inference copy): the same arithmetic on the NHWC view, where each
             # gate is a run of channels (channel slices of the NCHW view are slow, strided loops)
-            gp, cp = gates.permute(0, 2, 3, 1), c.permute(0, 2, 3, 1)
-            s = torch.sigmoid(gp[..., : 3 * n])
-            cp = torch.addcmul(s[..., n: 2 * n] * cp, s[..., :n], torch.tanh(gp[..., 3 * n:]))
-            hp = s[..., 2 * n:] * torch.tanh(cp)
+            # in fp32, and tanh(x) as 2 sigmoid(2x) - 1: PyTorch's CPU tanh (and any bf16
+            # arithmetic) is several times slower than its sigmoid
+            gp, cp = gates.permute(0, 2, 3, 1).float(), c.permute(0, 2, 3, 1)
+            s = torch.sigmoid(gp * self.gate_scale)
+            cp = torch.addcmul(s[..., n: 2 * n] * cp, s[..., :n], s[..., 3 * n:] * 2 - 1)
+            hp = s[..., 2 * n: 3 * n] * (torch.sigmoid(cp * 2) * 2 - 1)
             return hp.permute(0, 3, 1, 2), cp.permute(0, 3, 1, 2)
         i, f, o, g = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)

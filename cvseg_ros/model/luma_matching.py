@@ -6,9 +6,9 @@ in the I-frame. Built from block vectors and resampled frame after frame, it ble
 of an object and its background along their outline, and the I-frame's labels then trail behind
 moving objects (cars, cyclists) or spread over the background. The decoder gives us the luma of
 both pictures, so each cell can check its vector: the mean luma of the 3x3 cells around it in this
-frame against the I-frame's luma where the vector points. Where the vector field varies around a
-cell (an outline) and that check fails, the cell takes the vector of the neighbour (3x3) that
-matches best, by a margin. The state keeps the corrected motion, so a correction carries on.
+frame against the I-frame's luma where the vector points. Where the vector field bends (an
+outline between two motions) and that check fails, the cell takes the vector of the neighbour
+(3x3) that matches best, by a margin. The state keeps the corrected motion, so a correction carries on.
 
 On the CPU a compiled loop (a few thousand cells of a 90x120 map are searched); elsewhere
 (CUDA) the same decisions as tensor operations.
@@ -27,9 +27,15 @@ CELL = 4
 #: the 3x3 neighbourhood: the cell itself first (it wins ties), then row by row (the compiled
 #: loop's order)
 NEIGHBOURS = [(0, 0)] + [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
-#: a cell is searched only where a neighbour's vector differs from its own by more than this
-#: (input pixels, |dx| + |dy|): inside a smoothly moving region every vector is as good
+#: a cell is searched only where the field bends by more than this (input pixels, |dx| + |dy|):
+#: along a line through the cell (a row, a column or a diagonal), the vectors on either side sum
+#: to more than this away from twice its own. At an outline between two motions the field steps
+#: and bends on both sides of the step; inside a moving region it is smooth, even where it is
+#: steep (driving forward, the vectors grow steadily towards the frame's edges), and every vector
+#: is as good as its neighbours'
 SPREAD = 2.5
+#: the lines (row, column, diagonals) along which the bend is measured, each as one direction
+BENDS = ((0, 1), (1, 0), (1, 1), (1, -1))
 #: ... and only where its own vector matches worse than this (sum of |luma difference| over the
 #: 3x3 cells, grey levels): about 4.5 per cell
 GOOD = 40.0
@@ -73,16 +79,18 @@ def _patch_cost(luma, ref, i, j, vx, vy, limit):
 
 @compiled
 def _mark_outlines(ax, ay, spread, outline):
-    """outline[i, j] = some 3x3 neighbour's vector differs from (ax, ay)[i, j] by more than
-    ``spread`` (|dx| + |dy|); each neighbouring pair is compared once."""
+    """outline[i, j] = the field (ax, ay) bends at (i, j) by more than ``spread`` in some direction
+    (see :data:`BENDS`); cells on the map's border are not outlines."""
     h, w = ax.shape
     outline[:] = False
-    for i in range(h):
-        for j in range(w):
-            for qi, qj in ((i, j + 1), (i + 1, j - 1), (i + 1, j), (i + 1, j + 1)):
-                if 0 <= qj < w and qi < h and abs(ax[qi, qj] - ax[i, j]) + abs(ay[qi, qj] - ay[i, j]) > spread:
+    for i in range(1, h - 1):
+        for j in range(1, w - 1):
+            for di, dj in BENDS:
+                bend = (abs(ax[i + di, j + dj] + ax[i - di, j - dj] - 2 * ax[i, j])
+                        + abs(ay[i + di, j + dj] + ay[i - di, j - dj] - 2 * ay[i, j]))
+                if bend > spread:
                     outline[i, j] = True
-                    outline[qi, qj] = True
+                    break
 
 
 @compiled(fastmath=True)
@@ -134,6 +142,18 @@ def _shifted(x: torch.Tensor, di: int, dj: int) -> torch.Tensor:
     return x[..., rows, :][..., cols]
 
 
+def outlines(acc: torch.Tensor) -> torch.Tensor:
+    """[B,h,w] bool: where the field ``acc`` [B,2,h,w] bends by more than :data:`SPREAD` (as the
+    compiled loop decides; the map's border cells are not outlines)."""
+    h, w = acc.shape[-2:]
+    bends = torch.stack([(_shifted(acc, di, dj) + _shifted(acc, -di, -dj) - 2 * acc).abs().sum(dim=1)
+                         for di, dj in BENDS], dim=1)
+    outline = (bends > SPREAD).any(dim=1)
+    inside = torch.zeros(h, w, dtype=torch.bool, device=acc.device)
+    inside[1:-1, 1:-1] = True
+    return outline & inside
+
+
 def patch_costs(vectors: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
     """[B,h,w]: for each cell, the sum over the 3x3 cells around it of |luma - ref sampled at the
     cell + its vector| (``vectors`` [B,2,h,w] in input pixels, times ``scale`` in cells; bilinear,
@@ -158,7 +178,7 @@ def _refine_tensors(acc: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, sc
     b, _, h, w = acc.shape
     offsets = NEIGHBOURS
     candidates = torch.stack([_shifted(acc, di, dj) for di, dj in offsets], dim=1)   # [B,9,2,h,w]
-    outline = ((candidates - acc[:, None]).abs().sum(dim=2) > SPREAD).any(dim=1)    # [B,h,w]
+    outline = outlines(acc)
     n = len(offsets)
     costs = patch_costs(candidates.flatten(0, 1), luma.repeat_interleave(n, dim=0),
                         ref.repeat_interleave(n, dim=0), scale).view(b, n, h, w)
