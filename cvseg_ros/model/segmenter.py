@@ -190,8 +190,8 @@ def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
 class CorrectionHead(nn.Module):
     """Residual-guided correction of the warped logits, per pixel at the output resolution.
 
-    ``head(h, seg, guides)`` = conv1x1(relu(up(P_h h) + P_s [seg, *guides])): the same as a 1x1
-    network on the concatenation of the upsampled state, the logits and the guides (residual
+    ``head(h, seg, guides)`` = seg + conv1x1(relu(up(P_h h) + P_s [seg, *guides])): the same as a
+    1x1 network on the concatenation of the upsampled state, the logits and the guides (residual
     statistics, intra cells), but the state's projection runs at the state's (coarse) resolution
     and no wide map is built at H/4.
     """
@@ -203,11 +203,29 @@ class CorrectionHead(nn.Module):
         self.out = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
+        """The corrected logits, in seg's dtype and layout."""
+        if seg.permute(0, 2, 3, 1).is_contiguous() and h.permute(0, 2, 3, 1).is_contiguous():
+            return self._channels_last(h, seg, guides)
         state = F.interpolate(self.state_proj(h), size=seg.shape[-2:], mode="bilinear", align_corners=False)
         x = self.pixel_proj(torch.cat([seg, *(g.to(seg.dtype) for g in guides)], dim=1)) + state
-        # in seg's dtype (fp32 under autocast): the caller adds it to seg, and mixed-dtype
-        # arithmetic is slower than the cast
-        return self.out(torch.relu_(x)).to(seg.dtype)
+        # in seg's dtype (fp32 under autocast): mixed-dtype arithmetic is slower than the cast
+        return seg + self.out(torch.relu_(x)).to(seg.dtype)
+
+    def _channels_last(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` for channels-last maps (the inference copy): each 1x1 layer as one matrix
+        product over the pixels' rows (NHWC), without its bias; the sums and biases in seg's dtype.
+        (On the CPU, convolutions over NHWC maps of a few channels, a concatenation of mixed
+        layouts, bf16 bias additions and mixed-dtype sums cost about twice as much.) The first
+        layer's bias joins the state's projection before the upsampling, which keeps constants."""
+        b, k, height, width = seg.shape
+        rows = lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])   # noqa: E731  [B*H*W, C]
+        state = F.linear(rows(h), self.state_proj.weight.flatten(1)).to(seg.dtype).add_(self.pixel_proj.bias)
+        state = state.view(b, *h.shape[-2:], -1).permute(0, 3, 1, 2)     # channels-last
+        state = F.interpolate(state, size=(height, width), mode="bilinear", align_corners=False)
+        pixels = torch.cat([rows(seg), rows(torch.cat([g.to(seg.dtype) for g in guides], dim=1))], dim=1)
+        x = F.linear(pixels, self.pixel_proj.weight.flatten(1)).to(seg.dtype).add_(rows(state)).relu_()
+        out = F.linear(x, self.out.weight.flatten(1)).to(seg.dtype).add_(rows(seg)).add_(self.out.bias)
+        return out.view(b, height, width, k).permute(0, 3, 1, 2)
 
 
 class CompressedSegmenter(nn.Module):
@@ -315,7 +333,7 @@ class CompressedSegmenter(nn.Module):
         guides = [pooled, intra] if c.intra else [pooled]
         if match is not None:
             guides.append(match)
-        seg = seg + self.head(h, seg, [g[..., : seg.shape[-2], : seg.shape[-1]] for g in guides])
+        seg = self.head(h, seg, [g[..., : seg.shape[-2], : seg.shape[-1]] for g in guides])
         if c.accumulate:
             return seg, (h, cell, i_frame_seg, acc, *state[4:])
         return seg, (h, cell, seg)
