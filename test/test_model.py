@@ -271,3 +271,42 @@ def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
     trained = torch.randn(1, 11, 90, 120, requires_grad=True)
     segmenter.warp(trained.contiguous(memory_format=torch.channels_last), mv[:1]).sum().backward()
     assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
+def test_channels_last_head_and_conv_lstm_compute_the_trained_layers(real_units):
+    """The inference copy's correction head (row-wise matrix products over channels-last maps) and
+    ConvLSTM (fp32 gates, tanh as a sigmoid) give what the trained layers give on the same inputs,
+    taken from the shipped model's P-frames on real reader output; in fp32 and under bf16 autocast
+    (the engine's precision on a CPU with native bf16)."""
+    from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
+    from cvseg_ros.model.inference import inference_copy
+    model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors")
+    fast = inference_copy(model.eval())
+    seen = []
+    head = fast.head.forward
+    fast.head.forward = lambda *a: seen.append(a) or head(*a)
+    frames = decode(real_units, model.config.residual_stride)
+    rgb = torch.from_numpy(frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        _, state = fast.i_frame(rgb.contiguous(memory_format=torch.channels_last))
+        for f in frames[1:4]:
+            _, state = fast.p_frame(torch.from_numpy(f.motion_vectors)[None],
+                                    torch.from_numpy(f.residual)[None, None].float() / 255, state,
+                                    intra=torch.from_numpy(f.intra)[None, None].float())
+        h, seg, guides = seen[-1]
+        assert seg.is_contiguous(memory_format=torch.channels_last) and not seg.is_contiguous()
+        planar = lambda t: t.contiguous()   # noqa: E731  (NCHW: the trained layers' path)
+        lstm_in = torch.randn(1, fast.conv_lstm.gates.in_channels - h.shape[1], *h.shape[-2:])
+        cell = state[1]
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got = fast.head(h, seg, guides)
+                want = model.head(planar(h), planar(seg), [planar(g) for g in guides])
+                got_h, got_c = fast.conv_lstm(lstm_in.contiguous(memory_format=torch.channels_last), (h, cell))
+                want_h, want_c = model.conv_lstm(lstm_in, (planar(h), planar(cell)))
+                assert want_h.is_contiguous() and not got_h.is_contiguous()   # the two paths ran
+            assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == seg.dtype
+            tolerance = 0.1 if autocast else 1e-4   # bf16: products rounded to 8 bits of mantissa
+            assert (got - want).abs().max() < tolerance * max(1.0, want.abs().max().item() / 10)
+            assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
+            assert (got_h - want_h).abs().max() < tolerance and (got_c - want_c).abs().max() < tolerance
