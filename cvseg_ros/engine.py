@@ -300,6 +300,13 @@ class SegmentationEngine:
         scale = min(1.0, self.reference_height / height)
         return _round8(height * scale), _round8(width * scale)
 
+    @property
+    def restart_is_costly(self) -> bool:
+        """Whether restarting a camera's state on a P-frame costs more than the P-frame would: it
+        runs the I-frame network, which the ``compressed`` and ``iframe_copy`` modes run only on
+        I-frames and ``per_frame`` runs on every frame."""
+        return self.mode != "per_frame"
+
     def residual_size(self, height: int, width: int) -> tuple[int, int]:
         """Size of the residual image the model takes: the work size / the model's residual stride."""
         h, w = self.work_size(height, width)

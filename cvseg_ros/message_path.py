@@ -517,8 +517,9 @@ class MessagePath:
         """After frames were skipped, restart the state only on an IDR or once the camera's queue
         is empty: a restart on a P-frame runs the I-frame network (several P-frames' cost), which
         would put an engine that is already behind further behind. Then ``item`` is decoded only
-        (a counted queue drop). Not in ``per_frame`` mode, where every frame costs the same."""
-        if item.idr or getattr(self.engine, "mode", "compressed") == "per_frame":
+        (a counted queue drop). Not where a restart costs no more than any frame
+        (:attr:`SegmentationEngine.restart_is_costly`)."""
+        if item.idr or not self.engine.restart_is_costly:
             return False
         with self._cond:
             if not len(cam.queue):

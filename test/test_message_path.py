@@ -274,6 +274,23 @@ def test_queue_policy_when_the_engine_falls_behind(make_engine, gop12_units):
     assert [o.network for o in cam.outputs[3:]] == ["i_frame", "p_frame", "p_frame"]
 
 
+def test_per_frame_mode_restarts_at_once_after_a_backlog(make_engine, gop12_units):
+    """The same backlog in ``per_frame`` mode, where every frame runs the I-frame network: a restart
+    costs no more than any frame, so nothing waits for the queue to empty. The five oldest are
+    decoded only (depth 3), then 6, 7 and 8 are segmented."""
+    engine = make_engine(mode="per_frame")
+    assert not engine.restart_is_costly and make_engine().restart_is_costly
+    cam = Camera(engine, queue_depth=3)
+    cam.send(gop12_units[0], T0)
+    for i in range(1, 9):
+        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
+    cam.process()
+    v = cam.assert_accounted()
+    assert v["queue_drops"] == "5" and v["queue_decode_only"] == "5"
+    assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + i * PERIOD for i in (6, 7, 8)]
+    assert all(o.network == "i_frame" for o in cam.outputs)
+
+
 def test_queue_backlog_limit_waits_for_an_idr(make_engine, gop12_units):
     """Decoding falls behind too (more than the backlog limit queued): units are discarded
     undecoded and nothing but an IDR is taken next; no mask from a picture with lost references."""
