@@ -23,7 +23,8 @@ class MotionCompensator:
         height, width = previous.shape[:2]
         rows, cols = field.shape[1:]
         # block-constant vectors: nearest upsampling of the small (rows, cols, 2) field
-        small = np.ascontiguousarray(field.transpose(1, 2, 0))
+        # (interleaved by cv2.merge: several times faster than NumPy's transposing copy)
+        small = cv2.merge([np.ascontiguousarray(field[0]), np.ascontiguousarray(field[1])])
         offsets = cv2.resize(small, (cols * grid, rows * grid), interpolation=cv2.INTER_NEAREST)
         if offsets.shape[:2] != (height, width):
             offsets = np.ascontiguousarray(offsets[:height, :width])
