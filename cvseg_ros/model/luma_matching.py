@@ -10,7 +10,7 @@ frame against the I-frame's luma where the vector points. Where the vector field
 outline between two motions) and that check fails, the cell takes the vector of the neighbour
 (3x3) that matches best, by a margin. The state keeps the corrected motion, so a correction carries on.
 
-On the CPU a compiled loop (a few thousand cells of a 90x120 map are searched); elsewhere
+On the CPU a compiled loop (a few thousand cells of a 90x120 map are checked, fewer searched); elsewhere
 (CUDA) the same decisions as tensor operations.
 """
 from __future__ import annotations
