@@ -159,6 +159,100 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
     return out
 
 
+def _bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, ...]:
+    """Per output index of a bilinear resize from ``n_in`` to ``n_out`` (``align_corners=False``,
+    border-clamped, as ``F.interpolate``): the two input indices, the second one's weight, and the
+    starts of the runs of outputs that share their input indices (with ``n_out`` appended)."""
+    key = (n_out, n_in)
+    taps = _TAPS.get(key)
+    if taps is None:
+        source = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        first = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+        second = np.minimum(first + 1, n_in - 1)
+        weight = (source - first).astype(np.float32)
+        runs = np.flatnonzero(np.diff(first, prepend=-1)).astype(np.int64)
+        taps = (first, second, weight, np.append(runs, n_out))
+        if len(_TAPS) > 64:
+            _TAPS.clear()
+        _TAPS[key] = taps
+    return taps
+
+
+_TAPS: dict = {}
+
+
+@compiled(fastmath=True)
+def _mend_upsampled_ids(logits, ids, y0s, y1s, wys, y_runs, x0s, x1s, wxs, x_runs, out):
+    """``out`` [H,W] holds the nearest upsampling of ``ids`` [h,w] (the arg-max of ``logits``
+    [h,w,C]); rewrite each pixel whose four bilinear cells do not all win with the same class: the
+    class among theirs whose bilinearly interpolated logit is largest (the lowest on ties)."""
+    classes = np.empty(4, np.int64)
+    corners = np.empty((4, 4), np.float32)
+    one = np.float32(1)
+    for ry in range(len(y_runs) - 1):
+        ya, yb = y_runs[ry], y_runs[ry + 1]
+        r0, r1 = y0s[ya], y1s[ya]
+        for rx in range(len(x_runs) - 1):
+            xa, xb = x_runs[rx], x_runs[rx + 1]
+            c0, c1 = x0s[xa], x1s[xa]
+            k00, k01, k10, k11 = ids[r0, c0], ids[r0, c1], ids[r1, c0], ids[r1, c1]
+            if k00 == k01 and k00 == k10 and k00 == k11:
+                continue   # an average of logits that all rank k first ranks k first: nearest is right
+            n = 0   # the distinct classes, ascending
+            for k in (k00, k01, k10, k11):
+                t = n
+                while t > 0 and classes[t - 1] > k:
+                    t -= 1
+                if t > 0 and classes[t - 1] == k:
+                    continue
+                for s in range(n, t, -1):
+                    classes[s] = classes[s - 1]
+                classes[t] = k
+                n += 1
+            for t in range(n):
+                c = classes[t]
+                corners[t, 0], corners[t, 1] = logits[r0, c0, c], logits[r0, c1, c]
+                corners[t, 2], corners[t, 3] = logits[r1, c0, c], logits[r1, c1, c]
+            for y in range(ya, yb):
+                wy = wys[y]
+                for x in range(xa, xb):
+                    wx = wxs[x]
+                    w00, w01, w10, w11 = (one - wy) * (one - wx), (one - wy) * wx, wy * (one - wx), wy * wx
+                    best = w00 * corners[0, 0] + w01 * corners[0, 1] + w10 * corners[0, 2] + w11 * corners[0, 3]
+                    label = classes[0]
+                    for t in range(1, n):
+                        v = w00 * corners[t, 0] + w01 * corners[t, 1] + w10 * corners[t, 2] + w11 * corners[t, 3]
+                        if v > best:
+                            best, label = v, classes[t]
+                    out[y, x] = label
+
+
+def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """[1,C,h,w] logits -> [height, width] uint8 class ids of the logits resized bilinearly
+    (``F.interpolate(..., mode="bilinear")``) to ``height`` x ``width``: smoother outlines than
+    resizing the ids, at a fraction of the cost of resizing the logits. ``ids``: ``class_ids(logits)[0]``
+    when the caller has it.
+
+    On the CPU, pixels whose four bilinear cells all rank the same class first get it (exactly the
+    resized logits' arg-max there); each other pixel gets, among the classes ranked first at its
+    four cells, the one with the largest interpolated logit (in the tests, the full arg-max differs
+    on about 0.02 % of the pixels, where a fifth class wins). On a GPU the exact arg-max."""
+    logits = logits.detach()
+    if logits.device.type != "cpu":
+        resized = torch.nn.functional.interpolate(logits.float(), size=(height, width), mode="bilinear",
+                                                  align_corners=False)
+        return _class_ids_on_device(resized)[0].cpu().numpy()
+    if ids is None:
+        ids = class_ids(logits)[0]
+    out = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+    if logits.shape[1] < 2:
+        return out
+    rows = logits[0].permute(1, 2, 0).float()
+    _mend_upsampled_ids(np.ascontiguousarray(rows.numpy()), ids, *_bilinear_taps(height, logits.shape[2]),
+                        *_bilinear_taps(width, logits.shape[3]), out)
+    return out
+
+
 def warm_up_compiled(motion: bool) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
     first frame waits for them (about 1 s each without the cache). ``motion``: also the
@@ -166,6 +260,7 @@ def warm_up_compiled(motion: bool) -> None:
     logits = torch.zeros(1, 2, 4, 4)
     class_ids(logits)
     class_ids(logits.contiguous(memory_format=torch.channels_last))
+    upsampled_class_ids(logits.contiguous(memory_format=torch.channels_last), 8, 8)
     if motion:
         warm_up_motion_analysis()
         luma_matching.warm_up()
@@ -438,15 +533,14 @@ class SegmentationEngine:
         return self._batch(cells).to(self.device, non_blocking=True).unsqueeze(1).float()
 
     def _masks(self, logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
-        """Decide labels at the logits' resolution, then nearest-resize the uint8 ids to the frame."""
+        """Class ids at each frame's size: the arg-max of the logits, bilinearly resized where
+        their size differs (P-frames at H/4, frames larger than the work size)."""
+        sizes = [(wk.frame.height, wk.frame.width) for wk in works]
+        if self.device.type != "cpu" and any(s != tuple(logits.shape[-2:]) for s in sizes):
+            return [upsampled_class_ids(logits[i: i + 1], *size) for i, size in enumerate(sizes)]
         ids = class_ids(logits)
-        masks = []
-        for small, wk in zip(ids, works):
-            f = wk.frame
-            if small.shape != (f.height, f.width):
-                small = cv2.resize(small, (f.width, f.height), interpolation=cv2.INTER_NEAREST)
-            masks.append(small)
-        return masks
+        return [small if small.shape == size else upsampled_class_ids(logits[i: i + 1], *size, ids=small)
+                for i, (small, size) in enumerate(zip(ids, sizes))]
 
     def _result(self, wk: _Work, mask: np.ndarray, network: str) -> tuple[_Work, SegmentationResult]:
         cam = self._cameras[wk.camera]

@@ -228,6 +228,46 @@ def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
     assert on_device.dtype == torch.uint8 and np.array_equal(on_device.numpy(), want)
 
 
+def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winners(real_units):
+    """P-frame masks: the shipped model's H/4 logits of real P-frames resized bilinearly to the
+    frame, then the arg-max. Where a pixel's four bilinear cells rank the same class first it is
+    that class (the nearest resize of the ids); elsewhere the best of the cells' first classes by
+    the interpolated logits, exactly; nearly everywhere the full arg-max of the resized logits. The
+    GPU's tensor formulation gives the full arg-max."""
+    import torch.nn.functional as F
+    from cvseg_ros.engine import _bilinear_taps, _class_ids_on_device, upsampled_class_ids
+    engine = SegmentationEngine(device="cpu")
+    captured = []
+    run_p = engine.model.p_frame
+
+    def p_frame(**inputs):
+        logits, state = run_p(**inputs)
+        captured.append(logits)
+        return logits, state
+    engine.model.p_frame = p_frame
+    for i, unit in enumerate(real_units[:4]):
+        engine.process([("cam", unit, i)])
+    assert len(captured) == 3
+    for logits in captured:
+        logits = logits.float()
+        assert logits.shape[-2:] == (90, 120)
+        got = upsampled_class_ids(logits, 360, 480)
+        resized = F.interpolate(logits.contiguous(), size=(360, 480), mode="bilinear", align_corners=False)[0]
+        ids = logits[0].argmax(0)
+        (rows, rows2), (cols, cols2) = ([torch.from_numpy(t) for t in _bilinear_taps(n, m)[:2]]
+                                        for n, m in ((360, 90), (480, 120)))
+        winners = torch.stack([ids[r][:, c] for r in (rows, rows2) for c in (cols, cols2)])   # [4,H,W]
+        agree = (winners == winners[0]).all(0)
+        nearest = ids[torch.arange(360) // 4][:, torch.arange(480) // 4]
+        assert 0.02 < 1 - agree.float().mean() < 0.3            # outlines are a small share of pixels
+        assert np.array_equal(got[agree.numpy()], nearest[agree].numpy())
+        among = torch.full_like(resized, -torch.inf).scatter_(0, winners.long(), resized.gather(0, winners.long()))
+        assert np.array_equal(got, among.argmax(0).numpy())
+        full = resized.argmax(0).numpy()
+        assert (got != full).mean() < 1e-3 and (got != nearest.numpy()).mean() > 5e-3
+        assert np.array_equal(_class_ids_on_device(resized[None])[0].numpy(), full)
+
+
 def test_engine_start_prepares_the_compiled_loops():
     """A fresh process: creating a compressed-mode engine compiles (or loads) every Numba loop the
     frames will need, for the block layout PyAV exports, so no first frame waits for it."""
@@ -236,12 +276,12 @@ def test_engine_start_prepares_the_compiled_loops():
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
             "from cvseg_ros.model import luma_matching as lm, segmenter as sg\n"
             "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine,\n"
-            "         sg._warp_channels_last)\n"
+            "         sg._warp_channels_last, engine._mend_upsampled_ids)\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1]", out.stdout + out.stderr
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 1]", out.stdout + out.stderr
 
 
 def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
