@@ -247,24 +247,30 @@ def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.n
     out = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
     if logits.shape[1] < 2:
         return out
-    rows = logits[0].permute(1, 2, 0).float()
-    _mend_upsampled_ids(np.ascontiguousarray(rows.numpy()), ids, *_bilinear_taps(height, logits.shape[2]),
+    # [h,w,C] in the logits' memory layout (compiled for both: the I-frames' channels-last, the
+    # P-frames' NCHW); the loop reads only the cells of disagreeing pixels
+    pixels = logits[0].permute(1, 2, 0).float().numpy()
+    _mend_upsampled_ids(pixels, ids, *_bilinear_taps(height, logits.shape[2]),
                         *_bilinear_taps(width, logits.shape[3]), out)
     return out
 
 
-def warm_up_compiled(motion: bool) -> None:
+def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
     first frame waits for them (about 1 s each without the cache). ``motion``: also the
-    motion-vector field's, the luma matching's and the warp's (compressed mode)."""
+    motion-vector field's, the luma matching's, the warp's and ``model``'s correction head's
+    (compressed mode)."""
     logits = torch.zeros(1, 2, 4, 4)
-    class_ids(logits)
-    class_ids(logits.contiguous(memory_format=torch.channels_last))
-    upsampled_class_ids(logits.contiguous(memory_format=torch.channels_last), 8, 8)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        class_ids(logits.contiguous(memory_format=layout))
+        upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)
     if motion:
         warm_up_motion_analysis()
         luma_matching.warm_up()
         warm_up_warp()
+        head = getattr(model, "head", None)
+        if head is not None and next(head.parameters()).device.type == "cpu":
+            head.warm_up()
 
 
 def _round8(n: float) -> int:
@@ -341,7 +347,7 @@ class SegmentationEngine:
         self._i_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self._p_dtype = torch.bfloat16 if self.precision in ("bf16", "mixed") else None
         self._cameras: dict[str, _Camera] = {}
-        warm_up_compiled(motion=mode == "compressed")
+        warm_up_compiled(motion=mode == "compressed", model=self.model)
         self._color_lut = np.zeros((256, 3), np.uint8)
         self._color_lut[: len(self.palette)] = self.palette
 

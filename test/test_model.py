@@ -276,12 +276,12 @@ def test_engine_start_prepares_the_compiled_loops():
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
             "from cvseg_ros.model import luma_matching as lm, segmenter as sg\n"
             "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine,\n"
-            "         sg._warp_channels_last, engine._mend_upsampled_ids)\n"
+            "         sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16))\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 1]", out.stdout + out.stderr
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1]", out.stdout + out.stderr
 
 
 def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
@@ -313,11 +313,12 @@ def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
     assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
-def test_channels_last_head_and_conv_lstm_compute_the_trained_layers(real_units):
-    """The inference copy's correction head (row-wise matrix products over channels-last maps) and
-    ConvLSTM (fp32 gates, tanh as a sigmoid) give what the trained layers give on the same inputs,
-    taken from the shipped model's P-frames on real reader output; in fp32 and under bf16 autocast
-    (the engine's precision on a CPU with native bf16)."""
+def test_compiled_head_and_channels_last_conv_lstm_compute_the_trained_layers(real_units):
+    """The inference copy's correction head (warp and both layers in one compiled loop, fp32) and
+    ConvLSTM (channels-last, fp32 gates, tanh as a sigmoid) give what the trained layers give on
+    the same inputs (the head's warp: grid_sample), taken from the shipped model's P-frames on real
+    reader output, for a batch of two streams; in fp32 and under bf16 autocast (the engine's
+    precision on a CPU with native bf16)."""
     from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
     from cvseg_ros.model.inference import inference_copy
     model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors")
@@ -333,21 +334,28 @@ def test_channels_last_head_and_conv_lstm_compute_the_trained_layers(real_units)
             _, state = fast.p_frame(torch.from_numpy(f.motion_vectors)[None],
                                     torch.from_numpy(f.residual)[None, None].float() / 255, state,
                                     intra=torch.from_numpy(f.intra)[None, None].float())
-        h, seg, guides = seen[-1]
+        h, seg, guides, motion = seen[-1]
         assert seg.is_contiguous(memory_format=torch.channels_last) and not seg.is_contiguous()
+        assert motion.abs().max() > 4          # the accumulated motion of three P-frames
+        # a second stream: the same maps mirrored, its motion mirrored too
+        mirror = lambda t: torch.cat([t, t.flip(-1)])   # noqa: E731
+        h, seg, guides = mirror(h), mirror(seg), [mirror(g) for g in guides]
+        motion = torch.cat([motion, motion.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)])
         planar = lambda t: t.contiguous()   # noqa: E731  (NCHW: the trained layers' path)
         lstm_in = torch.randn(1, fast.conv_lstm.gates.in_channels - h.shape[1], *h.shape[-2:],
                               generator=torch.Generator().manual_seed(0))
-        cell = state[1]
+        h1, cell = h[:1].contiguous(memory_format=torch.channels_last), state[1]
         for autocast in (False, True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                got = fast.head(h, seg, guides)
-                want = model.head(planar(h), planar(seg), [planar(g) for g in guides])
-                got_h, got_c = fast.conv_lstm(lstm_in.contiguous(memory_format=torch.channels_last), (h, cell))
-                want_h, want_c = model.conv_lstm(lstm_in, (planar(h), planar(cell)))
+                got = fast.head(h, seg, guides, motion)
+                want = model.head(planar(h), planar(seg), [planar(g) for g in guides], motion)
+                got_h, got_c = fast.conv_lstm(lstm_in.contiguous(memory_format=torch.channels_last), (h1, cell))
+                want_h, want_c = model.conv_lstm(lstm_in, (planar(h1), planar(cell)))
                 assert want_h.is_contiguous() and not got_h.is_contiguous()   # the two paths ran
-            assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == seg.dtype
+            # the compiled loop ran (NCHW out of channels-last in), in fp32
+            assert got.is_contiguous() and not seg.is_contiguous() and got.dtype == torch.float32
             tolerance = 0.1 if autocast else 1e-4   # bf16: products rounded to 8 bits of mantissa
             assert (got - want).abs().max() < tolerance * max(1.0, want.abs().max().item() / 10)
             assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
+            assert torch.equal(got[1], got[1].flip(-1).flip(-1)) and (got[1].flip(-1) - got[0]).abs().max() < 1e-3
             assert (got_h - want_h).abs().max() < tolerance and (got_c - want_c).abs().max() < tolerance

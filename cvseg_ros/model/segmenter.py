@@ -19,6 +19,7 @@ Configurations (``CONFIGS``):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -193,7 +194,8 @@ class CorrectionHead(nn.Module):
     ``head(h, seg, guides)`` = seg + conv1x1(relu(up(P_h h) + P_s [seg, *guides])): the same as a
     1x1 network on the concatenation of the upsampled state, the logits and the guides (residual
     statistics, intra cells), but the state's projection runs at the state's (coarse) resolution
-    and no wide map is built at H/4.
+    and no wide map is built at H/4. ``head(h, seg, guides, motion)``: seg is first warped along
+    ``motion`` (:func:`warp`).
     """
 
     def __init__(self, hidden_channels: int, num_classes: int, width: int, guide_channels: int = 2) -> None:
@@ -202,30 +204,110 @@ class CorrectionHead(nn.Module):
         self.pixel_proj = nn.Conv2d(num_classes + guide_channels, width, 1)
         self.out = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
-        """The corrected logits, in seg's dtype and layout."""
-        if seg.permute(0, 2, 3, 1).is_contiguous() and h.permute(0, 2, 3, 1).is_contiguous():
-            return self._channels_last(h, seg, guides)
+    def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor],
+                motion: torch.Tensor | None = None) -> torch.Tensor:
+        """The corrected logits, in seg's dtype (NCHW)."""
+        if (seg.device.type == "cpu" and seg.dtype == torch.float32 and seg.permute(0, 2, 3, 1).is_contiguous()
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, seg, *self.parameters())))):
+            return self._compiled(h, seg, guides, motion)
+        if motion is not None:
+            seg = warp(seg, motion)
         state = F.interpolate(self.state_proj(h), size=seg.shape[-2:], mode="bilinear", align_corners=False)
         x = self.pixel_proj(torch.cat([seg, *(g.to(seg.dtype) for g in guides)], dim=1)) + state
         # in seg's dtype (fp32 under autocast): mixed-dtype arithmetic is slower than the cast
         return seg + self.out(torch.relu_(x)).to(seg.dtype)
 
-    def _channels_last(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
-        """:meth:`forward` for channels-last maps (the inference copy): each 1x1 layer as one matrix
-        product over the pixels' rows (NHWC), without its bias; the sums and biases in seg's dtype.
-        (On the CPU, convolutions over NHWC maps of a few channels, a concatenation of mixed
-        layouts, bf16 bias additions and mixed-dtype sums cost about twice as much.) The first
-        layer's bias joins the state's projection before the upsampling, which keeps constants."""
+    def warm_up(self) -> None:
+        """Compile (or load from Numba's disk cache) the loop of :meth:`_compiled` for this head."""
+        classes = self.out.out_channels
+        seg = torch.zeros(1, classes, 2, 2).contiguous(memory_format=torch.channels_last)
+        guides = [torch.zeros(1, self.pixel_proj.in_channels - classes, 2, 2)]
+        with torch.no_grad():
+            self._compiled(torch.zeros(1, self.state_proj.in_channels, 1, 1), seg, guides, None)
+
+    def _compiled(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor],
+                  motion: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` on the CPU without gradients, for channels-last fp32 logits (the
+        inference copy's), in fp32: the state's projection is a matrix product over its pixels'
+        rows (PyTorch), resized along the rows (PyTorch); the warp, the resize down the columns
+        and both 1x1 layers run row by row of the output in one compiled loop, which keeps a row's
+        maps in the cache (PyTorch's operations on whole H/4 maps cost about twice as much)."""
         b, k, height, width = seg.shape
-        rows = lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])   # noqa: E731  [B*H*W, C]
-        state = F.linear(rows(h), self.state_proj.weight.flatten(1)).to(seg.dtype).add_(self.pixel_proj.bias)
-        state = state.view(b, *h.shape[-2:], -1).permute(0, 3, 1, 2)     # channels-last
-        state = F.interpolate(state, size=(height, width), mode="bilinear", align_corners=False)
-        pixels = torch.cat([rows(seg), rows(torch.cat([g.to(seg.dtype) for g in guides], dim=1))], dim=1)
-        x = F.linear(pixels, self.pixel_proj.weight.flatten(1)).to(seg.dtype).add_(rows(state)).relu_()
-        out = F.linear(x, self.out.weight.flatten(1)).to(seg.dtype).add_(rows(seg)).add_(self.out.bias)
-        return out.view(b, height, width, k).permute(0, 3, 1, 2)
+        if motion is None:
+            motion = seg.new_zeros(b, 2, height, width)
+        mv = motion if motion.shape[-2:] == (height, width) else F.adaptive_avg_pool2d(motion, (height, width))
+        rows, cols = h.shape[-2:]
+        weight = self.state_proj.weight.flatten(1)
+        # [B*rows, D, cols] -> resized to [B*rows, D, width], i.e. [B, rows, D, width]
+        state = F.linear(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]).to(weight.dtype), weight,
+                         self.pixel_proj.bias).float().view(b * rows, cols, -1).transpose(1, 2)
+        state = F.interpolate(state, size=width, mode="linear", align_corners=False)
+        guide = torch.cat([g.float() for g in guides], dim=1).contiguous()
+        out = torch.empty(b, k, height, width)
+        kernel = _correction_kernel(k, guide.shape[1], weight.shape[0])
+        kernel(seg.permute(0, 2, 3, 1).numpy(), mv.float().contiguous().numpy(),
+               np.float32(width / (motion.shape[-1] * 4)), np.float32(height / (motion.shape[-2] * 4)),
+               state.view(b, rows, -1, width).numpy(), guide.numpy(), _weights(self.pixel_proj.weight),
+               _weights(self.out.weight), _weights(self.out.bias), out.numpy())
+        return out
+
+
+def _weights(weight: torch.Tensor) -> np.ndarray:
+    return weight.detach().flatten(1).float().contiguous().numpy() if weight.dim() > 1 else \
+        weight.detach().float().contiguous().numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def _correction_kernel(classes: int, guide_channels: int, width: int):
+    """The compiled loop of :meth:`CorrectionHead._compiled` for these channel counts: constants of
+    the loop (compiled once per combination, cached on disk), so that the loops over the channels
+    unroll and the loops over a row's pixels vectorise."""
+    K, G, D = classes, guide_channels, width
+
+    def correct(source, motion, scale_x, scale_y, state, guide, w_pixel, w_out, b_out, out):
+        """source [B,h,w,K] logits (channels last) warped along motion [B,2,h,w] (input pixels,
+        times ``scale_*`` in cells: bilinear, border-clamped, as :func:`warp`); state [B,rows,D,w]:
+        the projected state (with the first layer's bias) resized along its rows, resized down its
+        columns here; guide [B,G,h,w]; w_pixel [D,K+G], w_out [K,D], b_out [K]; out [B,K,h,w]."""
+        batch, h, w, _ = source.shape
+        rows = state.shape[1]
+        seg = np.empty((K, w), np.float32)
+        hidden = np.empty((D, w), np.float32)
+        one, zero, half = np.float32(1), np.float32(0), np.float32(0.5)
+        last_y, last_x = np.float32(h - 1), np.float32(w - 1)
+        row_scale = np.float32(rows / h)
+        for b in range(batch):
+            for y in range(h):
+                for j in range(w):
+                    py = min(max(np.float32(y) + motion[b, 1, y, j] * scale_y, zero), last_y)
+                    px = min(max(np.float32(j) + motion[b, 0, y, j] * scale_x, zero), last_x)
+                    y0, x0 = int(py), int(px)
+                    fy, fx = py - np.float32(y0), px - np.float32(x0)
+                    y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+                    w00, w01, w10, w11 = (one - fy) * (one - fx), (one - fy) * fx, fy * (one - fx), fy * fx
+                    for c in range(K):
+                        seg[c, j] = (w00 * source[b, y0, x0, c] + w01 * source[b, y0, x1, c]
+                                     + w10 * source[b, y1, x0, c] + w11 * source[b, y1, x1, c])
+                sy = max((np.float32(y) + half) * row_scale - half, zero)
+                r0 = min(int(sy), rows - 1)
+                r1 = min(r0 + 1, rows - 1)
+                ly = sy - np.float32(r0)
+                for d in range(D):
+                    for j in range(w):
+                        a = state[b, r0, d, j] + ly * (state[b, r1, d, j] - state[b, r0, d, j])
+                        for c in range(K):
+                            a += w_pixel[d, c] * seg[c, j]
+                        for g in range(G):
+                            a += w_pixel[d, K + g] * guide[b, g, y, j]
+                        hidden[d, j] = max(a, zero)
+                for c in range(K):
+                    for j in range(w):
+                        a = seg[c, j] + b_out[c]
+                        for d in range(D):
+                            a += w_out[c, d] * hidden[d, j]
+                        out[b, c, y, j] = a
+
+    return compiled(fastmath=True)(correct)
 
 
 class CompressedSegmenter(nn.Module):
@@ -326,14 +408,13 @@ class CompressedSegmenter(nn.Module):
                         match = (luma - warp(i_frame_luma, acc)).abs_() * MATCH_SCALE
                 if c.match_guide and match is None:
                     match = acc.new_zeros(acc.shape[0], 1, *acc.shape[-2:])
-            seg = warp(i_frame_seg, acc)
-        elif c.warp:
-            seg = warp(seg, motion_vectors)
+        # the logits to correct are warped by the head: along acc (the I-frame's) or the vectors
+        seg_motion = acc if c.accumulate else motion_vectors if c.warp else None
         h, cell = self.conv_lstm(x, (h, cell))
         guides = [pooled, intra] if c.intra else [pooled]
         if match is not None:
             guides.append(match)
-        seg = self.head(h, seg, [g[..., : seg.shape[-2], : seg.shape[-1]] for g in guides])
+        seg = self.head(h, seg, [g[..., : seg.shape[-2], : seg.shape[-1]] for g in guides], seg_motion)
         if c.accumulate:
             return seg, (h, cell, i_frame_seg, acc, *state[4:])
         return seg, (h, cell, seg)
