@@ -228,27 +228,24 @@ class CorrectionHead(nn.Module):
     def _compiled(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor],
                   motion: torch.Tensor | None) -> torch.Tensor:
         """:meth:`forward` on the CPU without gradients, for channels-last fp32 logits (the
-        inference copy's), in fp32: the state's projection is a matrix product over its pixels'
-        rows (PyTorch), resized along the rows (PyTorch); the warp, the resize down the columns
-        and both 1x1 layers run row by row of the output in one compiled loop, which keeps a row's
-        maps in the cache (PyTorch's operations on whole H/4 maps cost about twice as much)."""
+        inference copy's), in fp32: the state's projection is one matrix product over its pixels
+        (PyTorch); its resize, the warp and both 1x1 layers run in one compiled loop, row by row of
+        the output, which keeps a row's maps in the cache (PyTorch's operations on whole H/4 maps
+        cost about twice as much)."""
         b, k, height, width = seg.shape
         if motion is None:
             motion = seg.new_zeros(b, 2, height, width)
         mv = motion if motion.shape[-2:] == (height, width) else F.adaptive_avg_pool2d(motion, (height, width))
-        rows, cols = h.shape[-2:]
-        weight = self.state_proj.weight.flatten(1)
-        # [B*rows, D, cols] -> resized to [B*rows, D, width], i.e. [B, rows, D, width]
-        state = F.linear(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]).to(weight.dtype), weight,
-                         self.pixel_proj.bias).float().view(b * rows, cols, -1).transpose(1, 2)
-        state = F.interpolate(state, size=width, mode="linear", align_corners=False)
+        with torch.autocast(h.device.type, enabled=False):   # fp32: bf16 costs more at this size
+            state = F.linear(h.permute(0, 2, 3, 1).float(), self.state_proj.weight.flatten(1).float(),
+                             self.pixel_proj.bias.float()).contiguous()   # [B, rows, cols, D]
         guide = torch.cat([g.float() for g in guides], dim=1).contiguous()
         out = torch.empty(b, k, height, width)
-        kernel = _correction_kernel(k, guide.shape[1], weight.shape[0])
+        kernel = _correction_kernel(k, guide.shape[1], state.shape[-1])
         kernel(seg.permute(0, 2, 3, 1).numpy(), mv.float().contiguous().numpy(),
                np.float32(width / (motion.shape[-1] * 4)), np.float32(height / (motion.shape[-2] * 4)),
-               state.view(b, rows, -1, width).numpy(), guide.numpy(), _weights(self.pixel_proj.weight),
-               _weights(self.out.weight), _weights(self.out.bias), out.numpy())
+               state.numpy(), guide.numpy(), _weights(self.pixel_proj.weight), _weights(self.out.weight),
+               _weights(self.out.bias), out.numpy())
         return out
 
 
@@ -266,17 +263,26 @@ def _correction_kernel(classes: int, guide_channels: int, width: int):
 
     def correct(source, motion, scale_x, scale_y, state, guide, w_pixel, w_out, b_out, out):
         """source [B,h,w,K] logits (channels last) warped along motion [B,2,h,w] (input pixels,
-        times ``scale_*`` in cells: bilinear, border-clamped, as :func:`warp`); state [B,rows,D,w]:
-        the projected state (with the first layer's bias) resized along its rows, resized down its
-        columns here; guide [B,G,h,w]; w_pixel [D,K+G], w_out [K,D], b_out [K]; out [B,K,h,w]."""
+        times ``scale_*`` in cells: bilinear, border-clamped, as :func:`warp`); state [B,rows,cols,D]:
+        the projected state (with the first layer's bias), resized bilinearly to h x w here (as
+        ``F.interpolate``); guide [B,G,h,w]; w_pixel [D,K+G], w_out [K,D], b_out [K]; out [B,K,h,w]."""
         batch, h, w, _ = source.shape
-        rows = state.shape[1]
+        rows, cols = state.shape[1], state.shape[2]
         seg = np.empty((K, w), np.float32)
         hidden = np.empty((D, w), np.float32)
+        wide = np.empty((rows, D, w), np.float32)   # the state resized along its rows
         one, zero, half = np.float32(1), np.float32(0), np.float32(0.5)
         last_y, last_x = np.float32(h - 1), np.float32(w - 1)
-        row_scale = np.float32(rows / h)
+        row_scale, col_scale = np.float32(rows / h), np.float32(cols / w)
         for b in range(batch):
+            for j in range(w):
+                sx = max((np.float32(j) + half) * col_scale - half, zero)
+                c0 = min(int(sx), cols - 1)
+                c1 = min(c0 + 1, cols - 1)
+                lx = sx - np.float32(c0)
+                for r in range(rows):
+                    for d in range(D):
+                        wide[r, d, j] = state[b, r, c0, d] + lx * (state[b, r, c1, d] - state[b, r, c0, d])
             for y in range(h):
                 for j in range(w):
                     py = min(max(np.float32(y) + motion[b, 1, y, j] * scale_y, zero), last_y)
@@ -294,7 +300,7 @@ def _correction_kernel(classes: int, guide_channels: int, width: int):
                 ly = sy - np.float32(r0)
                 for d in range(D):
                     for j in range(w):
-                        a = state[b, r0, d, j] + ly * (state[b, r1, d, j] - state[b, r0, d, j])
+                        a = wide[r0, d, j] + ly * (wide[r1, d, j] - wide[r0, d, j])
                         for c in range(K):
                             a += w_pixel[d, c] * seg[c, j]
                         for g in range(G):
