@@ -244,14 +244,18 @@ def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.n
         return _class_ids_on_device(resized)[0].cpu().numpy()
     if ids is None:
         ids = class_ids(logits)[0]
-    out = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+    rows, cols = _bilinear_taps(height, logits.shape[2]), _bilinear_taps(width, logits.shape[3])
+    if height >= ids.shape[0] and width >= ids.shape[1]:
+        # enlarging: a pixel's nearest cell is one of its four bilinear cells
+        out = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+    else:
+        out = np.ascontiguousarray(ids[np.ix_(rows[0], cols[0])])   # the first of its four cells
     if logits.shape[1] < 2:
         return out
     # [h,w,C] in the logits' memory layout (compiled for both: the I-frames' channels-last, the
     # P-frames' NCHW); the loop reads only the cells of disagreeing pixels
     pixels = logits[0].permute(1, 2, 0).float().numpy()
-    _mend_upsampled_ids(pixels, ids, *_bilinear_taps(height, logits.shape[2]),
-                        *_bilinear_taps(width, logits.shape[3]), out)
+    _mend_upsampled_ids(pixels, ids, *rows, *cols, out)
     return out
 
 

@@ -248,24 +248,30 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
     for i, unit in enumerate(real_units[:4]):
         engine.process([("cam", unit, i)])
     assert len(captured) == 3
+    def best_of_the_cells_winners(logits, height, width):
+        """Reference: the resized logits, each pixel's arg-max among its four cells' first classes."""
+        resized = F.interpolate(logits.contiguous(), size=(height, width), mode="bilinear", align_corners=False)[0]
+        ids = logits[0].argmax(0)
+        (rows, rows2), (cols, cols2) = ([torch.from_numpy(t) for t in _bilinear_taps(n, m)[:2]]
+                                        for n, m in ((height, logits.shape[2]), (width, logits.shape[3])))
+        winners = torch.stack([ids[r][:, c] for r in (rows, rows2) for c in (cols, cols2)])   # [4,H,W]
+        among = torch.full_like(resized, -torch.inf).scatter_(0, winners.long(), resized.gather(0, winners.long()))
+        return among.argmax(0).numpy(), (winners == winners[0]).all(0).numpy(), resized
+
     for logits in captured:
         logits = logits.float()
         assert logits.shape[-2:] == (90, 120)
         got = upsampled_class_ids(logits, 360, 480)
-        resized = F.interpolate(logits.contiguous(), size=(360, 480), mode="bilinear", align_corners=False)[0]
-        ids = logits[0].argmax(0)
-        (rows, rows2), (cols, cols2) = ([torch.from_numpy(t) for t in _bilinear_taps(n, m)[:2]]
-                                        for n, m in ((360, 90), (480, 120)))
-        winners = torch.stack([ids[r][:, c] for r in (rows, rows2) for c in (cols, cols2)])   # [4,H,W]
-        agree = (winners == winners[0]).all(0)
-        nearest = ids[torch.arange(360) // 4][:, torch.arange(480) // 4]
-        assert 0.02 < 1 - agree.float().mean() < 0.3            # outlines are a small share of pixels
-        assert np.array_equal(got[agree.numpy()], nearest[agree].numpy())
-        among = torch.full_like(resized, -torch.inf).scatter_(0, winners.long(), resized.gather(0, winners.long()))
-        assert np.array_equal(got, among.argmax(0).numpy())
+        want, agree, resized = best_of_the_cells_winners(logits, 360, 480)
+        nearest = logits[0].argmax(0)[torch.arange(360) // 4][:, torch.arange(480) // 4].numpy()
+        assert 0.02 < 1 - agree.mean() < 0.3            # outlines are a small share of pixels
+        assert np.array_equal(got[agree], nearest[agree]) and np.array_equal(got, want)
         full = resized.argmax(0).numpy()
-        assert (got != full).mean() < 1e-3 and (got != nearest.numpy()).mean() > 5e-3
+        assert (got != full).mean() < 1e-3 and (got != nearest).mean() > 5e-3
         assert np.array_equal(_class_ids_on_device(resized[None])[0].numpy(), full)
+        # shrinking (a frame a little smaller than the work size) and odd factors
+        for size in ((85, 113), (250, 333)):
+            assert np.array_equal(upsampled_class_ids(logits, *size), best_of_the_cells_winners(logits, *size)[0])
 
 
 def test_engine_start_prepares_the_compiled_loops():
