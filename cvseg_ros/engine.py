@@ -227,35 +227,6 @@ def _mend_upsampled_ids(logits, ids, y0s, y1s, wys, y_runs, x0s, x1s, wxs, x_run
                     out[y, x] = label
 
 
-@compiled
-def _repeat_ids(ids, out, words):
-    """``out`` [h*fy, w*fx] = ``ids`` [h, w] with each cell repeated over fy x fx pixels (the nearest
-    resize by whole factors); ``words``: ``out`` seen as 32-bit words, through which 4 x 4, the
-    P-frames' factor, writes 4 pixels at once (10x faster than OpenCV's resize)."""
-    h, w = ids.shape
-    fy, fx = out.shape[0] // h, out.shape[1] // w
-    for i in range(h):
-        top = i * fy
-        if fx == 4:
-            for j in range(w):
-                words[top, j] = np.uint32(ids[i, j]) * np.uint32(0x01010101)
-        else:
-            for j in range(w):
-                for t in range(fx):
-                    out[top, j * fx + t] = ids[i, j]
-        for k in range(1, fy):
-            out[top + k] = out[top]
-
-
-def _enlarged_ids(ids: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The nearest resize of ``ids`` to ``height`` x ``width`` (each pixel takes the cell it lies in)."""
-    if height % ids.shape[0] == 0 and width % ids.shape[1] == 0 and width % 4 == 0:
-        out = np.empty((height, width), np.uint8)
-        _repeat_ids(ids, out, out.view(np.uint32))
-        return out
-    return cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
-
-
 def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.ndarray | None = None) -> np.ndarray:
     """[1,C,h,w] logits -> [height, width] uint8 class ids of the logits resized bilinearly
     (``F.interpolate(..., mode="bilinear")``) to ``height`` x ``width``: smoother outlines than
@@ -276,7 +247,7 @@ def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.n
     rows, cols = _bilinear_taps(height, logits.shape[2]), _bilinear_taps(width, logits.shape[3])
     if height >= ids.shape[0] and width >= ids.shape[1]:
         # enlarging: a pixel's nearest cell is one of its four bilinear cells
-        out = _enlarged_ids(ids, height, width)
+        out = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
     else:
         out = np.ascontiguousarray(ids[np.ix_(rows[0], cols[0])])   # the first of its four cells
     if logits.shape[1] < 2:
@@ -296,7 +267,7 @@ def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> 
     logits = torch.zeros(1, 2, 4, 4)
     for layout in (torch.contiguous_format, torch.channels_last):
         class_ids(logits.contiguous(memory_format=layout))
-        upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)   # (4 x 4 repeats)
+        upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)
     if motion:
         warm_up_motion_analysis()
         luma_matching.warm_up()

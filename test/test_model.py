@@ -274,19 +274,6 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
             assert np.array_equal(upsampled_class_ids(logits, *size), best_of_the_cells_winners(logits, *size)[0])
 
 
-def test_enlarged_ids_are_opencvs_nearest_resize():
-    """The compiled repeat of class ids by whole factors (4 x 4 for P-frames, as 32-bit words)
-    gives OpenCV's nearest resize; other sizes go to OpenCV."""
-    import cv2
-    from cvseg_ros.engine import _enlarged_ids
-    rng = np.random.default_rng(0)
-    for (h, w), (height, width) in (((90, 120), (360, 480)), ((45, 60), (360, 480)), ((12, 15), (360, 480)),
-                                    ((90, 160), (720, 1280)), ((7, 9), (21, 36)), ((90, 120), (250, 333))):
-        ids = rng.integers(0, 11, (h, w)).astype(np.uint8)
-        want = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
-        assert np.array_equal(_enlarged_ids(ids, height, width), want), ((h, w), (height, width))
-
-
 def test_engine_start_prepares_the_compiled_loops():
     """A fresh process: creating a compressed-mode engine compiles (or loads) every Numba loop the
     frames will need, for the block layout PyAV exports, so no first frame waits for it."""
@@ -295,13 +282,12 @@ def test_engine_start_prepares_the_compiled_loops():
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
             "from cvseg_ros.model import luma_matching as lm, segmenter as sg\n"
             "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine,\n"
-            "         sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16),\n"
-            "         engine._repeat_ids)\n"
+            "         sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16))\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1, 1]", out.stdout + out.stderr
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1]", out.stdout + out.stderr
 
 
 def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
