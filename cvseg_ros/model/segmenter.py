@@ -128,23 +128,38 @@ def _pixel_scale(height: int, width: int, device: torch.device) -> torch.Tensor:
     return scale
 
 
+@compiled(inline="always", fastmath=True)
+def _bilinear_cell(i, j, dy, dx, h, w):
+    """The four cells and weights (rows y0, y1; columns x0, x1; w00, w01, w10, w11) of a bilinear,
+    border-clamped sample of an h x w map at (i + dy, j + dx)."""
+    zero, one = np.float32(0), np.float32(1)
+    py = min(max(np.float32(i) + dy, zero), np.float32(h - 1))
+    px = min(max(np.float32(j) + dx, zero), np.float32(w - 1))
+    y0, x0 = int(py), int(px)
+    fy, fx = py - np.float32(y0), px - np.float32(x0)
+    return (y0, min(y0 + 1, h - 1), x0, min(x0 + 1, w - 1),
+            (one - fy) * (one - fx), (one - fy) * fx, fy * (one - fx), fy * fx)
+
+
+@compiled(inline="always", fastmath=True)
+def _resize_tap(i, scale, n):
+    """The two source indices and the second's weight of output index ``i`` of a bilinear resize
+    (``align_corners=False``, as ``F.interpolate``) from ``n`` samples, ``scale`` = n / output size."""
+    source = max((np.float32(i) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
+    first = min(int(source), n - 1)
+    return first, min(first + 1, n - 1), source - np.float32(first)
+
+
 @compiled(fastmath=True)
 def _warp_channels_last(x, mv, scale_x, scale_y, out):
     """:func:`warp` for x [B,h,w,C] (channels last) and mv [B,2,h,w] (input pixels, times
     ``scale_*`` in cells): bilinear, border-clamped, the same weights for all channels of a pixel."""
     batch, h, w, channels = x.shape
-    last_y, last_x = np.float32(h - 1), np.float32(w - 1)
-    one, zero = np.float32(1), np.float32(0)
     for b in range(batch):
         for i in range(h):
             for j in range(w):
-                py = min(max(np.float32(i) + mv[b, 1, i, j] * scale_y, zero), last_y)
-                px = min(max(np.float32(j) + mv[b, 0, i, j] * scale_x, zero), last_x)
-                y0, x0 = int(py), int(px)
-                fy, fx = py - np.float32(y0), px - np.float32(x0)
-                y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
-                w00, w01 = (one - fy) * (one - fx), (one - fy) * fx
-                w10, w11 = fy * (one - fx), fy * fx
+                y0, y1, x0, x1, w00, w01, w10, w11 = _bilinear_cell(
+                    i, j, mv[b, 1, i, j] * scale_y, mv[b, 0, i, j] * scale_x, h, w)
                 for c in range(channels):
                     out[b, i, j, c] = (w00 * x[b, y0, x0, c] + w01 * x[b, y0, x1, c]
                                        + w10 * x[b, y1, x0, c] + w11 * x[b, y1, x1, c])
@@ -271,33 +286,22 @@ def _correction_kernel(classes: int, guide_channels: int, width: int):
         seg = np.empty((K, w), np.float32)
         hidden = np.empty((D, w), np.float32)
         wide = np.empty((rows, D, w), np.float32)   # the state resized along its rows
-        one, zero, half = np.float32(1), np.float32(0), np.float32(0.5)
-        last_y, last_x = np.float32(h - 1), np.float32(w - 1)
+        zero = np.float32(0)
         row_scale, col_scale = np.float32(rows / h), np.float32(cols / w)
         for b in range(batch):
             for j in range(w):
-                sx = max((np.float32(j) + half) * col_scale - half, zero)
-                c0 = min(int(sx), cols - 1)
-                c1 = min(c0 + 1, cols - 1)
-                lx = sx - np.float32(c0)
+                c0, c1, lx = _resize_tap(j, col_scale, cols)
                 for r in range(rows):
                     for d in range(D):
                         wide[r, d, j] = state[b, r, c0, d] + lx * (state[b, r, c1, d] - state[b, r, c0, d])
             for y in range(h):
                 for j in range(w):
-                    py = min(max(np.float32(y) + motion[b, 1, y, j] * scale_y, zero), last_y)
-                    px = min(max(np.float32(j) + motion[b, 0, y, j] * scale_x, zero), last_x)
-                    y0, x0 = int(py), int(px)
-                    fy, fx = py - np.float32(y0), px - np.float32(x0)
-                    y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
-                    w00, w01, w10, w11 = (one - fy) * (one - fx), (one - fy) * fx, fy * (one - fx), fy * fx
+                    y0, y1, x0, x1, w00, w01, w10, w11 = _bilinear_cell(
+                        y, j, motion[b, 1, y, j] * scale_y, motion[b, 0, y, j] * scale_x, h, w)
                     for c in range(K):
                         seg[c, j] = (w00 * source[b, y0, x0, c] + w01 * source[b, y0, x1, c]
                                      + w10 * source[b, y1, x0, c] + w11 * source[b, y1, x1, c])
-                sy = max((np.float32(y) + half) * row_scale - half, zero)
-                r0 = min(int(sy), rows - 1)
-                r1 = min(r0 + 1, rows - 1)
-                ly = sy - np.float32(r0)
+                r0, r1, ly = _resize_tap(y, row_scale, rows)
                 for d in range(D):
                     for j in range(w):
                         a = wide[r0, d, j] + ly * (wide[r1, d, j] - wide[r0, d, j])
