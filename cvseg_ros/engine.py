@@ -159,6 +159,9 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
     return out
 
 
+_TAPS: dict = {}
+
+
 def _bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, ...]:
     """Per output index of a bilinear resize from ``n_in`` to ``n_out`` (``align_corners=False``,
     border-clamped, as ``F.interpolate``): the two input indices, the second one's weight, and the
@@ -178,14 +181,12 @@ def _bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, ...]:
     return taps
 
 
-_TAPS: dict = {}
-
-
 @compiled(fastmath=True)
 def _mend_upsampled_ids(logits, ids, y0s, y1s, wys, y_runs, x0s, x1s, wxs, x_runs, out):
-    """``out`` [H,W] holds the nearest upsampling of ``ids`` [h,w] (the arg-max of ``logits``
-    [h,w,C]); rewrite each pixel whose four bilinear cells do not all win with the same class: the
-    class among theirs whose bilinearly interpolated logit is largest (the lowest on ties)."""
+    """``out`` [H,W] holds, for each pixel, the class of one of its four bilinear cells in ``ids``
+    [h,w] (the arg-max of ``logits`` [h,w,C]); rewrite each pixel whose four cells do not all rank
+    the same class first: the class among theirs whose interpolated logit is largest (the lowest on
+    ties)."""
     classes = np.empty(4, np.int64)
     corners = np.empty((4, 4), np.float32)
     one = np.float32(1)

@@ -248,6 +248,7 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
     for i, unit in enumerate(real_units[:4]):
         engine.process([("cam", unit, i)])
     assert len(captured) == 3
+
     def best_of_the_cells_winners(logits, height, width):
         """Reference: the resized logits, each pixel's arg-max among its four cells' first classes."""
         resized = F.interpolate(logits.contiguous(), size=(height, width), mode="bilinear", align_corners=False)[0]
@@ -363,5 +364,5 @@ def test_compiled_head_and_channels_last_conv_lstm_compute_the_trained_layers(re
             tolerance = 0.1 if autocast else 1e-4   # bf16: products rounded to 8 bits of mantissa
             assert (got - want).abs().max() < tolerance * max(1.0, want.abs().max().item() / 10)
             assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
-            assert torch.equal(got[1], got[1].flip(-1).flip(-1)) and (got[1].flip(-1) - got[0]).abs().max() < 1e-3
+            assert (got[1].flip(-1) - got[0]).abs().max() < 1e-3   # the mirrored stream: its own maps
             assert (got_h - want_h).abs().max() < tolerance and (got_c - want_c).abs().max() < tolerance

@@ -221,7 +221,7 @@ class CorrectionHead(nn.Module):
 
     def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor],
                 motion: torch.Tensor | None = None) -> torch.Tensor:
-        """The corrected logits, in seg's dtype (NCHW)."""
+        """The corrected logits, in seg's dtype (from the CPU's compiled loop: fp32, NCHW)."""
         if (seg.device.type == "cpu" and seg.dtype == torch.float32 and seg.permute(0, 2, 3, 1).is_contiguous()
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, seg, *self.parameters())))):
             return self._compiled(h, seg, guides, motion)
