@@ -23,7 +23,7 @@ from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from .jit import compiled
 from .model import luma_matching
 from .model.inference import inference_copy
-from .model.segmenter import CompressedSegmenter, cat_states, split_state, warm_up_warp
+from .model.segmenter import CompressedSegmenter, cat_states, resize_tap, split_state, warm_up_warp
 from .motion_vectors import resize_field
 from .residual import residual_stats
 from .stream import CompressedFrame, H264StreamDecoder, warm_up_motion_analysis
@@ -169,16 +169,22 @@ def _bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, ...]:
     key = (n_out, n_in)
     taps = _TAPS.get(key)
     if taps is None:
-        source = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        first = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
-        second = np.minimum(first + 1, n_in - 1)
-        weight = (source - first).astype(np.float32)
+        first, second, weight = np.empty(n_out, np.int64), np.empty(n_out, np.int64), np.empty(n_out, np.float32)
+        _fill_taps(n_in, first, second, weight)
         runs = np.flatnonzero(np.diff(first, prepend=-1)).astype(np.int64)
         taps = (first, second, weight, np.append(runs, n_out))
         if len(_TAPS) > 64:
             _TAPS.clear()
         _TAPS[key] = taps
     return taps
+
+
+@compiled
+def _fill_taps(n_in, first, second, weight):
+    """:func:`resize_tap` for every output index (``len(first)`` outputs from ``n_in`` samples)."""
+    scale = np.float32(n_in / len(first))
+    for i in range(len(first)):
+        first[i], second[i], weight[i] = resize_tap(i, scale, n_in)
 
 
 @compiled(fastmath=True)
@@ -237,12 +243,11 @@ def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.n
     On the CPU, pixels whose four bilinear cells all rank the same class first get it (exactly the
     resized logits' arg-max there); each other pixel gets, among the classes ranked first at its
     four cells, the one with the largest interpolated logit (in the tests, the full arg-max differs
-    on about 0.02 % of the pixels, where a fifth class wins). On a GPU the exact arg-max."""
+    on about 0.02 % of the pixels, where a fifth class wins). On a GPU the exact arg-max
+    (:func:`_upsampled_class_ids_on_device`), and only the ids come to the host."""
     logits = logits.detach()
     if logits.device.type != "cpu":
-        resized = torch.nn.functional.interpolate(logits.float(), size=(height, width), mode="bilinear",
-                                                  align_corners=False)
-        return _class_ids_on_device(resized)[0].cpu().numpy()
+        return _upsampled_class_ids_on_device(logits, height, width)[0].cpu().numpy()
     if ids is None:
         ids = class_ids(logits)[0]
     rows, cols = _bilinear_taps(height, logits.shape[2]), _bilinear_taps(width, logits.shape[3])
@@ -258,6 +263,14 @@ def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.n
     pixels = logits[0].permute(1, 2, 0).float().numpy()
     _mend_upsampled_ids(pixels, ids, *rows, *cols, out)
     return out
+
+
+def _upsampled_class_ids_on_device(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """:func:`upsampled_class_ids` as tensor operations (for a GPU): [B,C,h,w] -> [B,height,width]
+    uint8, the arg-max of the bilinearly resized logits."""
+    resized = torch.nn.functional.interpolate(logits.float(), size=(height, width), mode="bilinear",
+                                              align_corners=False)
+    return _class_ids_on_device(resized)
 
 
 def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> None:
@@ -546,10 +559,8 @@ class SegmentationEngine:
     def _masks(self, logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
         """Class ids at each frame's size: the arg-max of the logits, bilinearly resized where
         their size differs (P-frames at H/4, frames larger than the work size)."""
-        sizes = [(wk.frame.height, wk.frame.width) for wk in works]
-        if self.device.type != "cpu" and any(s != tuple(logits.shape[-2:]) for s in sizes):
-            return [upsampled_class_ids(logits[i: i + 1], *size) for i, size in enumerate(sizes)]
         ids = class_ids(logits)
+        sizes = [(wk.frame.height, wk.frame.width) for wk in works]
         return [small if small.shape == size else upsampled_class_ids(logits[i: i + 1], *size, ids=small)
                 for i, (small, size) in enumerate(zip(ids, sizes))]
 

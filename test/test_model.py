@@ -233,9 +233,9 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
     frame, then the arg-max. Where a pixel's four bilinear cells rank the same class first it is
     that class (the nearest resize of the ids); elsewhere the best of the cells' first classes by
     the interpolated logits, exactly; nearly everywhere the full arg-max of the resized logits. The
-    GPU's tensor formulation gives the full arg-max."""
+    GPU's tensor formulation gives the full arg-max. The engine's P-frame masks are these ids."""
     import torch.nn.functional as F
-    from cvseg_ros.engine import _bilinear_taps, _class_ids_on_device, upsampled_class_ids
+    from cvseg_ros.engine import _bilinear_taps, _upsampled_class_ids_on_device, upsampled_class_ids
     engine = SegmentationEngine(device="cpu")
     captured = []
     run_p = engine.model.p_frame
@@ -245,9 +245,8 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
         captured.append(logits)
         return logits, state
     engine.model.p_frame = p_frame
-    for i, unit in enumerate(real_units[:4]):
-        engine.process([("cam", unit, i)])
-    assert len(captured) == 3
+    results = [r for i, unit in enumerate(real_units[:4]) for r in engine.process([("cam", unit, i)])]
+    assert len(captured) == 3 and [r.network for r in results] == ["i_frame"] + ["p_frame"] * 3
 
     def best_of_the_cells_winners(logits, height, width):
         """Reference: the resized logits, each pixel's arg-max among its four cells' first classes."""
@@ -259,17 +258,19 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
         among = torch.full_like(resized, -torch.inf).scatter_(0, winners.long(), resized.gather(0, winners.long()))
         return among.argmax(0).numpy(), (winners == winners[0]).all(0).numpy(), resized
 
-    for logits in captured:
+    for logits, result in zip(captured, results[1:]):
         logits = logits.float()
-        assert logits.shape[-2:] == (90, 120)
+        assert logits.shape[-2:] == (90, 120) and result.mask.shape == (360, 480)
         got = upsampled_class_ids(logits, 360, 480)
+        assert np.array_equal(result.mask, got)
         want, agree, resized = best_of_the_cells_winners(logits, 360, 480)
         nearest = logits[0].argmax(0)[torch.arange(360) // 4][:, torch.arange(480) // 4].numpy()
         assert 0.02 < 1 - agree.mean() < 0.3            # outlines are a small share of pixels
         assert np.array_equal(got[agree], nearest[agree]) and np.array_equal(got, want)
         full = resized.argmax(0).numpy()
         assert (got != full).mean() < 1e-3 and (got != nearest).mean() > 5e-3
-        assert np.array_equal(_class_ids_on_device(resized[None])[0].numpy(), full)
+        on_device = _upsampled_class_ids_on_device(logits, 360, 480)
+        assert on_device.dtype == torch.uint8 and np.array_equal(on_device[0].numpy(), full)
         # shrinking (a frame a little smaller than the work size) and odd factors
         for size in ((85, 113), (250, 333)):
             assert np.array_equal(upsampled_class_ids(logits, *size), best_of_the_cells_winners(logits, *size)[0])
@@ -283,12 +284,13 @@ def test_engine_start_prepares_the_compiled_loops():
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
             "from cvseg_ros.model import luma_matching as lm, segmenter as sg\n"
             "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine,\n"
-            "         sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16))\n"
+            "         sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16),\n"
+            "         engine._fill_taps)\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1]", out.stdout + out.stderr
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1, 1]", out.stdout + out.stderr
 
 
 def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):

@@ -142,7 +142,7 @@ def _bilinear_cell(i, j, dy, dx, h, w):
 
 
 @compiled(inline="always", fastmath=True)
-def _resize_tap(i, scale, n):
+def resize_tap(i, scale, n):
     """The two source indices and the second's weight of output index ``i`` of a bilinear resize
     (``align_corners=False``, as ``F.interpolate``) from ``n`` samples, ``scale`` = n / output size."""
     source = max((np.float32(i) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
@@ -290,7 +290,7 @@ def _correction_kernel(classes: int, guide_channels: int, width: int):
         row_scale, col_scale = np.float32(rows / h), np.float32(cols / w)
         for b in range(batch):
             for j in range(w):
-                c0, c1, lx = _resize_tap(j, col_scale, cols)
+                c0, c1, lx = resize_tap(j, col_scale, cols)
                 for r in range(rows):
                     for d in range(D):
                         wide[r, d, j] = state[b, r, c0, d] + lx * (state[b, r, c1, d] - state[b, r, c0, d])
@@ -301,7 +301,7 @@ def _correction_kernel(classes: int, guide_channels: int, width: int):
                     for c in range(K):
                         seg[c, j] = (w00 * source[b, y0, x0, c] + w01 * source[b, y0, x1, c]
                                      + w10 * source[b, y1, x0, c] + w11 * source[b, y1, x1, c])
-                r0, r1, ly = _resize_tap(y, row_scale, rows)
+                r0, r1, ly = resize_tap(y, row_scale, rows)
                 for d in range(D):
                     for j in range(w):
                         a = wide[r0, d, j] + ly * (wide[r1, d, j] - wide[r0, d, j])
