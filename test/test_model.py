@@ -12,6 +12,7 @@ from cvseg_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.engine import SegmentationEngine
 from cvseg_ros.model.segmenter import CompressedSegmenter, cat_states, make_config, split_state
+from cvseg_ros.residual import residual_stats
 from cvseg_ros.stream import H264StreamDecoder
 from cvseg_ros.video import encode_frames
 
@@ -205,6 +206,47 @@ def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
             want, want_state = model.p_frame(*args, want_state, intra=intra)
             got, got_state = fast.p_frame(*args, got_state, intra=intra)
             assert_same_up_to_rounding(got, want)
+
+
+def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames):
+    """The inference copy runs the P-frame CNNs' convolutions (with their ReLUs) and the ConvLSTM's
+    gate convolution with weights packed once for oneDNN: on the shipped model's inputs from real
+    P-frames, for a batch of two streams, in fp32 and under bf16 autocast, each layer gives what
+    the plain convolution (and ReLU) gives; with gradients they are the plain layers."""
+    from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
+    from cvseg_ros.model.inference import PackedConv2d, inference_copy
+    if not PackedConv2d.available:
+        pytest.skip("this PyTorch has no oneDNN")
+    model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors")
+    fast = inference_copy(model.eval())
+    layers = list(fast.fused_branches.net)
+    assert [type(m) for m in layers] == [PackedConv2d] * 3 and [m.relu for m in layers] == [True, True, False]
+    assert isinstance(fast.conv_lstm.gates, PackedConv2d) and not fast.conv_lstm.gates.relu
+    f = real_frames[2]
+    stats = torch.from_numpy(residual_stats(f.residual, cell=2))[None] * 8
+    mv, intra = torch.from_numpy(f.motion_vectors)[None], torch.from_numpy(f.intra)[None, None].float()
+    x = torch.cat([mv, intra, stats, stats[:, :1]], dim=1)
+    x = torch.cat([x, x.flip(-1)])                       # a second stream: the frame mirrored
+    for autocast in (False, True):
+        inputs = x
+        for layer in layers + [fast.conv_lstm.gates]:
+            if layer is fast.conv_lstm.gates:            # the gates see the branches' output and a state
+                inputs = torch.cat([inputs.float(), torch.rand(2, 24, *inputs.shape[-2:], generator=torch.Generator().manual_seed(0)) * 2 - 1], dim=1)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got = layer(inputs)
+                want = layer.conv(inputs)
+                want = torch.relu(want) if layer.relu else want
+            dtype = torch.bfloat16 if autocast else torch.float32
+            assert got.dtype == want.dtype == dtype and any(k[0] == dtype for k in layer._packed)   # packed ran
+            scale = want.float().abs().max().item()
+            assert (got.float() - want.float()).abs().max() <= (1e-2 if autocast else 1e-5) * scale
+            assert (got[1].flip(-1) - got[0]).float().abs().max() > 0   # each stream its own output
+            inputs = got
+    layer = layers[0]
+    with torch.enable_grad():
+        trainable = x.clone().requires_grad_(True)
+        layer(trainable).sum().backward()               # the plain layers: a gradient flows
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
 
 
 def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
