@@ -78,7 +78,7 @@ class PackedConv2d(nn.Module):
         self.conv = conv
         self.relu = relu
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self._packed: dict = {}   # (dtype, weight storage, weight version) -> (packed weight, bias)
+        self._packed: dict = {}   # (dtype, input size, weight storage and version) -> (packed weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -87,22 +87,24 @@ class PackedConv2d(nn.Module):
                 or (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
             y = c(x)
             return F.relu(y) if self.relu else y
-        weight, bias = self._weights(dtype)
+        weight, bias = self._weights(dtype, x.shape)
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(dtype), weight, bias, list(c.padding), list(c.stride),
             list(c.dilation), c.groups, "relu" if self.relu else "none", [], "")
 
-    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _weights(self, dtype: torch.dtype, input_size: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights packed for inputs of this size (oneDNN's layout depends on it: a packing for
+        another size can make small maps 40x slower) and dtype; repacked when the weights change."""
         c = self.conv
-        key = (dtype, c.weight.data_ptr(), c.weight._version)   # repacked when the weights change
+        key = (dtype, tuple(input_size), c.weight.data_ptr(), c.weight._version)
         packed = self._packed.get(key)
         if packed is None:
             with torch.no_grad():
                 weight = torch.ops.aten.mkldnn_reorder_conv2d_weight(
                     c.weight.detach().to(dtype).contiguous().to_mkldnn(), list(c.padding), list(c.stride),
-                    list(c.dilation), c.groups)
+                    list(c.dilation), c.groups, list(input_size))
                 bias = c.bias.detach().to(dtype) if c.bias is not None else None
-            if len(self._packed) > 4:
+            if len(self._packed) >= 16:   # sizes seen: the cameras' work sizes and batch sizes
                 self._packed.clear()
             packed = self._packed[key] = (weight, bias)
         return packed
