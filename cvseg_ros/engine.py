@@ -311,7 +311,7 @@ class SegmentationResult:
 @dataclass
 class _Camera:
     decoder: H264StreamDecoder
-    state: tuple | None = None
+    state: tuple | None = None   # the model state (compressed mode); () once started in the other modes
     last_mask_small: np.ndarray | None = None   # iframe_copy mode
     masks_out: int = 0
     discontinuities: int = 0
@@ -573,10 +573,16 @@ class SegmentationEngine:
 
     def _run_i(self, works: list[_Work]):
         with self._autocast(self._i_dtype):
-            logits, state = self.model.i_frame(self._rgb_tensor(works),
-                                               luma=self._luma_tensor(works) if self._uses_luma else None)
+            rgb = self._rgb_tensor(works)
+            if self.mode == "compressed":
+                logits, state = self.model.i_frame(rgb, luma=self._luma_tensor(works) if self._uses_luma else None)
+            else:   # no P-frame ever uses a model state: the I-frame network's logits only
+                logits, state = self.model.i_frame_net(rgb)[1], None
         masks = self._masks(logits, works)
-        states = [state] if len(works) == 1 else split_state(state, [1] * len(works))
+        if state is None:   # (an empty state: the camera has been started)
+            states = [()] * len(works)
+        else:
+            states = [state] if len(works) == 1 else split_state(state, [1] * len(works))
         out = []
         for wk, mask, st in zip(works, masks, states):
             cam = self._cameras[wk.camera]
