@@ -1,6 +1,6 @@
 """An inference copy of a trained :class:`CompressedSegmenter`: batch norms folded into the
-convolutions before them, the two P-frame CNNs run as one grouped stack, the P-frame branch's
-convolutions with weights packed once for oneDNN, optionally channels-last weights. Same
+convolutions before them, the two P-frame CNNs run as one grouped stack, the convolutions'
+weights packed once for oneDNN, optionally channels-last weights. Same
 architecture, same weights (up to float rounding), same outputs; the checkpoint on disk is untouched.
 """
 from __future__ import annotations
@@ -63,8 +63,8 @@ class PackedConv2d(nn.Module):
     weights packed for oneDNN once per dtype (bf16 under autocast, else the input's).
 
     PyTorch's eager convolution casts the weights (under autocast) and reorders them into oneDNN's
-    blocked layout at every call: at the P-frame branch's map sizes that costs 10-30 us per
-    convolution, as much as a third of the work. Here one oneDNN call (the kernel PyTorch's
+    blocked layout at every call: 10-30 us per convolution, as much as a third of the work at the
+    P-frame branch's map sizes, and a sixth of the I-frame network's time. Here one oneDNN call (the kernel PyTorch's
     compiler emits) runs the packed weights and the ReLU. The same kernels compute the same
     values. Elsewhere (CUDA, with gradients, a PyTorch without oneDNN, other dtypes) it is the
     convolution and the ReLU as they were."""
@@ -94,17 +94,18 @@ class PackedConv2d(nn.Module):
 
     def _weights(self, dtype: torch.dtype, input_size: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weights packed for inputs of this size (oneDNN's layout depends on it: a packing for
-        another size can make small maps 40x slower) and dtype; repacked when the weights change."""
+        another size can make small maps 40x slower; one for a single image serves a batch as
+        well) and dtype; repacked when the weights change."""
         c = self.conv
-        key = (dtype, tuple(input_size), c.weight.data_ptr(), c.weight._version)
+        key = (dtype, tuple(input_size[1:]), c.weight.data_ptr(), c.weight._version)
         packed = self._packed.get(key)
         if packed is None:
             with torch.no_grad():
                 weight = torch.ops.aten.mkldnn_reorder_conv2d_weight(
                     c.weight.detach().to(dtype).contiguous().to_mkldnn(), list(c.padding), list(c.stride),
-                    list(c.dilation), c.groups, list(input_size))
+                    list(c.dilation), c.groups, [1, *input_size[1:]])
                 bias = c.bias.detach().to(dtype) if c.bias is not None else None
-            if len(self._packed) >= 16:   # sizes seen: the cameras' work sizes and batch sizes
+            if len(self._packed) >= 8:   # sizes seen: the cameras' work sizes
                 self._packed.clear()
             packed = self._packed[key] = (weight, bias)
         return packed
@@ -115,14 +116,33 @@ class PackedConv2d(nn.Module):
         return copied
 
 
-def pack_p_frame_convolutions_(model: nn.Module) -> int:
-    """Replace the fused P-frame CNNs' convolutions (with their ReLUs) and the ConvLSTM's gate
-    convolution by :class:`PackedConv2d` (in place). Returns the number replaced."""
+def pack_convolutions_(model: nn.Module) -> int:
+    """Replace the convolutions of the I-frame network (and of the state's initialisation), the
+    fused P-frame CNNs' (with their ReLUs) and the ConvLSTM's gate convolution by
+    :class:`PackedConv2d` (in place; the correction head reads its weights itself). Returns the
+    number replaced."""
     packed = 0
+
+    def pack_all(module: nn.Module) -> None:
+        nonlocal packed
+        for name, child in module.named_children():
+            if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+                setattr(module, name, PackedConv2d(child))
+                packed += 1
+            else:
+                pack_all(child)
+
+    for name in ("i_frame_net", "init_state"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            if type(getattr(model, name)) is nn.Conv2d:
+                setattr(model, name, PackedConv2d(getattr(model, name)))
+                packed += 1
+            else:
+                pack_all(getattr(model, name))
     fused = getattr(model, "fused_branches", None)
     if fused is not None:
-        layers, children = [], list(fused.net)
-        for i, child in enumerate(children):
+        layers = []
+        for child in fused.net:
             if isinstance(child, nn.ReLU) and layers and isinstance(layers[-1], PackedConv2d) and not layers[-1].relu:
                 layers[-1].relu = True
             elif isinstance(child, nn.Conv2d):
@@ -140,15 +160,15 @@ def pack_p_frame_convolutions_(model: nn.Module) -> int:
 
 def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
     """A deep copy in eval mode with batch norms folded, the P-frame CNNs fused (for a
-    :class:`CompressedSegmenter`), the P-frame branch's convolutions packed and channels-last
-    weights."""
+    :class:`CompressedSegmenter`), the convolutions packed (:func:`pack_convolutions_`) and
+    channels-last weights."""
     fast = copy.deepcopy(model).eval()
     with torch.no_grad():
         fold_batchnorms_(fast)
         if hasattr(fast, "mv_cnn") and hasattr(fast, "residual_cnn"):
             # both CNNs come from one h4_encoder geometry (ModelConfig): they always fuse
             fast.fused_branches = FusedBranches(fast.mv_cnn, fast.residual_cnn)
-        pack_p_frame_convolutions_(fast)
+        pack_convolutions_(fast)
     for p in fast.parameters():
         p.requires_grad_(False)
     if channels_last:
