@@ -249,6 +249,26 @@ def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames):
     assert trainable.grad is not None and trainable.grad.abs().sum() > 0
 
 
+def test_initial_blocks_pooling_is_max_pool(real_frames):
+    """The I-frame network's first pooling (the maximum of the four 2x2 phases) equals
+    ``max_pool2d(x, 2, 2)`` on a real decoded frame, in both memory layouts and at odd sizes;
+    with a gradient the module's own pooling runs."""
+    import torch.nn.functional as F
+    from cvseg_ros.model.enet import InitialBlock, _max_pool_2x2
+    rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    for x in (rgb, rgb[..., :359, :477], torch.cat([rgb, rgb.flip(-1)])):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = x.contiguous(memory_format=layout)
+            assert torch.equal(_max_pool_2x2(x), F.max_pool2d(x, 2, 2)), (tuple(x.shape), layout)
+    block = InitialBlock().eval()
+    with torch.no_grad():
+        want = block.act(block.bn(torch.cat([block.conv(rgb), F.max_pool2d(rgb, 2, 2)], dim=1)))
+        assert torch.equal(block(rgb), want)
+    trainable = rgb.clone().requires_grad_(True)
+    block(trainable).sum().backward()
+    assert trainable.grad.abs().sum() > 0
+
+
 def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
     """The engine's arg-max equals ``argmax(1)`` on the shipped model's logits of a real frame,
     ties included (first class wins): the compiled CPU loops in both memory layouts, and the
