@@ -185,14 +185,18 @@ def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("name", ["improved", "paper"])
 def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
-    """The engine's inference copy (batch norms folded, the P-frame CNNs fused, channels-last)
-    computes what the shipped model computes, on real reader output."""
+    """The engine's inference copy (batch norms folded, the P-frame CNNs fused, the convolutions
+    packed, channels-last) computes what the shipped model computes, on real reader output."""
     from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
-    from cvseg_ros.model.inference import inference_copy
+    from cvseg_ros.model.inference import PackedConv2d, inference_copy
     model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / f"cvseg_{name}.safetensors")
     model.eval()
     fast = inference_copy(model)
     assert fast.fused_branches is not None and model.fused_branches is None
+    # every convolution of the I-frame network runs with packed weights (where oneDNN is)
+    modules = list(fast.i_frame_net.modules())
+    convolutions = sum(type(m) is torch.nn.Conv2d for m in modules)
+    assert convolutions > 80 and sum(type(m) is PackedConv2d for m in modules) == convolutions
     # all but the ENet initial block's norm (it follows a concatenation, not one convolution)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) == 1
     frames = decode(real_units, model.config.residual_stride)
@@ -208,11 +212,12 @@ def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
             assert_same_up_to_rounding(got, want)
 
 
-def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames):
+def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames, monkeypatch, caplog):
     """The inference copy runs the P-frame CNNs' convolutions (with their ReLUs) and the ConvLSTM's
     gate convolution with weights packed once for oneDNN: on the shipped model's inputs from real
     P-frames, for a batch of two streams, in fp32 and under bf16 autocast, each layer gives what
-    the plain convolution (and ReLU) gives; with gradients they are the plain layers."""
+    the plain convolution (and ReLU) gives; with gradients, or where oneDNN refuses the dtype,
+    they are the plain layers."""
     from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
     from cvseg_ros.model.inference import PackedConv2d, inference_copy
     if not PackedConv2d.available:
@@ -247,6 +252,16 @@ def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames):
         trainable = x.clone().requires_grad_(True)
         layer(trainable).sum().backward()               # the plain layers: a gradient flows
     assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+    # a dtype oneDNN refuses on some CPU: logged once, then the plain layer runs
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor")
+    monkeypatch.setattr(PackedConv2d, "_weights", refuse)
+    monkeypatch.setattr(PackedConv2d, "refused", set())
+    with caplog.at_level("WARNING"), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, again = layer(x), layer(x)
+        want = torch.relu(layer.conv(x))
+    assert PackedConv2d.refused == {torch.bfloat16} and torch.equal(got, want) and torch.equal(again, want)
+    assert sum("packed bfloat16 convolutions unavailable" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_initial_blocks_pooling_is_max_pool(real_frames):

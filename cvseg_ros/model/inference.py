@@ -6,15 +6,17 @@ architecture, same weights (up to float rounding), same outputs; the checkpoint 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-import torch.nn.functional as F
-
 from .enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
 from .p_frame import FusedBranches
+
+log = logging.getLogger(__name__)
 
 # (conv, batch norm) attribute pairs where the norm directly follows the convolution in forward()
 _ENET_PAIRS = {
@@ -66,8 +68,8 @@ class PackedConv2d(nn.Module):
     blocked layout at every call: 10-30 us per convolution, as much as a third of the work at the
     P-frame branch's map sizes, and a sixth of the I-frame network's time. Here one oneDNN call (the kernel PyTorch's
     compiler emits) runs the packed weights and the ReLU. The same kernels compute the same
-    values. Elsewhere (CUDA, with gradients, a PyTorch without oneDNN, other dtypes) it is the
-    convolution and the ReLU as they were."""
+    values. Elsewhere (CUDA, with gradients, a PyTorch without oneDNN, other dtypes, a dtype
+    oneDNN refuses on this CPU: logged once) it is the convolution and the ReLU as they were."""
 
     available = _packing_available()
 
@@ -80,17 +82,26 @@ class PackedConv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self._packed: dict = {}   # (dtype, input size, weight storage and version) -> (packed weight, bias)
 
+    #: dtypes oneDNN refused to pack or run on this machine (then the plain convolution runs)
+    refused: set = set()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if (not self.available or x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)
-                or (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
-            y = c(x)
-            return F.relu(y) if self.relu else y
-        weight, bias = self._weights(dtype, x.shape)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x.to(dtype), weight, bias, list(c.padding), list(c.stride),
-            list(c.dilation), c.groups, "relu" if self.relu else "none", [], "")
+        if (self.available and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and dtype not in self.refused
+                and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
+            try:
+                weight, bias = self._weights(dtype, x.shape)
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x.to(dtype), weight, bias, list(c.padding), list(c.stride),
+                    list(c.dilation), c.groups, "relu" if self.relu else "none", [], "")
+            except RuntimeError as exc:   # e.g. bf16 asked of a CPU whose oneDNN has no bf16 kernel
+                PackedConv2d.refused.add(dtype)
+                log.warning("packed %s convolutions unavailable on this machine (%s); using PyTorch's",
+                            str(dtype).removeprefix("torch."), str(exc).splitlines()[0][:120])
+        y = c(x)
+        return F.relu(y) if self.relu else y
 
     def _weights(self, dtype: torch.dtype, input_size: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weights packed for inputs of this size (oneDNN's layout depends on it: a packing for
