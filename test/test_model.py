@@ -236,7 +236,8 @@ def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames, monke
         inputs = x
         for layer in layers + [fast.conv_lstm.gates]:
             if layer is fast.conv_lstm.gates:            # the gates see the branches' output and a state
-                inputs = torch.cat([inputs.float(), torch.rand(2, 24, *inputs.shape[-2:], generator=torch.Generator().manual_seed(0)) * 2 - 1], dim=1)
+                state = torch.rand(2, 24, *inputs.shape[-2:], generator=torch.Generator().manual_seed(0)) * 2 - 1
+                inputs = torch.cat([inputs.float(), state], dim=1)
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 got = layer(inputs)
                 want = layer.conv(inputs)
@@ -266,8 +267,8 @@ def test_packed_p_frame_convolutions_compute_the_convolutions(real_frames, monke
 
 def test_initial_blocks_pooling_is_max_pool(real_frames):
     """The I-frame network's first pooling (the maximum of the four 2x2 phases) equals
-    ``max_pool2d(x, 2, 2)`` on a real decoded frame, in both memory layouts and at odd sizes;
-    with a gradient the module's own pooling runs."""
+    ``max_pool2d(x, 2, 2)`` on a real decoded frame, in both memory layouts and at odd sizes; the
+    block gives the same with a gradient (where its own pooling module runs)."""
     import torch.nn.functional as F
     from cvseg_ros.model.enet import InitialBlock, _max_pool_2x2
     rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
@@ -279,9 +280,7 @@ def test_initial_blocks_pooling_is_max_pool(real_frames):
     with torch.no_grad():
         want = block.act(block.bn(torch.cat([block.conv(rgb), F.max_pool2d(rgb, 2, 2)], dim=1)))
         assert torch.equal(block(rgb), want)
-    trainable = rgb.clone().requires_grad_(True)
-    block(trainable).sum().backward()
-    assert trainable.grad.abs().sum() > 0
+        assert torch.equal(block(rgb.clone().requires_grad_(True)), want)
 
 
 def test_class_ids_is_the_arg_max_of_real_logits(real_frames):

@@ -66,12 +66,15 @@ class PackedConv2d(nn.Module):
 
     PyTorch's eager convolution casts the weights (under autocast) and reorders them into oneDNN's
     blocked layout at every call: 10-30 us per convolution, as much as a third of the work at the
-    P-frame branch's map sizes, and a sixth of the I-frame network's time. Here one oneDNN call (the kernel PyTorch's
-    compiler emits) runs the packed weights and the ReLU. The same kernels compute the same
-    values. Elsewhere (CUDA, with gradients, a PyTorch without oneDNN, other dtypes, a dtype
-    oneDNN refuses on this CPU: logged once) it is the convolution and the ReLU as they were."""
+    P-frame branch's map sizes, and a sixth of the I-frame network's time. Here one oneDNN call
+    (the kernel PyTorch's compiler emits) runs the packed weights and the ReLU. The same kernels
+    compute the same values. Elsewhere (CUDA, with gradients, a PyTorch without oneDNN, other
+    dtypes, a dtype oneDNN refuses on this CPU: logged once) it is the convolution and the ReLU as
+    they were."""
 
     available = _packing_available()
+    #: dtypes oneDNN refused to pack or run on this machine (then the plain convolution runs)
+    refused: set = set()
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
         super().__init__()
@@ -81,9 +84,6 @@ class PackedConv2d(nn.Module):
         self.relu = relu
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self._packed: dict = {}   # (dtype, input size, weight storage and version) -> (packed weight, bias)
-
-    #: dtypes oneDNN refused to pack or run on this machine (then the plain convolution runs)
-    refused: set = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -134,22 +134,17 @@ def pack_convolutions_(model: nn.Module) -> int:
     number replaced."""
     packed = 0
 
-    def pack_all(module: nn.Module) -> None:
+    def pack_all(parent: nn.Module, names) -> None:
         nonlocal packed
-        for name, child in module.named_children():
+        for name in names:
+            child = getattr(parent, name, None)
             if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
-                setattr(module, name, PackedConv2d(child))
+                setattr(parent, name, PackedConv2d(child))
                 packed += 1
-            else:
-                pack_all(child)
+            elif isinstance(child, nn.Module):
+                pack_all(child, [n for n, _ in child.named_children()])
 
-    for name in ("i_frame_net", "init_state"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            if type(getattr(model, name)) is nn.Conv2d:
-                setattr(model, name, PackedConv2d(getattr(model, name)))
-                packed += 1
-            else:
-                pack_all(getattr(model, name))
+    pack_all(model, ["i_frame_net", "init_state"])
     fused = getattr(model, "fused_branches", None)
     if fused is not None:
         layers = []
