@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from .jit import compiled
-from .model import luma_matching
+from .model import enet, luma_matching
 from .model.inference import inference_copy
 from .model.segmenter import CompressedSegmenter, cat_states, resize_tap, split_state, warm_up_warp
 from .motion_vectors import resize_field
@@ -275,13 +275,15 @@ def _upsampled_class_ids_on_device(logits: torch.Tensor, height: int, width: int
 
 def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
-    first frame waits for them (about 1 s each without the cache). ``motion``: also the
+    first frame waits for them (about 1 s each without the cache): the labels' and ENet's block
+    ends'; with ``motion``, also the
     motion-vector field's, the luma matching's, the warp's and ``model``'s correction head's
     (compressed mode)."""
     logits = torch.zeros(1, 2, 4, 4)
     for layout in (torch.contiguous_format, torch.channels_last):
         class_ids(logits.contiguous(memory_format=layout))
         upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)
+    enet.warm_up()
     if motion:
         warm_up_motion_analysis()
         luma_matching.warm_up()

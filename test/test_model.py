@@ -283,6 +283,33 @@ def test_initial_blocks_pooling_is_max_pool(real_frames):
         assert torch.equal(block(rgb.clone().requires_grad_(True)), want)
 
 
+def test_enet_block_ends_in_one_pass_are_prelu_of_the_sum(real_frames, monkeypatch):
+    """Each ENet bottleneck ends in ``PReLU(extension + main)``; the engine's network does that in
+    one compiled pass into the extension's map: on the maps of a real frame it gives exactly what
+    the sum and the PReLU give, in most of the 27 blocks (the rest, and anything with a
+    gradient, take the plain path)."""
+    from cvseg_ros.model import enet
+    engine = SegmentationEngine(device="cpu")
+    fused, results = enet._add_prelu, []
+
+    def checked(y, main, act):
+        want = act(y + main)
+        mine = y.clone()
+        got = fused(mine, main, act)
+        results.append((torch.equal(got, want), got.data_ptr() == mine.data_ptr()))
+        return got
+    monkeypatch.setattr(enet, "_add_prelu", checked)
+    rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        engine.model.i_frame_net(rgb.contiguous(memory_format=torch.channels_last))
+    assert len(results) == 27 and all(equal for equal, _ in results)
+    assert sum(in_place for _, in_place in results) >= 20          # the compiled pass ran
+    y = torch.randn(1, 4, 3, 5).contiguous(memory_format=torch.channels_last)
+    main = torch.randn(1, 4, 3, 5, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    out = fused(y, main, torch.nn.PReLU(4))
+    assert out.data_ptr() != y.data_ptr() and out.requires_grad     # with a gradient: the plain path
+
+
 def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
     """The engine's arg-max equals ``argmax(1)`` on the shipped model's logits of a real frame,
     ties included (first class wins): the compiled CPU loops in both memory layouts, and the

@@ -32,9 +32,12 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..jit import compiled
 
 __all__ = [
     "ENet",
@@ -76,6 +79,39 @@ def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
                          torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]))
 
 
+def _add_prelu(y: torch.Tensor, main: torch.Tensor, act: nn.PReLU) -> torch.Tensor:
+    """``act(y + main)``, the end of every bottleneck. On the CPU without gradients, for float32
+    channels-last maps, one compiled pass that writes into ``y`` (the block's own new map): 2.3x
+    faster than the sum and the PReLU, each of which reads and writes the whole map (1.4 ms of an
+    I-frame at 360x480)."""
+    channels = y.shape[1]
+    if (y.device.type == "cpu" and y.dtype == main.dtype == torch.float32 and y.shape == main.shape
+            and act.weight.numel() == channels and y.is_contiguous(memory_format=torch.channels_last)
+            and main.is_contiguous(memory_format=torch.channels_last) and y.data_ptr() != main.data_ptr()
+            and not (torch.is_grad_enabled() and (y.requires_grad or main.requires_grad or act.weight.requires_grad))):
+        _add_prelu_channels_last_(y.permute(0, 2, 3, 1).reshape(-1, channels).numpy(),
+                                  main.permute(0, 2, 3, 1).reshape(-1, channels).numpy(),
+                                  act.weight.detach().float().contiguous().numpy())
+        return y
+    return act(y + main)
+
+
+@compiled(fastmath=True)
+def _add_prelu_channels_last_(y, main, slope):
+    """y[p, c] = prelu(y[p, c] + main[p, c]) with the channel's slope (y, main [pixels, channels])."""
+    for p in range(y.shape[0]):
+        for c in range(y.shape[1]):
+            v = y[p, c] + main[p, c]
+            y[p, c] = v if v > 0 else v * slope[c]
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's disk cache) the block ends' loop now."""
+    y = torch.zeros(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _add_prelu(y, y.clone(), nn.PReLU(2))
+
+
 class Bottleneck(nn.Module):
     """Regular / dilated / asymmetric bottleneck (same channels in and out)."""
 
@@ -109,7 +145,7 @@ class Bottleneck(nn.Module):
         y = self.act1(self.bn1(self.conv1(x)))
         y = self.act2(self.bn2(self.conv2(y)))
         y = self.drop(self.bn3(self.conv3(y)))
-        return self.act_out(y + x)
+        return _add_prelu(y, x, self.act_out)
 
 
 class DownsamplingBottleneck(nn.Module):
@@ -138,7 +174,7 @@ class DownsamplingBottleneck(nn.Module):
         y = self.drop(self.bn3(self.conv3(y)))
         main, indices = self.pool(x)
         main = F.pad(main, (0, 0, 0, 0, 0, self.extra_channels))
-        return self.act_out(y + main), indices
+        return _add_prelu(y, main, self.act_out), indices
 
 
 class UpsamplingBottleneck(nn.Module):
@@ -165,7 +201,7 @@ class UpsamplingBottleneck(nn.Module):
         y = self.act2(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
         main = F.max_unpool2d(self.main_bn(self.main_conv(x)), indices, 2, 2, output_size=output_size)
-        return self.act_out(y + main)
+        return _add_prelu(y, main, self.act_out)
 
 
 def _stage23() -> nn.Sequential:
@@ -268,8 +304,6 @@ def _children(obj) -> list:
 
 
 def _tensor(a) -> torch.Tensor:
-    import numpy as np
-
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).copy())
 
 
