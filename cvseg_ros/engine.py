@@ -10,6 +10,7 @@ Modes (how P-frames are segmented; the same decode path for all):
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,18 +118,20 @@ def _arg_max_planes(x, out):
                         out[b, y, i] = c
 
 
-@compiled
-def _arg_max_last(x, out):
-    """NHWC: pixel by pixel over its classes (contiguous)."""
-    for b in range(x.shape[0]):
-        for y in range(x.shape[1]):
-            for i in range(x.shape[2]):
-                scores = x[b, y, i]
-                k = 0
-                for c in range(1, scores.shape[0]):
-                    if scores[c] > scores[k]:
-                        k = c
-                out[b, y, i] = k
+@functools.lru_cache(maxsize=None)
+def _arg_max_last_kernel(classes: int):
+    """NHWC: pixel by pixel over its classes (contiguous), compiled for this number of classes: as
+    a constant of the loop it unrolls (0.74 -> 0.48 ms for a 360x480 I-frame's 11 classes)."""
+    def arg_max_last(x, out):
+        for b in range(x.shape[0]):
+            for y in range(x.shape[1]):
+                for i in range(x.shape[2]):
+                    best, k = x[b, y, i, 0], 0
+                    for c in range(1, classes):
+                        if x[b, y, i, c] > best:
+                            best, k = x[b, y, i, c], c
+                    out[b, y, i] = k
+    return compiled(arg_max_last)
 
 
 def _class_ids_on_device(logits: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,7 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
     if logits.is_contiguous():
         _arg_max_planes(logits.numpy(), out)
     else:   # channels-last (the inference copy's I-frame logits), or any other strides
-        _arg_max_last(logits.permute(0, 2, 3, 1).numpy(), out)
+        _arg_max_last_kernel(logits.shape[1])(logits.permute(0, 2, 3, 1).numpy(), out)
     return out
 
 
@@ -275,11 +278,11 @@ def _upsampled_class_ids_on_device(logits: torch.Tensor, height: int, width: int
 
 def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
-    first frame waits for them (about 1 s each without the cache): the labels' and ENet's block
-    ends'; with ``motion``, also the
-    motion-vector field's, the luma matching's, the warp's and ``model``'s correction head's
-    (compressed mode)."""
-    logits = torch.zeros(1, 2, 4, 4)
+    first frame waits for them (about 1 s each without the cache): the labels' (for ``model``'s
+    number of classes) and ENet's block ends'; with ``motion``, also the motion-vector field's,
+    the luma matching's, the warp's and ``model``'s correction head's (compressed mode)."""
+    config = getattr(model, "config", None)
+    logits = torch.zeros(1, getattr(config, "num_classes", 2), 4, 4)
     for layout in (torch.contiguous_format, torch.channels_last):
         class_ids(logits.contiguous(memory_format=layout))
         upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)

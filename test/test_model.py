@@ -385,15 +385,16 @@ def test_engine_start_prepares_the_compiled_loops():
     import subprocess
     import sys
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
-            "from cvseg_ros.model import luma_matching as lm, segmenter as sg\n"
-            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last, lm._refine,\n"
-            "         sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16),\n"
-            "         engine._fill_taps)\n"
+            "from cvseg_ros.model import enet, luma_matching as lm, segmenter as sg\n"
+            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last_kernel(11),\n"
+            "         lm._refine, sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16),\n"
+            "         engine._fill_taps, enet._add_prelu_channels_last_)\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1, 1]", out.stdout + out.stderr
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1, 1, 1]", \
+        out.stdout + out.stderr
 
 
 def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
