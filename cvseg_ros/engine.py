@@ -338,12 +338,14 @@ class SegmentationEngine:
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", mode: str = "compressed",
                  model: CompressedSegmenter | None = None, metadata: dict | None = None,
                  precision: str = "auto", threads: int | None = None, optimize: bool = True,
-                 luma_matching: bool = True) -> None:
+                 luma_matching: bool = True, p_frame_branch: bool = True) -> None:
         """``precision``: see :data:`PRECISIONS`. ``optimize``: run an inference copy of the model
         (batch norms folded into the convolutions, channels-last): same outputs up to float
         rounding, less time. ``luma_matching=False``: do not correct the accumulated motion
         against the frames' luma even where the checkpoint's model does (less time per P-frame,
-        less accuracy; see README)."""
+        less accuracy; see README). ``p_frame_branch=False`` (an ablation, for models that
+        accumulate the motion): P-frames get the I-frame's logits warped along the accumulated
+        motion, without the CNNs, the ConvLSTM and the correction head."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         self.device = resolve_device(device)
@@ -364,6 +366,10 @@ class SegmentationEngine:
         # accumulated motion as it is)
         self._uses_luma = bool(getattr(self.model.config, "uses_luma", False)) and luma_matching \
             and mode == "compressed"
+        self._p_frame_branch = p_frame_branch
+        if not p_frame_branch and not getattr(self.model.config, "accumulate", False):
+            raise ValueError(f"p_frame_branch=False needs a model that accumulates the motion, not "
+                             f"{getattr(self.model.config, 'name', '?')!r}")
         self._residual_stride = int(getattr(self.model.config, "residual_stride", 1))
         self._deblock_p_frames = bool(getattr(self.model.config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
@@ -609,7 +615,7 @@ class SegmentationEngine:
         states = [self._cameras[wk.camera].state for wk in works]
         state = states[0] if len(works) == 1 else cat_states(states)
         with self._autocast(self._p_dtype):
-            logits, state = self.model.p_frame(state=state, **inputs)
+            logits, state = self.model.p_frame(state=state, branch=self._p_frame_branch, **inputs)
         masks = self._masks(logits, works)
         out = []
         for wk, mask, st in zip(works, masks, [state] if len(works) == 1 else split_state(state, [1] * len(works))):

@@ -8,6 +8,9 @@ mask at frame size out):
 * ``compressed``       -- the improved checkpoint, mode ``compressed`` (the paper's method);
 * ``compressed_no_matching`` -- the same with its luma matching switched off (the engine's and the
   node's ``luma_matching=False``: less time, less accuracy; only for a checkpoint that matches luma);
+* ``compressed_no_branch`` -- the same without its P-frame branch (the engine's
+  ``p_frame_branch=False``: the I-frame's logits warped along the luma-matched accumulated motion,
+  no CNN, ConvLSTM or correction head; an ablation, for a checkpoint that accumulates the motion);
 * ``compressed_paper`` -- the paper-faithful checkpoint, mode ``compressed`` (if that file exists);
 * ``per_frame``        -- the improved checkpoint's I-frame network on every frame;
 * ``iframe_copy``      -- the I-frame mask repeated over the GOP (the paper's baseline);
@@ -33,8 +36,10 @@ from .classes import CAMVID_CLASSES, NO_CLASS
 from .metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
 
 PAPER_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors"
-METHODS = ("compressed", "compressed_no_matching", "compressed_paper", "per_frame", "iframe_copy", "teacher")
-ENGINE_MODES = {"compressed": "compressed", "compressed_no_matching": "compressed", "compressed_paper": "compressed",
+METHODS = ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper", "per_frame",
+           "iframe_copy", "teacher")
+ENGINE_MODES = {"compressed": "compressed", "compressed_no_matching": "compressed",
+                "compressed_no_branch": "compressed", "compressed_paper": "compressed",
                 "per_frame": "per_frame", "iframe_copy": "iframe_copy"}
 TIMING = ("per-access-unit wall time (time.perf_counter) of one call that takes the access unit to the "
           "mask at frame size: SegmentationEngine.process (decode + network + mask), or for the teacher "
@@ -287,11 +292,15 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
             model, meta = model_of(paper_checkpoint if name == "compressed_paper" else checkpoint)
             if name == "compressed_no_matching" and not getattr(model.config, "luma_matching", False):
                 skipped[name] = f"{checkpoint.name} does not match luma (it would repeat compressed)"
+            if name == "compressed_no_branch" and not getattr(model.config, "accumulate", False):
+                skipped[name] = f"{checkpoint.name} does not accumulate the motion (it has nothing to warp)"
+            if name in skipped:
                 log(f"note: skipping {name}: {skipped[name]}")
                 continue
             engine = SegmentationEngine(model=model, metadata=meta, device=str(dev), mode=ENGINE_MODES[name],
                                         precision=precision, threads=threads,
-                                        luma_matching=name != "compressed_no_matching")
+                                        luma_matching=name != "compressed_no_matching",
+                                        p_frame_branch=name != "compressed_no_branch")
             segment = engine_segments[name] = engine_segmenter(engine, units[:WARMUP_UNITS])
         runs[name] = run_method(name, units, labels, gop, segment, progress)
     order = list(engine_segments)
@@ -352,7 +361,7 @@ def derived_figures(methods: dict) -> dict:
     per_frame ms / m ms, for ``compressed`` (top level) and every compressed method (``derived``)."""
     derived = {}
     pf, cp = methods.get("per_frame"), methods.get("iframe_copy")
-    for name in ("compressed", "compressed_no_matching", "compressed_paper"):
+    for name in ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper"):
         m = methods.get(name)
         if m is None:
             continue

@@ -49,6 +49,7 @@ def test_structure(evaluation):
     assert "teacher" not in methods   # only with --teacher
     assert ("compressed_paper" in methods) != ("compressed_paper" in result["skipped"])
     assert "compressed_no_matching" in methods   # the shipped checkpoint matches luma
+    assert "compressed_no_branch" in methods     # ... and accumulates the motion
     for name, m in methods.items():
         assert _in_unit(m["miou"]) and m["miou"] is not None, name
         assert _in_unit(m["pixel_acc"]) and m["pixel_acc"] is not None, name
@@ -67,6 +68,9 @@ def test_structure(evaluation):
     assert methods["compressed"]["networks"] == {"i_frame": 2, "p_frame": FRAMES - 2}
     assert methods["compressed_no_matching"]["networks"] == methods["compressed"]["networks"]
     assert methods["compressed_no_matching"]["miou_by_gop_position"][0] == methods["compressed"]["miou_by_gop_position"][0]
+    assert methods["compressed_no_branch"]["networks"] == methods["compressed"]["networks"]
+    assert methods["compressed_no_branch"]["miou_by_gop_position"][0] == methods["compressed"]["miou_by_gop_position"][0]
+    assert "compressed_no_branch" in result["derived"]
     assert "speedup" in result and "gap_closed" in result and "compressed" in result["derived"]
     assert "median" in result["ms_per_frame_is"]
 

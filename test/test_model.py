@@ -310,6 +310,36 @@ def test_enet_block_ends_in_one_pass_are_prelu_of_the_sum(real_frames, monkeypat
     assert out.data_ptr() != y.data_ptr() and out.requires_grad     # with a gradient: the plain path
 
 
+def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
+    """``p_frame(branch=False)`` (the evaluation's ``compressed_no_branch``): on real P-frames the
+    logits are the I-frame's warped along the accumulated motion, which is the full step's (with
+    its luma matching); the ConvLSTM state stays the I-frame's; the paper model, which accumulates
+    nothing, refuses it."""
+    from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
+    from cvseg_ros.model.segmenter import warp
+    engine = SegmentationEngine(device="cpu")
+    model = engine.model
+    frames = decode(real_units, model.config.residual_stride)
+    rgb = torch.from_numpy(frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    cells = lambda f: torch.from_numpy(f.luma_cells)[None, None].float()   # noqa: E731
+    with torch.inference_mode():
+        _, full = model.i_frame(rgb.contiguous(memory_format=torch.channels_last), luma=cells(frames[0]))
+        alone = full
+        for f in frames[1:4]:
+            args = dict(motion_vectors=torch.from_numpy(f.motion_vectors)[None],
+                        residual=torch.from_numpy(f.residual)[None, None].float() / 255,
+                        intra=torch.from_numpy(f.intra)[None, None].float(), luma=cells(f))
+            _, full = model.p_frame(state=full, **args)
+            logits, after = model.p_frame(state=alone, branch=False, **args)
+            assert torch.equal(after[3], full[3]) and after[3].abs().max() > 1      # the same motion
+            assert torch.equal(logits, warp(alone[2], full[3]))
+            assert all(torch.equal(a, b) for a, b in zip(after[:3] + after[4:], alone[:3] + alone[4:]))
+            alone = after
+    with pytest.raises(ValueError, match="accumulates the motion"):
+        SegmentationEngine(device="cpu", checkpoint=PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors",
+                           p_frame_branch=False)
+
+
 def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
     """The engine's arg-max equals ``argmax(1)`` on the shipped model's logits of a real frame,
     ties included (first class wins): the compiled CPU loops in both memory layouts, and the

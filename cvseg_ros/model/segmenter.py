@@ -379,15 +379,22 @@ class CompressedSegmenter(nn.Module):
     # -- P-frames ---------------------------------------------------------------------------
     def p_frame(self, motion_vectors: torch.Tensor, residual: torch.Tensor | None, state: State,
                 residual_stats: torch.Tensor | None = None, intra: torch.Tensor | None = None,
-                luma: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+                luma: torch.Tensor | None = None, branch: bool = True) -> tuple[torch.Tensor, State]:
         """``residual_stats``: optionally, what the model reduces ``residual`` to first, made by the
         caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per H/4 cell, see
         :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None).
         ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none).
         ``luma``: [B,1,H/4,W/4], the frame's luma cells (0..255; used when the configuration
         matches luma and the state holds the I-frame's; else the accumulated motion is not corrected
-        and the match guide is 0)."""
+        and the match guide is 0). ``branch=False`` (configurations that accumulate the motion): no
+        CNN, ConvLSTM or correction head runs; the logits are the I-frame's warped along the
+        accumulated motion (an ablation: what the P-frame branch adds), the ConvLSTM state is kept."""
         c = self.config
+        if not branch:
+            if not c.accumulate:
+                raise ValueError(f"branch=False needs a configuration that accumulates the motion, not {c.name!r}")
+            acc, _ = self._accumulated_motion(motion_vectors, state, luma)
+            return warp(state[2], acc), (*state[:3], acc, *state[4:])
         # once: the residual CNN's input and the head's guide
         pooled = ResidualCNN.pool(residual, cell=4 // c.residual_stride) if residual_stats is None \
             else residual_stats * ResidualCNN.STATS_SCALE
@@ -405,19 +412,9 @@ class CompressedSegmenter(nn.Module):
             hc = warp(torch.cat([h, cell], dim=1), motion_vectors)
             h, cell = hc[:, : h.shape[1]], hc[:, h.shape[1]:]
         match = None
-        if c.accumulate:   # content at p came from p + acc(p) in the I-frame
+        if c.accumulate:
             i_frame_seg = seg
-            acc = motion_vectors + warp(state[3], motion_vectors)
-            if c.uses_luma:
-                i_frame_luma = state[4] if len(state) > 4 else None
-                if luma is not None and i_frame_luma is not None:
-                    luma = luma.float()[..., : acc.shape[-2], : acc.shape[-1]]
-                    if c.luma_matching:
-                        acc = refine_accumulated_motion(acc, luma, i_frame_luma)
-                    if c.match_guide:   # how far this cell's luma is from the I-frame's where acc points
-                        match = (luma - warp(i_frame_luma, acc)).abs_() * MATCH_SCALE
-                if c.match_guide and match is None:
-                    match = acc.new_zeros(acc.shape[0], 1, *acc.shape[-2:])
+            acc, match = self._accumulated_motion(motion_vectors, state, luma)
         # the logits to correct are warped by the head: along acc (the I-frame's) or the vectors
         seg_motion = acc if c.accumulate else motion_vectors if c.warp else None
         h, cell = self.conv_lstm(x, (h, cell))
@@ -428,6 +425,26 @@ class CompressedSegmenter(nn.Module):
         if c.accumulate:
             return seg, (h, cell, i_frame_seg, acc, *state[4:])
         return seg, (h, cell, seg)
+
+    def _accumulated_motion(self, motion_vectors: torch.Tensor, state: State, luma: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the motion accumulated since the I-frame: content at p came from p + acc(p) in the
+        I-frame, corrected against the luma where the configuration matches luma; the match
+        guide, or None)."""
+        c = self.config
+        match = None
+        acc = motion_vectors + warp(state[3], motion_vectors)
+        if c.uses_luma:
+            i_frame_luma = state[4] if len(state) > 4 else None
+            if luma is not None and i_frame_luma is not None:
+                luma = luma.float()[..., : acc.shape[-2], : acc.shape[-1]]
+                if c.luma_matching:
+                    acc = refine_accumulated_motion(acc, luma, i_frame_luma)
+                if c.match_guide:   # how far this cell's luma is from the I-frame's where acc points
+                    match = (luma - warp(i_frame_luma, acc)).abs_() * MATCH_SCALE
+            if c.match_guide and match is None:
+                match = acc.new_zeros(acc.shape[0], 1, *acc.shape[-2:])
+        return acc, match
 
     def p_frame_parameters(self):
         """Parameters of everything but the I-frame network (the P-frame branch)."""
