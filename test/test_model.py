@@ -416,9 +416,10 @@ def test_engine_start_prepares_the_compiled_loops():
     import sys
     code = ("from cvseg_ros import engine, motion_vectors as mv\n"
             "from cvseg_ros.model import enet, luma_matching as lm, segmenter as sg\n"
-            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes, engine._arg_max_last_kernel(11),\n"
-            "         lm._refine, sg._warp_channels_last, engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16),\n"
-            "         engine._fill_taps, enet._add_prelu_channels_last_)\n"
+            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes,\n"
+            "         engine._arg_max_last_kernel(11), lm._refine, sg._warp_channels_last,\n"
+            "         engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16), engine._fill_taps,\n"
+            "         enet._add_prelu_channels_last_)\n"
             "before = [len(f.signatures) for f in loops]\n"
             "engine.SegmentationEngine(device='cpu')\n"
             "print(before, [len(f.signatures) for f in loops])\n")

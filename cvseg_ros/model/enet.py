@@ -66,8 +66,8 @@ class InitialBlock(nn.Module):
         self.act = nn.PReLU(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(torch.cat([self.conv(x), _max_pool_2x2(x) if not x.requires_grad else self.pool(x)],
-                                          dim=1)))
+        pooled = self.pool(x) if x.requires_grad else _max_pool_2x2(x)
+        return self.act(self.bn(torch.cat([self.conv(x), pooled], dim=1)))
 
 
 def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +81,9 @@ def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 
 def _add_prelu(y: torch.Tensor, main: torch.Tensor, act: nn.PReLU) -> torch.Tensor:
     """``act(y + main)``, the end of every bottleneck. On the CPU without gradients, for float32
-    channels-last maps, one compiled pass that writes into ``y`` (the block's own new map): 2.3x
-    faster than the sum and the PReLU, each of which reads and writes the whole map (1.4 ms of an
-    I-frame at 360x480)."""
+    channels-last maps, one compiled pass that writes into ``y`` (the block's own new map), where
+    the sum and the PReLU each read and write the whole map: the same values, 2.3x faster (ENet
+    23.7 -> 21.1 ms at 360x480)."""
     channels = y.shape[1]
     if (y.device.type == "cpu" and y.dtype == main.dtype == torch.float32 and y.shape == main.shape
             and act.weight.numel() == channels and y.is_contiguous(memory_format=torch.channels_last)
