@@ -383,12 +383,14 @@ class SegmentationEngine:
     # -- cameras --------------------------------------------------------------------------------
     def add_camera(self, camera: str) -> None:
         if camera not in self._cameras:
-            # only the compressed mode needs the vectors and the residual (at the model's size), and
-            # only it may skip the P-frames' deblocking (the other modes' networks see their pixels)
+            # only the compressed mode needs the vectors and the residual (at the model's size; not
+            # without the P-frame branch), and only it may skip the P-frames' deblocking (the other
+            # modes' networks see their pixels)
             compressed = self.mode == "compressed"
             self._cameras[camera] = _Camera(H264StreamDecoder(
                 camera, rgb_for_p_frames=self.mode == "per_frame", motion=compressed,
-                residual_size=self.residual_size, deblock_p_frames=self._deblock_p_frames or not compressed))
+                residual_size=self.residual_size, deblock_p_frames=self._deblock_p_frames or not compressed,
+                residual=self._p_frame_branch))
 
     @property
     def cameras(self) -> list[str]:
@@ -544,6 +546,8 @@ class SegmentationEngine:
                    "residual": None, "residual_stats": None, "intra": None}
         if self._uses_luma:
             tensors["luma"] = self._luma_tensor(works)
+        if not self._p_frame_branch:   # only the vectors and the luma are read
+            return tensors
         if self._uses_intra:
             tensors["intra"] = self._batch(intras).to(self.device, non_blocking=True).unsqueeze(1).float()
         stats = [residual_stats(r, cell=4 // self._residual_stride) for r in residuals]

@@ -148,14 +148,16 @@ class H264StreamDecoder:
     Their pixels then drift a little from the encoder's (a mean of about 1 grey level after 11
     P-frames of CamVid), which the vectors and the residual's statistics do not mind; I-frames are
     decoded exactly. For the compressed-domain model only, not for networks that see P-frame pixels.
+    ``residual=False`` (with ``motion``): no residual image (for a model that does not read it).
     """
 
     def __init__(self, name: str = "stream", rgb_for_p_frames: bool = False, motion: bool = True,
                  residual_size: Callable[[int, int], tuple[int, int]] | None = None,
-                 deblock_p_frames: bool = True) -> None:
+                 deblock_p_frames: bool = True, residual: bool = True) -> None:
         self.name = name
         self.rgb_for_p_frames = rgb_for_p_frames
         self.motion = motion
+        self.residual = residual
         self.residual_size = residual_size
         self.deblock_p_frames = deblock_p_frames
         self.stats = StreamStats()
@@ -353,7 +355,7 @@ class H264StreamDecoder:
             if self.motion:
                 field, result.intra = dense_field(arr, height, width)
                 result.motion_vectors = fill_intra(field, result.intra)
-                if self._previous_luma is not None and self._previous_luma.shape == luma.shape:
+                if self.residual and self._previous_luma is not None and self._previous_luma.shape == luma.shape:
                     result.residual = self._residual(luma, result.motion_vectors, height, width)
         if reset:
             st.resets += 1

@@ -313,8 +313,8 @@ def test_enet_block_ends_in_one_pass_are_prelu_of_the_sum(real_frames, monkeypat
 def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
     """``p_frame(branch=False)`` (the evaluation's ``compressed_no_branch``): on real P-frames the
     logits are the I-frame's warped along the accumulated motion, which is the full step's (with
-    its luma matching); the ConvLSTM state stays the I-frame's; the paper model, which accumulates
-    nothing, refuses it."""
+    its luma matching); the ConvLSTM state stays the I-frame's; the engine's ablation reads no
+    residual; the paper model, which accumulates nothing, refuses it."""
     from cvseg_ros.checkpoint import PACKAGE_CHECKPOINT_DIR
     from cvseg_ros.model.segmenter import warp
     engine = SegmentationEngine(device="cpu")
@@ -335,6 +335,16 @@ def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
             assert torch.equal(logits, warp(alone[2], full[3]))
             assert all(torch.equal(a, b) for a, b in zip(after[:3] + after[4:], alone[:3] + alone[4:]))
             alone = after
+    # the engine's ablation: its reader makes no residual (nothing reads it), the masks come out
+    ablation = SegmentationEngine(device="cpu", p_frame_branch=False)
+    results = [r for i, u in enumerate(real_units) for r in ablation.process([("cam", u, i)])]
+    assert [r.kind for r in results] == [f.kind for f in frames] and results[1].mask.shape == (360, 480)
+    probe = H264StreamDecoder("probe", residual=False)
+    read = [f for u in real_units for f in probe.feed(u)]
+    p_frames = [f for f in read if f.kind == "P"]
+    assert p_frames and all(f.residual is None and f.motion_vectors is not None and f.luma_cells is not None
+                            for f in p_frames)
+    assert ablation._cameras["cam"].decoder.residual is False
     with pytest.raises(ValueError, match="accumulates the motion"):
         SegmentationEngine(device="cpu", checkpoint=PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors",
                            p_frame_branch=False)
