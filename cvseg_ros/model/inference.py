@@ -60,6 +60,14 @@ def _packing_available() -> bool:
         return False
 
 
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast casts to where it is on, else None."""
+    try:
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    except TypeError:   # a PyTorch before 2.4 (a vehicle's CUDA build may be older)
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 class PackedConv2d(nn.Module):
     """A trained convolution, and optionally the ReLU after it, for inference on the CPU with its
     weights packed for oneDNN once per dtype (bf16 under autocast, else the input's).
@@ -87,16 +95,15 @@ class PackedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if (self.available and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                and dtype not in self.refused
+        dtype = (_cpu_autocast_dtype() or x.dtype) if self.available and x.device.type == "cpu" else None
+        if (dtype in (torch.float32, torch.bfloat16) and dtype not in self.refused
                 and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
             try:
                 weight, bias = self._weights(dtype, x.shape)
                 return torch.ops.mkldnn._convolution_pointwise(
                     x.to(dtype), weight, bias, list(c.padding), list(c.stride),
                     list(c.dilation), c.groups, "relu" if self.relu else "none", [], "")
-            except RuntimeError as exc:   # e.g. bf16 asked of a CPU whose oneDNN has no bf16 kernel
+            except (RuntimeError, TypeError) as exc:   # e.g. bf16 on a CPU without its kernels
                 PackedConv2d.refused.add(dtype)
                 log.warning("packed %s convolutions unavailable on this machine (%s); using PyTorch's",
                             str(dtype).removeprefix("torch."), str(exc).splitlines()[0][:120])
