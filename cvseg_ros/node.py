@@ -208,6 +208,10 @@ class CvsegNode(Node):
             "correct the motion accumulated since the I-frame against the frames' luma where the "
             "checkpoint's model does (false: less time per P-frame, about 1 mIoU point less)",
             P.PARAMETER_BOOL))
+        cfg["p_frame_branch"] = self._declare("p_frame_branch", True, _descriptor(
+            "run the P-frame branch (CNNs, ConvLSTM, correction head); false: each P-frame's mask is "
+            "the I-frame's logits warped along the accumulated motion (about 1 ms less per P-frame; "
+            "the same accuracy on CamVid val, see README)", P.PARAMETER_BOOL))
         threads = self._declare("threads", 0, _descriptor(
             "torch CPU threads of the engine (0 = torch's default)", P.PARAMETER_INTEGER))
         if threads < 0:
@@ -234,7 +238,8 @@ class CvsegNode(Node):
         try:
             from .engine import SegmentationEngine
             self.engine = SegmentationEngine(checkpoint=cfg["checkpoint"] or None, device=cfg["device"],
-                                             threads=cfg["threads"] or None, luma_matching=cfg["luma_matching"])
+                                             threads=cfg["threads"] or None, luma_matching=cfg["luma_matching"],
+                                             p_frame_branch=cfg["p_frame_branch"])
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
         class_names = list(self.engine.class_names)

@@ -20,6 +20,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "config" / "cvseg.yaml"
+PAPER = REPO / "cvseg_ros" / "checkpoints" / "cvseg_paper.safetensors"   # shipped with the package
 DOMAIN = random.SystemRandom().randint(161, 200)   # this module's own ROS domain
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
 
@@ -53,7 +54,7 @@ def test_params_file_lists_every_parameter():
     flat = file_params()
     for name in ("cameras", "front.topic", "device", "checkpoint", "publish_mask", "publish_color",
                  "qos_reliability", "queue_depth", "batch_window_ms", "max_stamp_gap_periods",
-                 "diagnostics_period", "input_timeout_s", "luma_matching", "threads"):
+                 "diagnostics_period", "input_timeout_s", "luma_matching", "p_frame_branch", "threads"):
         assert name in flat, name
     assert flat["cameras"] == ["front"] and flat["front.topic"] == "/front/image_raw/h264"
     assert "class_names" in PARAMS.read_text()       # documented (read-only, set by the node)
@@ -157,6 +158,8 @@ BAD = [
     pytest.param(["-p", "queue_depth:=many"], "queue_depth", id="wrong-type"),
     pytest.param(["-p", "threads:=-1"], "'threads' must be >= 0", id="negative-threads"),
     pytest.param(["-p", "input_timeout_s:=0"], "input_timeout_s", id="zero-input-timeout"),
+    pytest.param(["-p", "p_frame_branch:=false", "-p", f"checkpoint:={PAPER}"], "accumulates the motion",
+                 id="no-branch-for-the-paper-model"),
 ]
 
 
