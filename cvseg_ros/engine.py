@@ -536,12 +536,11 @@ class SegmentationEngine:
                 if self._uses_intra:
                     intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
             intras.append(intra)
-            # the reader computes the residual at the model's size already (residual_size)
-            res = f.residual if f.residual is not None else np.zeros((rh, rw), np.int16)
-            if res.shape != (rh, rw):
-                res = cv2.resize(res, (rw, rh), interpolation=cv2.INTER_AREA)
             mvs.append(mv)
-            residuals.append(res)
+            if self._p_frame_branch:   # the reader computes the residual at the model's size already
+                res = f.residual if f.residual is not None else np.zeros((rh, rw), np.int16)
+                residuals.append(res if res.shape == (rh, rw) else
+                                 cv2.resize(res, (rw, rh), interpolation=cv2.INTER_AREA))
         tensors = {"motion_vectors": self._batch(mvs).to(self.device, non_blocking=True),
                    "residual": None, "residual_stats": None, "intra": None}
         if self._uses_luma:
