@@ -530,22 +530,22 @@ class SegmentationEngine:
         for wk in works:
             f = wk.frame
             mv = f.motion_vectors
+            resized = mv.shape[1:] != (h // 4, w // 4)
+            mvs.append(resize_field(mv, h // 4, w // 4, w / f.width, h / f.height) if resized else mv)
+            if not self._p_frame_branch:   # the warp reads the vectors (and the luma) only
+                continue
             intra = f.intra if f.intra is not None else np.zeros(mv.shape[1:], bool)
-            if mv.shape[1:] != (h // 4, w // 4):
-                mv = resize_field(mv, h // 4, w // 4, w / f.width, h / f.height)
-                if self._uses_intra:
-                    intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
+            if resized and self._uses_intra:
+                intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
             intras.append(intra)
-            mvs.append(mv)
-            if self._p_frame_branch:   # the reader computes the residual at the model's size already
-                res = f.residual if f.residual is not None else np.zeros((rh, rw), np.int16)
-                residuals.append(res if res.shape == (rh, rw) else
-                                 cv2.resize(res, (rw, rh), interpolation=cv2.INTER_AREA))
+            # the reader computes the residual at the model's size already (residual_size)
+            res = f.residual if f.residual is not None else np.zeros((rh, rw), np.int16)
+            residuals.append(res if res.shape == (rh, rw) else cv2.resize(res, (rw, rh), interpolation=cv2.INTER_AREA))
         tensors = {"motion_vectors": self._batch(mvs).to(self.device, non_blocking=True),
                    "residual": None, "residual_stats": None, "intra": None}
         if self._uses_luma:
             tensors["luma"] = self._luma_tensor(works)
-        if not self._p_frame_branch:   # only the vectors and the luma are read
+        if not self._p_frame_branch:
             return tensors
         if self._uses_intra:
             tensors["intra"] = self._batch(intras).to(self.device, non_blocking=True).unsqueeze(1).float()

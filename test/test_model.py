@@ -335,10 +335,16 @@ def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
             assert torch.equal(logits, warp(alone[2], full[3]))
             assert all(torch.equal(a, b) for a, b in zip(after[:3] + after[4:], alone[:3] + alone[4:]))
             alone = after
-    # the engine's ablation: its reader makes no residual (nothing reads it), the masks come out
+    # the engine's ablation: every P-frame step without the branch, its masks not the default's;
+    # its reader makes no residual (nothing reads it)
     ablation = SegmentationEngine(device="cpu", p_frame_branch=False)
+    steps, step = [], ablation.model.p_frame
+    ablation.model.p_frame = lambda **k: steps.append(k["branch"]) or step(**k)
     results = [r for i, u in enumerate(real_units) for r in ablation.process([("cam", u, i)])]
+    default = [r for i, u in enumerate(real_units) for r in engine.process([("cam", u, i)])]
     assert [r.kind for r in results] == [f.kind for f in frames] and results[1].mask.shape == (360, 480)
+    assert steps == [False] * sum(f.kind == "P" for f in frames)
+    assert any(not np.array_equal(a.mask, b.mask) for a, b in zip(results, default) if a.kind == "P")
     probe = H264StreamDecoder("probe", residual=False)
     read = [f for u in real_units for f in probe.feed(u)]
     p_frames = [f for f in read if f.kind == "P"]
