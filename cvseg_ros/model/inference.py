@@ -84,9 +84,14 @@ class PackedConv2d(nn.Module):
     #: dtypes oneDNN refused to pack or run on this machine (then the plain convolution runs)
     refused: set = set()
 
+    @staticmethod
+    def takes(module: nn.Module) -> bool:
+        """Whether ``module`` is a convolution this class runs: an ``nn.Conv2d`` with numeric zero padding."""
+        return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
     def __init__(self, conv: nn.Conv2d, relu: bool = False) -> None:
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not self.takes(conv):
             raise ValueError("PackedConv2d takes convolutions with numeric zero padding")
         self.conv = conv
         self.relu = relu
@@ -145,7 +150,7 @@ def pack_convolutions_(model: nn.Module) -> int:
         nonlocal packed
         for name in names:
             child = getattr(parent, name, None)
-            if type(child) is nn.Conv2d and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+            if PackedConv2d.takes(child):
                 setattr(parent, name, PackedConv2d(child))
                 packed += 1
             elif isinstance(child, nn.Module):
@@ -158,14 +163,14 @@ def pack_convolutions_(model: nn.Module) -> int:
         for child in fused.net:
             if isinstance(child, nn.ReLU) and layers and isinstance(layers[-1], PackedConv2d) and not layers[-1].relu:
                 layers[-1].relu = True
-            elif isinstance(child, nn.Conv2d):
+            elif PackedConv2d.takes(child):
                 layers.append(PackedConv2d(child))
                 packed += 1
             else:
                 layers.append(child)
         fused.net = nn.Sequential(*layers)
     lstm = getattr(model, "conv_lstm", None)
-    if lstm is not None and isinstance(lstm.gates, nn.Conv2d):
+    if lstm is not None and PackedConv2d.takes(lstm.gates):
         lstm.gates = PackedConv2d(lstm.gates)
         packed += 1
     return packed
