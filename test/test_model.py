@@ -283,6 +283,25 @@ def test_initial_blocks_pooling_is_max_pool(real_frames):
         assert torch.equal(block(rgb.clone().requires_grad_(True)), want)
 
 
+def test_i_frame_state_pools_the_logits_through_the_classifier(real_frames):
+    """The improved model's I-frame state holds the logits averaged over 4x4 pixels; made from
+    the classifier's input, they equal pooling the full-resolution logits on a real frame (fp32,
+    both layouts, a batch of two streams), and the state is the one built from those logits."""
+    import torch.nn.functional as F
+    model, _ = load_checkpoint()
+    rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        for x in (rgb, torch.cat([rgb, rgb.flip(-1)]).contiguous(memory_format=torch.channels_last)):
+            z, logits, quarter = model.i_frame_net(x, quarter=True)
+            want = F.avg_pool2d(logits, 4)
+            assert quarter.shape == want.shape == (x.shape[0], 11, 90, 120)
+            torch.testing.assert_close(quarter, want, rtol=1e-5, atol=1e-4)
+            got_logits, state = model.i_frame(x)
+            assert torch.equal(got_logits, logits)
+            for got, expected in zip(state, model.state_from_i_frame(z, logits)):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_enet_block_ends_in_one_pass_are_prelu_of_the_sum(real_frames, monkeypatch):
     """Each ENet bottleneck ends in ``PReLU(extension + main)``; the engine's network does that in
     one compiled pass into the extension's map: on the maps of a real frame it gives exactly what

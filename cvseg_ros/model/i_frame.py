@@ -22,5 +22,7 @@ class IFrameNet(nn.Module):
         super().__init__()
         self.enet = ENet(num_classes=num_classes)
 
-    def forward(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.enet.forward_features(rgb)
+    def forward(self, rgb: torch.Tensor, quarter: bool = False):
+        """With ``quarter``, also the logits averaged over 4x4 pixels [B,C,H/4,W/4] (made from the
+        classifier's input: :meth:`ENet.quarter_logits`)."""
+        return self.enet.forward_features(rgb, quarter=quarter)
