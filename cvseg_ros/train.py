@@ -345,8 +345,8 @@ class Trainer:
         with torch.inference_mode():
             for g in tqdm(groups, desc="I-frame features", disable=not self.dist.main):
                 x = torch.from_numpy(g.rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
-                z, logits = model.i_frame_net(x)
-                outs.append((z[0].half(), F.avg_pool2d(logits, 4, ceil_mode=True)[0].half()))
+                z, _, quarter = model.i_frame_net(x, quarter=True)
+                outs.append((z[0].half(), quarter[0].half()))
         return outs
 
     def train_pframe(self, name: str, groups: list[Group]) -> CompressedSegmenter:
