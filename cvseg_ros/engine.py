@@ -316,8 +316,8 @@ class SegmentationResult:
 @dataclass
 class _Camera:
     decoder: H264StreamDecoder
-    state: tuple | None = None   # the model state (compressed mode); () once started in the other modes
-    last_mask_small: np.ndarray | None = None   # iframe_copy mode
+    state: tuple | None = None   # the model state (compressed mode)
+    last_mask_small: np.ndarray | None = None   # the last I-frame's mask; None until the first one
     masks_out: int = 0
     discontinuities: int = 0
 
@@ -472,7 +472,7 @@ class SegmentationEngine:
         i_works, p_works = [], []
         for w in works:
             cam = self._cameras[w.camera]
-            needs_i = w.frame.reset or cam.state is None or self.mode == "per_frame"
+            needs_i = w.frame.reset or cam.last_mask_small is None or self.mode == "per_frame"
             if needs_i and w.frame.rgb is None:   # cannot restart without pixels: wait for a reset
                 cam.decoder.mark_discontinuity("no image to restart the state from")
                 continue
@@ -593,8 +593,8 @@ class SegmentationEngine:
             else:   # no P-frame ever uses a model state: the I-frame network's logits only
                 logits, state = self.model.i_frame_net(rgb)[1], None
         masks = self._masks(logits, works)
-        if state is None:   # (an empty state: the camera has been started)
-            states = [()] * len(works)
+        if state is None:
+            states = [None] * len(works)
         else:
             states = [state] if len(works) == 1 else split_state(state, [1] * len(works))
         out = []
