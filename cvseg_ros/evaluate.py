@@ -384,13 +384,15 @@ def _pct(v) -> str:
 def markdown_table(result: dict) -> str:
     """The paper's Table I/II/III in spirit: one row per method."""
     classes = result["classes"]
-    header = ["Method", "mIoU %", "Pixel acc %", "ms/frame", "Speed-up"] + classes
+    header = ["Method", "mIoU %", "Pixel acc %", "ms/frame", "Speed-up", "I ms", "P ms"] + classes
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     pf = result["methods"].get("per_frame")
     for name, m in result["methods"].items():
         speed = _ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None
         row = [name, _pct(m["miou"]), _pct(m["pixel_acc"]), f"{m['ms_per_frame']:.1f}",
                "-" if speed is None else f"{speed:.2f}x"]
+        by_kind = m.get("ms_per_frame_by_kind", {})
+        row += ["-" if by_kind.get(kind) is None else f"{by_kind[kind]:.2f}" for kind in ("I", "P")]
         row += [_pct(m["per_class_iou"].get(c)) for c in classes]
         lines.append("| " + " | ".join(row) + " |")
     title = (f"CamVid {result['first_frame']} .. {result['last_frame']}: {result['frames']} frames "

@@ -91,8 +91,11 @@ def test_report_files(evaluation):
     png, md = out / "miou_by_gop.png", out / "eval.md"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = md.read_text()
-    for name in result["methods"]:
-        assert f"| {name} |" in table
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| I ms | P ms |" in rows["Method"]
+    for name, m in result["methods"].items():   # each method's row, with its I- and P-frame times
+        by_kind = m["ms_per_frame_by_kind"]
+        assert f" | {by_kind['I']:.2f} | {by_kind['P']:.2f} | " in rows[name]
     assert "| Sky |" in table and "mIoU %" in table
 
 
