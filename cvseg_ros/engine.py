@@ -10,11 +10,12 @@ Modes (how P-frames are segmented; the same decode path for all):
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -444,8 +445,14 @@ class SegmentationEngine:
         h, w = self.work_size(height, width)
         return h // self._residual_stride, w // self._residual_stride
 
-    def process(self, units: Sequence[tuple[str, bytes, Any]]) -> list[SegmentationResult]:
+    def process(self, units: Sequence[tuple[str, bytes, Any]],
+                on_camera_done: Callable[[str, list[SegmentationResult]], None] | None = None
+                ) -> list[SegmentationResult]:
         """Decode and segment a batch of ``(camera, access_unit, stamp)``; results in input order.
+        ``on_camera_done(camera, results)`` is called as soon as all of a camera's decoded frames
+        in this batch are done (before the other cameras' may be): P-frames run before I-frames,
+        so a camera's P-frame mask need not wait for another camera's I-frame network. Cameras
+        whose units decoded to no frame are not called back.
 
         Never raises on bad data: what cannot be decoded is counted in :meth:`stats`.
         """
@@ -455,6 +462,18 @@ class SegmentationEngine:
             for frame in self._cameras[camera].decoder.feed(data, stamp):
                 decoded.append(_Work(len(decoded), camera, frame, self.work_size(frame.height, frame.width)))
         results: list[SegmentationResult | None] = [None] * len(decoded)
+        left = collections.Counter(w.camera for w in decoded)
+        done: dict[str, list[SegmentationResult]] = collections.defaultdict(list)
+
+        def finished(pairs: list[tuple[_Work, SegmentationResult | None]]) -> None:
+            for w, res in pairs:
+                if res is not None:
+                    results[w.index] = res
+                    done[w.camera].append(res)
+                left[w.camera] -= 1
+                if not left[w.camera] and on_camera_done is not None:
+                    on_camera_done(w.camera, done[w.camera])
+
         # a camera with several frames in one call: run them in rounds, in order
         pending = decoded
         while pending:
@@ -462,27 +481,27 @@ class SegmentationEngine:
             for w in pending:
                 (later if w.camera in seen else this_round).append(w)
                 seen.add(w.camera)
-            for w, res in self._run_round(this_round):
-                results[w.index] = res
+            self._run_round(this_round, finished)
             pending = later
         return [r for r in results if r is not None]
 
     @torch.inference_mode()
-    def _run_round(self, works: list[_Work]) -> list[tuple[_Work, SegmentationResult]]:
+    def _run_round(self, works: list[_Work], finished: Callable) -> None:
+        """One frame per camera: ``finished(pairs of (work, result or None))`` after each group
+        (P-frames first: they are cheap, an I-frame is not)."""
         i_works, p_works = [], []
         for w in works:
             cam = self._cameras[w.camera]
             needs_i = w.frame.reset or cam.last_mask_small is None or self.mode == "per_frame"
             if needs_i and w.frame.rgb is None:   # cannot restart without pixels: wait for a reset
                 cam.decoder.mark_discontinuity("no image to restart the state from")
+                finished([(w, None)])
                 continue
             (i_works if needs_i else p_works).append(w)
-        out = []
-        for group in self._group(i_works, key=lambda w: w.work_size):
-            out.extend(self._run_i(group))
         for group in self._group(p_works, key=lambda w: (w.work_size, self._state_shape(w.camera))):
-            out.extend(self._run_p(group))
-        return out
+            finished(self._run_p(group))
+        for group in self._group(i_works, key=lambda w: w.work_size):
+            finished(self._run_i(group))
 
     @staticmethod
     def _group(works, key):

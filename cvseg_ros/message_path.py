@@ -474,44 +474,57 @@ class MessagePath:
                     engine.mark_discontinuity(cam.name, "; ".join(reasons))
                 work[cam.name] = (cam, item, engine.stats(cam.name))
                 units.append((cam.name, item.data, item.stamp_ns))
+            outputs, finished = [], set()
+
+            def camera_done(name: str, results: list) -> None:   # published as soon as it is ready
+                finished.add(name)
+                out = self._publish(*work[name], results, publish)
+                if out is not None:
+                    outputs.append(out)
             try:
-                results = engine.process(units) if units else []
+                if units:
+                    engine.process(units, on_camera_done=camera_done)
             except Exception as exc:  # noqa: BLE001 - keep serving: count, restart the state
                 message = f"engine failure: {type(exc).__name__}: {exc}"
                 self._warn("engine", message)
-                for cam, item, _ in work.values():
+                for name, (cam, item, _) in work.items():
+                    if name in finished:     # published (or counted) already
+                        continue
                     cam.count("engine_errors", error=message)
                     try:
                         engine.mark_discontinuity(cam.name, "engine failure")
                     except Exception:  # noqa: BLE001
                         pass
-                return []
-            by_camera: dict[str, list] = {}
-            for res in results:
-                by_camera.setdefault(res.camera, []).append(res)
-            outputs = []
-            for name, (cam, item, before) in work.items():
-                out = self._output(cam, item, before, by_camera.get(name, []))
-                if out is None:
-                    continue
-                if publish is not None:
-                    try:
-                        publish(out)
-                    except Exception as exc:  # noqa: BLE001
-                        cam.count("publish_errors", error=f"publish failed: {type(exc).__name__}: {exc}")
-                        continue
-                now = time.monotonic_ns()
-                cam.counts["published"] += 1
-                cam.last_published = now / 1e9
-                cam.last_published_stamp = item.stamp_ns
-                cam.latency.add((now - item.received_ns) / 1e6)
-                outputs.append(out)
+                return outputs
+            for name, (cam, item, before) in work.items():   # no frame decoded: the reason counted
+                if name not in finished:
+                    self._publish(cam, item, before, [], publish)
             return outputs
         finally:
             with self._cond:
                 for cam, _, item in batch:
                     if item is not None:
                         cam.in_flight -= 1
+
+    def _publish(self, cam: CameraState, item: QueuedFrame, before: dict, results: list,
+                 publish: Callable[[MaskOutput], None] | None) -> MaskOutput | None:
+        """``item``'s mask from the engine's ``results`` for it, published and counted; or None
+        with the reason counted."""
+        out = self._output(cam, item, before, results)
+        if out is None:
+            return None
+        if publish is not None:
+            try:
+                publish(out)
+            except Exception as exc:  # noqa: BLE001
+                cam.count("publish_errors", error=f"publish failed: {type(exc).__name__}: {exc}")
+                return None
+        now = time.monotonic_ns()
+        cam.counts["published"] += 1
+        cam.last_published = now / 1e9
+        cam.last_published_stamp = item.stamp_ns
+        cam.latency.add((now - item.received_ns) / 1e6)
+        return out
 
     def _defer_restart(self, cam: CameraState, item: QueuedFrame) -> bool:
         """After frames were skipped, restart the state only on an IDR or once the camera's queue

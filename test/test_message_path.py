@@ -274,6 +274,42 @@ def test_queue_policy_when_the_engine_falls_behind(make_engine, gop12_units):
     assert [o.network for o in cam.outputs[3:]] == ["i_frame", "p_frame", "p_frame"]
 
 
+def test_a_p_frame_is_published_before_another_cameras_i_frame_runs(make_engine, gop12_units, monkeypatch):
+    """One batch: "front" has a P-frame, "rear" joins with its first I-frame. The engine runs the
+    P-frame first and front's mask is published before rear's I-frame network runs; both masks
+    are what each camera alone gives. If the engine then fails, only rear is counted as an engine
+    error: front's message was published already."""
+    import numpy as np
+    engine = make_engine()
+    path = MessagePath(engine, ["front", "rear"], batch_window_ms=0.0)
+    path.receive("front", make_message(gop12_units[0], T0, "h264", "front"))
+    path.drain()
+    events = []
+    run_i = engine._run_i
+    monkeypatch.setattr(engine, "_run_i", lambda works: events.append("rear I-frame runs") or run_i(works))
+    path.receive("front", make_message(gop12_units[1], T0 + PERIOD, "h264", "front"))
+    path.receive("rear", make_message(gop12_units[0], T0 + PERIOD, "h264", "rear"))
+    outputs = path.drain(publish=lambda out: events.append(f"{out.camera} published"))
+    assert events == ["front published", "rear I-frame runs", "rear published"]
+    assert [(o.camera, o.network) for o in outputs] == [("front", "p_frame"), ("rear", "i_frame")]
+    alone = make_engine()
+    want = [r.mask for i in (0, 1) for r in alone.process([("front", gop12_units[i], T0 + i * PERIOD)])]
+    assert np.array_equal(outputs[0].mask, want[1]) and np.array_equal(outputs[1].mask, want[0])
+
+    def fail(works):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(engine, "_run_i", fail)
+    path.receive("front", make_message(gop12_units[2], T0 + 2 * PERIOD, "h264", "front"))
+    path.receive("rear", make_message(gop12_units[12], T0 + 12 * PERIOD, "h264", "rear"))
+    outputs = path.drain()
+    assert [o.camera for o in outputs] == ["front"]
+    counts = {name: dict(path.cameras[name].counts) for name in ("front", "rear")}
+    assert counts["front"].get("engine_errors", 0) == 0 and counts["rear"]["engine_errors"] == 1
+    for name in ("front", "rear"):
+        v = dict(path.camera_values(name, 1.0)[2])
+        assert int(v["frames_in"]) == int(v["masks_out"]) + sum(int(v[k]) for k in DROP_REASONS), v
+
+
 def test_per_frame_mode_restarts_at_once_after_a_backlog(make_engine, gop12_units):
     """The same backlog in ``per_frame`` mode, where every frame runs the I-frame network: a restart
     costs no more than any frame, so nothing waits for the queue to empty. The five oldest are
