@@ -2,7 +2,8 @@
 
 One :class:`SegmentationEngine` serves the node, the CLI, evaluation and benchmarks. Per camera it
 keeps an :class:`~cvseg_ros.stream.H264StreamDecoder` and the model state (on the device); frames
-that arrive in one :meth:`SegmentationEngine.process` call are run as one batch per kind.
+that arrive in one :meth:`SegmentationEngine.process` call are run as one batch per kind, the
+P-frames first (an I-frame's network costs about ten P-frames).
 
 Modes (how P-frames are segmented; the same decode path for all):
 ``compressed`` (the paper's method), ``per_frame`` (the I-frame network on every frame) and

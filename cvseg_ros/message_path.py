@@ -431,8 +431,9 @@ class MessagePath:
             return batch
 
     def run_batch(self, batch: list, publish: Callable[[MaskOutput], None] | None = None) -> list[MaskOutput]:
-        """Decode and segment a batch from :meth:`take_batch`; ``publish`` each mask (it may
-        raise: counted). Never raises on bad data; returns the masks published."""
+        """Decode and segment a batch from :meth:`take_batch`; ``publish`` each mask as soon as the
+        engine has it (it may raise: counted). Never raises on bad data; returns the masks
+        published, in the order published."""
         engine = self.engine
         units, work = [], {}
         try:

@@ -82,7 +82,7 @@ def test_bench_with_the_node(tmp_path):
     if cam["latency_ms_p50"] is not None:   # None: no frame of the measured window got its mask
         assert cam["latency_ms_p50"] <= cam["latency_ms_p90"] <= cam["latency_ms_p99"] <= cam["latency_ms_max"]
         assert 0 < cam["latency_ms_mean"] <= cam["latency_ms_max"]
-    for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean"):   # one camera: all its
+    for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean"):   # (one camera)
         assert node[key] == cam[key], key
     assert node["rate_hz_min"] == cam["rate_hz"]
     assert node["peak_rss_mib"] > 50 and math.isfinite(node["node_cpu_cores"])
