@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvseg_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.engine import SegmentationEngine
 from cvseg_ros.model.segmenter import CompressedSegmenter, cat_states, make_config, split_state
@@ -286,7 +286,8 @@ def test_initial_blocks_pooling_is_max_pool(real_frames):
 def test_i_frame_state_pools_the_logits_through_the_classifier(real_frames):
     """The improved model's I-frame state holds the logits averaged over 4x4 pixels; made from
     the classifier's input, they equal pooling the full-resolution logits on a real frame (fp32,
-    both layouts, a batch of two streams), and the state is the one built from those logits."""
+    both layouts, a batch of two streams), and the state is the one built from those logits. The
+    paper model pools them further to H/32, as its training did."""
     import torch.nn.functional as F
     model, _ = load_checkpoint()
     rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
@@ -300,6 +301,12 @@ def test_i_frame_state_pools_the_logits_through_the_classifier(real_frames):
             assert torch.equal(got_logits, logits)
             for got, expected in zip(state, model.state_from_i_frame(z, logits)):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    paper, _ = load_checkpoint(DEFAULT_CHECKPOINT.with_name("cvseg_paper.safetensors"))
+    with torch.inference_mode():   # the paper model's H/32 state: from the H/4 logits, as in training
+        z, logits = paper.i_frame_net(rgb)
+        (h, _), want = paper.i_frame(rgb)[1], F.adaptive_avg_pool2d(F.avg_pool2d(logits, 4), (12, 15))
+        assert h.shape == want.shape == (1, 11, 12, 15)
+        torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-4)
 
 
 def test_enet_block_ends_in_one_pass_are_prelu_of_the_sum(real_frames, monkeypatch):

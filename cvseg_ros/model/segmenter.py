@@ -354,15 +354,13 @@ class CompressedSegmenter(nn.Module):
         """``luma``: the frame's luma cells [B,1,H/4,W/4] (0..255) as the decoder gave them; a
         configuration that matches luma keeps them in the state (without them, this GOP's
         P-frames are not matched)."""
-        if self.config.name == "paper":   # (the state pools the logits to H/32)
-            z, logits = self.i_frame_net(rgb)
-            return logits, self.state_from_i_frame(z, logits, luma)
         z, logits, quarter = self.i_frame_net(rgb, quarter=True)
         return logits, self.state_from_i_frame(z, quarter, luma)
 
     def state_from_i_frame(self, z: torch.Tensor, logits: torch.Tensor, luma: torch.Tensor | None = None) -> State:
-        """``logits``: the I-frame's, at full resolution or (not ``paper``) already averaged over
-        4x4 pixels; ``luma``: the I-frame's luma cells (see :meth:`i_frame`)."""
+        """``logits``: the I-frame's, at full resolution or already averaged over 4x4 pixels (as
+        :meth:`i_frame` and training give them; ``paper`` pools those further to H/32); ``luma``: the
+        I-frame's luma cells (see :meth:`i_frame`)."""
         c = self.config
         zh, zw = z.shape[-2:]
         if c.name == "paper":   # H/8 -> H/32
