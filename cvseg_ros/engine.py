@@ -164,24 +164,16 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
     return out
 
 
-_TAPS: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, ...]:
     """Per output index of a bilinear resize from ``n_in`` to ``n_out`` (``align_corners=False``,
     border-clamped, as ``F.interpolate``): the two input indices, the second one's weight, and the
-    starts of the runs of outputs that share their input indices (with ``n_out`` appended)."""
-    key = (n_out, n_in)
-    taps = _TAPS.get(key)
-    if taps is None:
-        first, second, weight = np.empty(n_out, np.int64), np.empty(n_out, np.int64), np.empty(n_out, np.float32)
-        _fill_taps(n_in, first, second, weight)
-        runs = np.flatnonzero(np.diff(first, prepend=-1)).astype(np.int64)
-        taps = (first, second, weight, np.append(runs, n_out))
-        if len(_TAPS) > 64:
-            _TAPS.clear()
-        _TAPS[key] = taps
-    return taps
+    starts of the runs of outputs that share their input indices (with ``n_out`` appended). Cached:
+    the callers only read them."""
+    first, second, weight = np.empty(n_out, np.int64), np.empty(n_out, np.int64), np.empty(n_out, np.float32)
+    _fill_taps(n_in, first, second, weight)
+    runs = np.flatnonzero(np.diff(first, prepend=-1)).astype(np.int64)
+    return first, second, weight, np.append(runs, n_out)
 
 
 @compiled
