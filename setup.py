@@ -1,15 +1,15 @@
 from glob import glob
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 PACKAGE = "cvseg_ros"
 
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=find_packages(exclude=["test", "test.*"]),
-    package_data={PACKAGE: ["checkpoints/*.safetensors", "checkpoints/*.json"]},
-    include_package_data=True,
+    # the layers' subpackages plus cvseg_ros.checkpoints, a data-only package with the shipped weights
+    packages=find_namespace_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    package_data={f"{PACKAGE}.checkpoints": ["*.safetensors", "*.json"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -38,8 +38,8 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "cvseg = cvseg_ros.cli:main",
-            "cvseg_node = cvseg_ros.node:main",
+            "cvseg = cvseg_ros.tools.cli:main",
+            "cvseg_node = cvseg_ros.ros.node:main",
         ],
     },
 )

@@ -12,8 +12,10 @@ import av
 import numpy as np
 import pytest
 
+from cvseg_ros.common.paths import shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = shared_data_dir()
 CLIPS_DIR = SHARED_DATA / "clips"
 CAMVID_TRAIN = SHARED_DATA / "camvid" / "train"
 MPEG4_CLIP = CLIPS_DIR / "udacity_project_video_cut.mp4"   # MPEG-4 Part 2: must be refused
@@ -80,7 +82,7 @@ def read_rgb(path: Path, count: int, size: tuple[int, int] | None = None) -> lis
     """The first ``count`` decoded RGB frames of a clip, optionally resized to ``size`` = (w, h)."""
     import cv2
 
-    from cvseg_ros.video import read_frames
+    from cvseg_ros.codec.video import read_frames
 
     frames = list(itertools.islice(read_frames(path), count))
     if size is not None:
@@ -99,7 +101,7 @@ def clips() -> list[Path]:
 @pytest.fixture(scope="session")
 def clip_units() -> Units:
     """A short real access-unit list: IDR (with SPS/PPS) + 15 P-frames of a 960x540 dashcam clip."""
-    from cvseg_ros.video import read_access_units
+    from cvseg_ros.codec.video import read_access_units
 
     require(FUZZ_CLIP, "real clip")
     units = Units((u.data for u in itertools.islice(read_access_units(FUZZ_CLIP), 16)), FUZZ_CLIP.name)
@@ -110,7 +112,7 @@ def clip_units() -> Units:
 @pytest.fixture(scope="session")
 def gop12_units() -> Units:
     """36 real dashcam frames at 320x180 encoded by :func:`video.encode_frames` with GOP 12."""
-    from cvseg_ros.video import encode_frames
+    from cvseg_ros.codec.video import encode_frames
 
     require(SMALL_CLIP, "real clip")
     units = Units(encode_frames(read_rgb(SMALL_CLIP, 36, (320, 180)), gop=12), f"{SMALL_CLIP.name} at 320x180")
@@ -138,11 +140,11 @@ def segmenter():
     the I/O around it). Torch runs on one thread in the tests (2 shared cores)."""
     import torch
 
-    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
     torch.set_num_threads(1)
     if DEFAULT_CHECKPOINT.exists():
         return load_checkpoint(DEFAULT_CHECKPOINT)
-    from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
+    from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
     from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
     torch.manual_seed(0)
     model = CompressedSegmenter(make_config("improved")).eval()
@@ -152,7 +154,7 @@ def segmenter():
 @pytest.fixture()
 def make_engine(segmenter):
     """A factory of fresh :class:`SegmentationEngine` (own cameras and decoders) on the shared model."""
-    from cvseg_ros.engine import SegmentationEngine
+    from cvseg_ros.engine.pipeline import SegmentationEngine
     model, meta = segmenter
     return lambda **kw: SegmentationEngine(model=model, metadata=meta, device="cpu", **kw)
 

@@ -26,18 +26,18 @@ def env_for(domain: int) -> dict:
 
 def node_cmd(*args: str, threads: int | None = 1) -> list[str]:
     extra = ["-p", f"threads:={threads}"] if threads is not None else []
-    return [sys.executable, "-m", "cvseg_ros.node", "--ros-args", "--params-file", str(PARAMS), *extra, *args]
+    return [sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file", str(PARAMS), *extra, *args]
 
 
 def checkpoint_args(tmp: Path) -> list[str]:
     """The shipped checkpoint when present; else a seeded random one (the node's I/O is under test)."""
-    from cvseg_ros.checkpoint import DEFAULT_CHECKPOINT
+    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT
     if DEFAULT_CHECKPOINT.exists():
         return []
     import torch
 
-    from cvseg_ros.checkpoint import save_checkpoint
-    from cvseg_ros.classes import CAMVID_CLASSES, CAMVID_PALETTE
+    from cvseg_ros.model.checkpoint import save_checkpoint
+    from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
     from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
     torch.manual_seed(0)
     path = save_checkpoint(CompressedSegmenter(make_config("improved")), tmp / "random.safetensors",
@@ -46,7 +46,7 @@ def checkpoint_args(tmp: Path) -> list[str]:
 
 
 def start_node(log_path: Path, args: list[str], domain: int, threads: int = 1) -> subprocess.Popen:
-    """``python -m cvseg_ros.node`` with the params file, ``threads`` torch threads and ``args``,
+    """``python -m cvseg_ros.ros.node`` with the params file, ``threads`` torch threads and ``args``,
     on ROS domain ``domain`` (discovery on localhost); output to ``log_path``."""
     return subprocess.Popen(node_cmd(*args, threads=threads), env=env_for(domain), stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, cwd=REPO)

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 
 PACKAGE = "cvseg_ros"
+LAYERS = ("common", "codec", "model", "engine", "ros", "training", "tools")
 # never copied into the throw-away source tree: environments, build outputs, caches
 COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "install", "log", "out", "runs", ".cache",
                                      ".hypothesis", ".pytest_cache", "__pycache__", "*.egg-info", "dist")
@@ -70,8 +71,10 @@ def test_wheel_carries_the_data_files(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=COPY_IGNORE, symlinks=True)
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-         "--no-build-isolation", "--no-index", "-w", str(dist), str(source)], tmp_path, timeout=240)
+    proc = run([sys.executable, "-m", "pip", "wheel", "-v", "--disable-pip-version-check", "--no-deps",
+                "--no-build-isolation", "--no-index", "-w", str(dist), str(source)], tmp_path, timeout=240)
+    assert "is absent from the `packages` configuration" not in proc.stdout + proc.stderr, \
+        "setuptools warns that a folder with installed files is not among the packages"
     (wheel,) = dist.glob(f"{PACKAGE}-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -85,12 +88,13 @@ def test_wheel_carries_the_data_files(tmp_path):
             assert f"{share}/{PACKAGE}/{folder}/{path.name}" in names, f"the wheel lacks {folder}/{path.name}"
     for path in data_files(f"{PACKAGE}/checkpoints"):
         assert f"{PACKAGE}/checkpoints/{path.name}" in names, f"the wheel lacks checkpoints/{path.name}"
-    assert f"{PACKAGE}/stream.py" in names
+    for layer in LAYERS:
+        assert f"{PACKAGE}/{layer}/__init__.py" in names, f"the wheel lacks the {layer} layer"
     assert not any(n.startswith("test/") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         text = archive.read(entry_points).decode()
-    assert "cvseg = cvseg_ros.cli:main" in text and "cvseg_node = cvseg_ros.node:main" in text
+    assert "cvseg = cvseg_ros.tools.cli:main" in text and "cvseg_node = cvseg_ros.ros.node:main" in text
 
 
 def test_compiled_loops_run_where_no_cache_can_be_written(monkeypatch):
@@ -98,7 +102,7 @@ def test_compiled_loops_run_where_no_cache_can_be_written(monkeypatch):
     loops are compiled in memory instead of failing at import."""
     import numba
 
-    from cvseg_ros import jit
+    from cvseg_ros.common import jit
 
     real_njit = numba.njit
     cached_attempts = []

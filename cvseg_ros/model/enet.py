@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..jit import compiled
+from cvseg_ros.common.jit import compiled
 
 __all__ = [
     "ENet",
@@ -489,7 +489,7 @@ def remap_classifier(
 
     * ``merge="first"`` (default): class ``c`` copies the weights and bias of
       ``class_map[c][0]``, the group's representative (list the dominant member
-      first, as :data:`cvseg_ros.classes.CAMVID_CLASS_MAP` does). The merged
+      first, as :data:`cvseg_ros.model.classes.CAMVID_CLASS_MAP` does). The merged
       network then reproduces the teacher's mapped argmax on ~97 % of the mapped
       pixels of CamVid frames (misses: pixels whose teacher argmax is a minor
       member, e.g. Truck/Train, Wall).
@@ -539,7 +539,7 @@ def enet_from_torch7(
 
     With ``num_classes != 20``: if ``class_map`` is given (for each new class
     the list of teacher ids it merges, e.g.
-    :func:`cvseg_ros.classes.camvid_class_map`) the classifier is remapped by
+    :func:`cvseg_ros.model.classes.camvid_class_map`) the classifier is remapped by
     :func:`remap_classifier` (``merge``: ``"first"`` copies each group's first
     teacher class, ``"mean"`` averages the group; see there); without it the
     classifier keeps its random initialisation (everything else is loaded).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .enet import ENet
+from cvseg_ros.model.enet import ENet
 
 
 class IFrameNet(nn.Module):

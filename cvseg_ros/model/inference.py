@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
-from .p_frame import FusedBranches
+from cvseg_ros.model.enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
+from cvseg_ros.model.p_frame import FusedBranches
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..jit import compiled
+from cvseg_ros.common.jit import compiled
 
 #: the acc maps are at H/CELL; vectors are in input pixels. A cell tries its 3x3 neighbours'
 #: vectors, each judged on the 3x3 cells around it.

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..jit import compiled
-from .conv_lstm import ConvLSTM
-from .i_frame import IFrameNet
-from .luma_matching import refine_accumulated_motion
-from .p_frame import FusedBranches, MotionVectorCNN, ResidualCNN
+from cvseg_ros.common.jit import compiled
+from cvseg_ros.model.conv_lstm import ConvLSTM
+from cvseg_ros.model.i_frame import IFrameNet
+from cvseg_ros.model.luma_matching import refine_accumulated_motion
+from cvseg_ros.model.p_frame import FusedBranches, MotionVectorCNN, ResidualCNN
 
 State = tuple[torch.Tensor, ...]
 
@@ -385,7 +385,7 @@ class CompressedSegmenter(nn.Module):
                 luma: torch.Tensor | None = None, branch: bool = True) -> tuple[torch.Tensor, State]:
         """``residual_stats``: optionally, what the model reduces ``residual`` to first, made by the
         caller ([B,2,H/4,W/4]: mean and mean absolute value of the residual per H/4 cell, see
-        :func:`cvseg_ros.residual.residual_stats`); then ``residual`` is not used (may be None).
+        :func:`cvseg_ros.codec.residual.residual_stats`); then ``residual`` is not used (may be None).
         ``intra``: [B,1,H/4,W/4], 1 on intra-coded cells (used when ``config.intra``; None = none).
         ``luma``: [B,1,H/4,W/4], the frame's luma cells (0..255; used when the configuration
         matches luma and the state holds the I-frame's; else the accumulated motion is not corrected

@@ -1,0 +1,187 @@
+"""Checkpoints: safetensors weights + JSON metadata, loaded with validation (never a pickle).
+
+``<name>.safetensors`` holds the tensors; ``<name>.json`` holds classes, palette, input size, the
+model configuration, and how it was made (command, data hashes). Loading checks the metadata, the
+class count against the palette and the classifier, every tensor's name and shape against the
+model the configuration builds, and that all values are finite.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cvseg_ros.model.segmenter import CONFIGS, CompressedSegmenter, ModelConfig
+
+PACKAGE_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
+DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors"
+REQUIRED_KEYS = ("format", "classes", "palette", "input_size", "config")
+FORMAT = "cvseg_ros/1"
+MAX_CLASSES = 255
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: checkpoints are .safetensors files (+ .json metadata); "
+                              f"pickled PyTorch files are not loaded")
+    return path, path.with_suffix(".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: CompressedSegmenter, path: str | Path, *, classes: list[str],
+                    palette: np.ndarray, input_size: tuple[int, int], extra: dict | None = None) -> Path:
+    """Write ``path`` (.safetensors) and its .json metadata."""
+    weights, meta_path = _paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(weights))
+    meta = {
+        "format": FORMAT,
+        "classes": list(classes),
+        "palette": np.asarray(palette, dtype=np.uint8).tolist(),
+        "input_size": list(input_size),
+        "config": model.config.to_dict(),
+        "weights_sha256": file_sha256(weights),
+    }
+    meta.update(extra or {})
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return weights
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(meta, meta_path: Path) -> None:
+    """Types and ranges of the metadata fields (the file is untrusted input)."""
+    def bad(message: str):
+        raise CheckpointError(f"{meta_path}: {message}")
+
+    if not isinstance(meta, dict):
+        bad(f"expected a JSON object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        bad(f"missing keys {missing}")
+    if meta["format"] != FORMAT:
+        bad(f"format {meta['format']!r}, expected {FORMAT!r}")
+    classes, palette = meta["classes"], meta["palette"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        bad("'classes' must be a non-empty list of class names")
+    if len(classes) > MAX_CLASSES:
+        bad(f"{len(classes)} classes: at most {MAX_CLASSES} (id 255 means unknown)")
+    if not isinstance(palette, list) or len(palette) != len(classes) or not all(
+            isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
+            for c in palette):
+        bad(f"{len(classes)} classes but the palette is not {len(classes)} RGB triples of 0..255 "
+            f"({len(palette) if isinstance(palette, list) else type(palette).__name__})")
+    size = meta["input_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 8 <= v <= 8192 for v in size)):
+        bad(f"'input_size' must be [height, width] in pixels (8..8192), got {size!r}")
+    config = meta["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        bad("'config' must be an object with a model 'name'")
+    if config.get("num_classes") != len(classes):
+        bad(f"config has {config.get('num_classes')} classes, metadata lists {len(classes)}")
+    for key, value in config.items():    # bounds that keep a hostile file from building a huge model
+        ok = (isinstance(value, bool) or (_is_int(value) and 0 <= value <= 4096)
+              or (isinstance(value, float) and math.isfinite(value) and abs(value) <= 1e6)
+              or (isinstance(value, str) and len(value) <= 64))
+        if not ok:
+            bad(f"config value {key}={value!r} is out of bounds (flags, integers 0..4096, finite numbers, "
+                f"short names)")
+    digest = meta.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        bad(f"'weights_sha256' is not a SHA-256 hex digest: {digest!r}")
+
+
+def read_metadata(path: str | Path) -> dict:
+    weights, meta_path = _paths(path)
+    if not weights.exists():
+        raise CheckpointError(f"checkpoint not found: {weights}")
+    if not meta_path.exists():
+        raise CheckpointError(f"{weights}: its metadata file {meta_path.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
+    _check_metadata(meta, meta_path)
+    return meta
+
+
+def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu"
+                    ) -> tuple[CompressedSegmenter, dict]:
+    """Build the model its metadata describes and load validated weights. Returns (model, metadata)."""
+    weights, _ = _paths(path or DEFAULT_CHECKPOINT)
+    meta = read_metadata(weights)
+    try:
+        config = config_of(meta)
+        model = CompressedSegmenter(config)
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, RuntimeError from the model
+        raise CheckpointError(f"{weights}: bad model configuration ({type(exc).__name__}: {exc})") from None
+    digest = meta.get("weights_sha256")
+    if digest is not None and file_sha256(weights) != digest:
+        raise CheckpointError(f"{weights}: its SHA-256 differs from the one in its metadata (truncated, "
+                              f"modified, or not the file the metadata was written for)")
+    expected = model.state_dict()
+    state = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
+                raise CheckpointError(f"{weights}: tensors do not match the '{config.name}' model "
+                                      f"(unexpected {extra[:5]}, missing {missing[:5]})")
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in sorted(names)}
+            wrong = [n for n in shapes if shapes[n] != tuple(expected[n].shape)]
+            if wrong:
+                k = config.num_classes
+                hint = any(k in expected[n].shape and k not in shapes[n] for n in wrong)
+                raise CheckpointError(
+                    f"{weights}: {len(wrong)} tensor(s) do not have the '{config.name}' model's shapes, "
+                    f"e.g. {wrong[0]} has shape {shapes[wrong[0]]}, expected {tuple(expected[wrong[0]].shape)}"
+                    + (f" (the metadata lists {k} classes: the weights were made for another class count)"
+                       if hint else ""))
+            for name in sorted(names):
+                t = f.get_tensor(name)
+                if t.dtype != expected[name].dtype:
+                    raise CheckpointError(f"{weights}: {name} is {t.dtype}, expected {expected[name].dtype}")
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise CheckpointError(f"{weights}: {name} holds non-finite values")
+                state[name] = t
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def config_of(meta: dict) -> ModelConfig:
+    """The model configuration a checkpoint's metadata stores. A field it lacks (written before the
+    field existed) takes the dataclass default: what the model did before the field existed."""
+    cfg = dict(meta["config"])
+    name = cfg.pop("name")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model configuration {name!r}; choose from {sorted(CONFIGS)}")
+    return ModelConfig(name=name, **cfg)

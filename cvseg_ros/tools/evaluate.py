@@ -1,0 +1,489 @@
+"""`cvseg eval`: accuracy and speed of the compressed-domain model against its baselines.
+
+Labelled frames (sorted PNGs + CamVid label PNGs) are encoded once with :func:`video.encode_frames`
+(libx264, GOP ``gop``, no B-frames); every method then segments the *same* access units, one
+:meth:`SegmentationEngine.process` call per unit (one camera), timed end to end (access unit in,
+mask at frame size out):
+
+* ``compressed``       -- the improved checkpoint, mode ``compressed`` (the paper's method);
+* ``compressed_no_matching`` -- the same with its luma matching switched off (the engine's and the
+  node's ``luma_matching=False``: less time, less accuracy; only for a checkpoint that matches luma);
+* ``compressed_no_branch`` -- the same without its P-frame branch (the engine's
+  ``p_frame_branch=False``: the I-frame's logits warped along the luma-matched accumulated motion,
+  no CNN, ConvLSTM or correction head; an ablation, for a checkpoint that accumulates the motion);
+* ``compressed_paper`` -- the paper-faithful checkpoint, mode ``compressed`` (if that file exists);
+* ``per_frame``        -- the improved checkpoint's I-frame network on every frame;
+* ``iframe_copy``      -- the I-frame mask repeated over the GOP (the paper's baseline);
+* ``teacher``          -- the ENet teacher (OpenCV DNN) on every decoded frame (with ``--teacher``).
+
+Metrics are those of :mod:`cvseg_ros.tools.metrics` (void ignored, "no class" predictions wrong).
+Outputs: a JSON file, a Markdown table ``eval.md`` and a plot ``miou_by_gop.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, PACKAGE_CHECKPOINT_DIR
+from cvseg_ros.model.classes import CAMVID_CLASSES, NO_CLASS
+from cvseg_ros.tools.metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
+
+PAPER_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors"
+METHODS = ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper", "per_frame",
+           "iframe_copy", "teacher")
+ENGINE_MODES = {"compressed": "compressed", "compressed_no_matching": "compressed",
+                "compressed_no_branch": "compressed", "compressed_paper": "compressed",
+                "per_frame": "per_frame", "iframe_copy": "iframe_copy"}
+TIMING = ("per-access-unit wall time (time.perf_counter) of one call that takes the access unit to the "
+          "mask at frame size: SegmentationEngine.process (decode + network + mask), or for the teacher "
+          "H264StreamDecoder.feed + Teacher.predict_camvid; after a warm-up on a separate camera. "
+          "ms_per_frame = the median time of each frame kind (I, P) weighted by that kind's share of the "
+          "frames (robust to outliers, and it counts the I-frames' cost), per pass over the stream; the "
+          "engine's methods make timing_passes passes, the first scored, the others interleaved "
+          "(one pass of each method in turn, the order rotated), and ms_per_frame is the median over "
+          "the passes (ms_per_frame_passes), so that a drift of the machine's speed during the run "
+          "does not favour one method; ms_per_frame_median and ms_per_frame_mean are the plain median "
+          "and mean over all timed frames")
+CAMERA = "cam"
+
+
+# -- data -----------------------------------------------------------------------------------------
+def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_frames: int | None = None
+                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Sorted RGB PNG frames and their label PNGs (same file names). Returns (rgb, labels, names)."""
+    import cv2
+
+    from cvseg_ros.codec.video import even_size
+
+    frames_dir, labels_dir = Path(frames_dir), Path(labels_dir)
+    for d in (frames_dir, labels_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"no such directory: {d}")
+    files = sorted(frames_dir.glob("*.png"))
+    if max_frames is not None:
+        if max_frames < 1:
+            raise ValueError(f"--max-frames must be >= 1, got {max_frames}")
+        files = files[:max_frames]
+    if not files:
+        raise FileNotFoundError(f"no PNG frames in {frames_dir}")
+    frames, labels = [], []
+    for f in files:
+        label_path = labels_dir / f.name
+        if not label_path.is_file():
+            raise FileNotFoundError(f"frame {f.name} has no label {label_path}")
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        lab = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+        if bgr is None or lab is None:
+            raise ValueError(f"cannot read {f if bgr is None else label_path}")
+        if lab.ndim != 2 or lab.dtype != np.uint8:
+            raise ValueError(f"{label_path}: expected a single-channel 8-bit label image, "
+                             f"got shape {lab.shape} {lab.dtype}")
+        if lab.shape != bgr.shape[:2]:
+            raise ValueError(f"{label_path} is {lab.shape[1]}x{lab.shape[0]}, "
+                             f"frame {f.name} is {bgr.shape[1]}x{bgr.shape[0]}")
+        rgb = even_size(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))   # yuv420p needs even sizes
+        frames.append(np.ascontiguousarray(rgb))
+        labels.append(np.ascontiguousarray(lab[: rgb.shape[0], : rgb.shape[1]]))
+        if rgb.shape != frames[0].shape:
+            raise ValueError(f"{f.name} is {rgb.shape[1]}x{rgb.shape[0]}, the first frame "
+                             f"{frames[0].shape[1]}x{frames[0].shape[0]}: one stream needs one size")
+    return frames, labels, [f.name for f in files]
+
+
+# -- running one method ---------------------------------------------------------------------------
+def _weighted_by_kind(times_ms: Sequence[float], kinds: Sequence[str]) -> tuple[float, dict[str, float]]:
+    """(the median time of each frame kind weighted by the kind's share of the frames, the medians)."""
+    by_kind, weighted = {}, 0.0
+    for kind in sorted(set(kinds)):
+        t = [ms for ms, k in zip(times_ms, kinds) if k == kind]
+        by_kind[kind] = statistics.median(t)
+        weighted += statistics.median(t) * len(t) / len(times_ms)
+    return weighted, by_kind
+
+
+@dataclass
+class MethodRun:
+    metrics: SegmentationMetrics
+    times_ms: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    networks: dict[str, int] = field(default_factory=dict)
+    missing: int = 0
+    #: (times_ms, kinds) of the timing-only passes after the scored one
+    more_passes: list[tuple[list[float], list[str]]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        m = self.metrics
+        passes = [(self.times_ms, self.kinds)] + self.more_passes
+        per_pass = [_weighted_by_kind(t, k) for t, k in passes]
+        kinds = sorted({kind for _, by_kind in per_pass for kind in by_kind})
+        by_kind = {kind: round(statistics.median(b[kind] for _, b in per_pass if kind in b), 3) for kind in kinds}
+        all_times = [ms for t, _ in passes for ms in t]
+        return {
+            "miou": m.miou(),
+            "pixel_acc": m.pixel_accuracy(),
+            "per_class_iou": m.per_class_iou(),
+            "miou_by_gop_position": m.miou_by_gop_position(),
+            "frames_by_gop_position": list(m.frames_by_position),
+            "ms_per_frame": round(statistics.median(w for w, _ in per_pass), 3),
+            "ms_per_frame_passes": [round(w, 3) for w, _ in per_pass],
+            "ms_per_frame_median": round(statistics.median(all_times), 3),
+            "ms_per_frame_mean": round(statistics.fmean(all_times), 3),
+            "ms_per_frame_by_kind": by_kind,
+            "networks": dict(self.networks),
+            "missing_masks": self.missing,
+        }
+
+
+# segment(i, unit) -> [(stamp, mask, gop_index, kind, network)]
+Segmenter = Callable[[int, bytes], list[tuple[int, np.ndarray, int, str, str]]]
+WARMUP_UNITS = 2   # an I- and a P-frame, on a separate camera / decoder, before timing
+
+
+def run_method(name: str, units: Sequence[bytes], labels: Sequence[np.ndarray], gop: int,
+               segment: Segmenter, progress: bool = True) -> MethodRun:
+    """Time ``segment`` per access unit and score its masks against ``labels`` (stamp = frame index).
+
+    A frame that gets no mask counts as all "no class" (wrong), at GOP position ``index % gop``.
+    """
+    from tqdm import tqdm
+
+    run = MethodRun(SegmentationMetrics(len(CAMVID_CLASSES), gop))
+    scored = [False] * len(labels)
+    for i, unit in enumerate(tqdm(units, desc=f"{name:>16}", unit="frame", disable=not progress)):
+        outputs = _timed(segment, i, unit, run.times_ms, run.kinds)
+        for stamp, mask, gop_index, _kind, network in outputs:
+            if not (0 <= stamp < len(labels)) or scored[stamp]:
+                raise RuntimeError(f"{name}: unexpected mask for frame {stamp}")
+            run.metrics.update(labels[stamp], mask, gop_index)
+            run.networks[network] = run.networks.get(network, 0) + 1
+            scored[stamp] = True
+    for i, done in enumerate(scored):
+        if not done:
+            run.missing += 1
+            run.metrics.update(labels[i], np.full_like(labels[i], NO_CLASS), i % gop)
+    return run
+
+
+def _timed(segment: Segmenter, i: int, unit: bytes, times_ms: list[float], kinds: list[str]):
+    """``segment(i, unit)``, its wall time and frame kind appended to ``times_ms`` and ``kinds``."""
+    start = time.perf_counter()
+    outputs = segment(i, unit)
+    times_ms.append(1000.0 * (time.perf_counter() - start))
+    kinds.append(outputs[0][3] if outputs else "-")
+    return outputs
+
+
+def time_pass(segment: Segmenter, units: Sequence[bytes]) -> tuple[list[float], list[str]]:
+    """One more pass over the stream, timed only (the masks were scored in the first pass; the
+    first unit is an IDR, so the method restarts cleanly)."""
+    times, kinds = [], []
+    for i, unit in enumerate(units):
+        _timed(segment, i, unit, times, kinds)
+    return times, kinds
+
+
+def engine_segmenter(engine, warmup: Sequence[bytes] = ()) -> Segmenter:
+    for unit in warmup:   # lazy initialisation (kernels, allocations) is not part of the timing
+        engine.process([("warmup", unit, -1)])
+
+    def segment(i: int, unit: bytes):
+        return [(r.stamp, r.mask, r.gop_index, r.kind, r.network)
+                for r in engine.process([(CAMERA, unit, i)])]
+    return segment
+
+
+def teacher_segmenter(teacher, warmup: Sequence[bytes] = ()) -> Segmenter:
+    """Decode like the engine (same decoded pixels, RGB for P-frames too), teacher on every frame."""
+    from cvseg_ros.codec.decoder import H264StreamDecoder
+
+    warm = H264StreamDecoder("warmup", rgb_for_p_frames=True)
+    for unit in warmup:
+        for f in warm.feed(unit):
+            teacher.predict_camvid(f.rgb)
+    decoder = H264StreamDecoder(CAMERA, rgb_for_p_frames=True)
+
+    def segment(i: int, unit: bytes):
+        return [(f.stamp, teacher.predict_camvid(f.rgb), f.gop_index, f.kind, "teacher")
+                for f in decoder.feed(unit, i) if f.rgb is not None]
+    return segment
+
+
+# -- the evaluation -------------------------------------------------------------------------------
+def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.0, gop: int = 12,
+             checkpoint: str | Path | None = None, paper_checkpoint: str | Path | None = None,
+             teacher: str | Path | None = None, methods: Sequence[str] | None = None,
+             device: str = "auto", max_frames: int | None = None, precision: str = "auto",
+             threads: int | None = None, crf: int = 23, progress: bool = True, timing_passes: int = 3,
+             log: Callable[[str], None] = print) -> dict:
+    """Run the methods over the same access units; returns the JSON-ready result (NaN -> None).
+    ``timing_passes``: passes over the stream timed per engine method (see :data:`TIMING`)."""
+    from cvseg_ros.model.checkpoint import load_checkpoint
+    from cvseg_ros.engine.pipeline import SegmentationEngine, resolve_device, resolve_precision
+    from cvseg_ros.codec.video import encode_frames
+
+    if gop < 1:
+        raise ValueError(f"--gop must be >= 1, got {gop}")
+    explicit = methods is not None
+    methods = list(methods) if explicit else [m for m in METHODS if m != "teacher" or teacher]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+
+    checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    skipped: dict[str, str] = {}
+    if "compressed_paper" in methods:
+        if paper_checkpoint:
+            paper_checkpoint = Path(paper_checkpoint)
+            if not paper_checkpoint.exists():
+                raise FileNotFoundError(f"paper checkpoint not found: {paper_checkpoint}")
+        elif PAPER_CHECKPOINT.exists():
+            paper_checkpoint = PAPER_CHECKPOINT
+        else:
+            skipped["compressed_paper"] = f"no paper checkpoint ({PAPER_CHECKPOINT} does not exist)"
+            log(f"note: skipping compressed_paper: {skipped['compressed_paper']}")
+            methods.remove("compressed_paper")
+    teacher_model = None
+    if "teacher" in methods:
+        from cvseg_ros.training.teacher import Teacher
+        # None -> the default path (FileNotFoundError if absent); threads: cv2.setNumThreads
+        teacher_model = Teacher(teacher, threads=threads)
+
+    dev = resolve_device(device)
+    frames, labels, names = load_labelled_frames(frames_dir, labels_dir, max_frames)
+    units = encode_frames(frames, fps, gop, crf=crf)
+    if len(units) != len(frames):
+        raise RuntimeError(f"encoder returned {len(units)} access units for {len(frames)} frames")
+    height, width = frames[0].shape[:2]
+    del frames
+    log(f"{len(units)} frames {width}x{height}, GOP {gop}, {fps:g} fps, "
+        f"{sum(map(len, units)) * 8 * fps / len(units) / 1000:.0f} kbit/s; device {dev}")
+
+    loaded: dict[Path, tuple] = {}
+
+    def model_of(path: Path):
+        if path not in loaded:
+            model, meta = load_checkpoint(path, dev)
+            if list(meta["classes"]) != list(CAMVID_CLASSES):
+                raise ValueError(f"{path}: classes {meta['classes']} are not the 11 CamVid classes "
+                                 f"this evaluation scores against")
+            loaded[path] = (model, meta)
+        return loaded[path]
+
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    if timing_passes < 1:
+        raise ValueError(f"--timing-passes must be >= 1, got {timing_passes}")
+    runs: dict[str, MethodRun] = {}
+    engine_segments: dict[str, Segmenter] = {}
+    for name in METHODS:
+        if name not in methods:
+            continue
+        if name == "teacher":   # one pass: ~20 s each
+            segment = teacher_segmenter(teacher_model, units[:WARMUP_UNITS])
+        else:
+            model, meta = model_of(paper_checkpoint if name == "compressed_paper" else checkpoint)
+            if name == "compressed_no_matching" and not getattr(model.config, "luma_matching", False):
+                skipped[name] = f"{checkpoint.name} does not match luma (it would repeat compressed)"
+            if name == "compressed_no_branch" and not getattr(model.config, "accumulate", False):
+                skipped[name] = f"{checkpoint.name} does not accumulate the motion (it has nothing to warp)"
+            if name in skipped:
+                log(f"note: skipping {name}: {skipped[name]}")
+                continue
+            engine = SegmentationEngine(model=model, metadata=meta, device=str(dev), mode=ENGINE_MODES[name],
+                                        precision=precision, threads=threads,
+                                        luma_matching=name != "compressed_no_matching",
+                                        p_frame_branch=name != "compressed_no_branch")
+            segment = engine_segments[name] = engine_segmenter(engine, units[:WARMUP_UNITS])
+        runs[name] = run_method(name, units, labels, gop, segment, progress)
+    order = list(engine_segments)
+    if order and timing_passes > 1:
+        log(f"timing: {timing_passes - 1} more pass(es) of {', '.join(order)}, interleaved")
+    for p in range(1, timing_passes if order else 1):   # each method once per round, the order rotated
+        for name in order[p % len(order):] + order[: p % len(order)]:
+            runs[name].more_passes.append(time_pass(engine_segments[name], units))
+
+    result = {
+        "frames": len(units),
+        "gop": gop,
+        "fps": fps,
+        "width": width,
+        "height": height,
+        "device": str(dev),
+        "precision": resolve_precision(precision, dev),   # what "auto" is on this machine
+        "threads": _threads(),
+        "crf": crf,
+        "timing_passes": timing_passes,
+        "checkpoint": str(checkpoint),
+        "checkpoint_note": model_of(checkpoint)[1].get("note") if any(
+            m in runs for m in ("compressed", "per_frame", "iframe_copy")) else None,
+        "paper_checkpoint": str(paper_checkpoint) if "compressed_paper" in runs else None,
+        "teacher": str(teacher_model.path) if teacher_model is not None else None,
+        "frames_dir": str(frames_dir),
+        "labels_dir": str(labels_dir),
+        "first_frame": names[0],
+        "last_frame": names[-1],
+        "stream_kbit_s": round(sum(map(len, units)) * 8 * fps / len(units) / 1000, 1),
+        "classes": list(CAMVID_CLASSES),
+        "void_label": 11,
+        "miou_over": MIOU_CLASSES,
+        "no_class_prediction": "a predicted id outside 0..10 (255) is wrong: a false negative of the "
+                               "true class, nobody's false positive",
+        "ms_per_frame_is": TIMING,
+        "methods": {name: run.summary() for name, run in runs.items()},
+        "skipped": skipped,
+    }
+    result.update(derived_figures(result["methods"]))
+    return nan_to_none(result)
+
+
+def _threads() -> dict:
+    import cv2
+    import torch
+    return {"torch": torch.get_num_threads(), "opencv": cv2.getNumThreads()}
+
+
+def _ratio(num, den):
+    if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den == 0:
+        return None
+    return num / den
+
+
+def derived_figures(methods: dict) -> dict:
+    """``gap_closed`` = (m - iframe_copy) / (per_frame - iframe_copy) in mIoU and ``speedup`` =
+    per_frame ms / m ms, for ``compressed`` (top level) and every compressed method (``derived``)."""
+    derived = {}
+    pf, cp = methods.get("per_frame"), methods.get("iframe_copy")
+    for name in ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper"):
+        m = methods.get(name)
+        if m is None:
+            continue
+        derived[name] = {
+            "gap_closed": _ratio(m["miou"] - cp["miou"], pf["miou"] - cp["miou"]) if pf and cp else None,
+            "speedup": _ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None,
+        }
+    top = derived.get("compressed", {})
+    return {"gap_closed": top.get("gap_closed"), "speedup": top.get("speedup"),
+            "derived": derived,
+            "derived_are": "gap_closed = (mIoU - iframe_copy) / (per_frame - iframe_copy); "
+                           "speedup = per_frame ms/frame / method ms/frame"}
+
+
+# -- reports --------------------------------------------------------------------------------------
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown_table(result: dict) -> str:
+    """The paper's Table I/II/III in spirit: one row per method."""
+    classes = result["classes"]
+    header = ["Method", "mIoU %", "Pixel acc %", "ms/frame", "Speed-up", "I ms", "P ms"] + classes
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    pf = result["methods"].get("per_frame")
+    for name, m in result["methods"].items():
+        speed = _ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None
+        row = [name, _pct(m["miou"]), _pct(m["pixel_acc"]), f"{m['ms_per_frame']:.1f}",
+               "-" if speed is None else f"{speed:.2f}x"]
+        by_kind = m.get("ms_per_frame_by_kind", {})
+        row += ["-" if by_kind.get(kind) is None else f"{by_kind[kind]:.2f}" for kind in ("I", "P")]
+        row += [_pct(m["per_class_iou"].get(c)) for c in classes]
+        lines.append("| " + " | ".join(row) + " |")
+    title = (f"CamVid {result['first_frame']} .. {result['last_frame']}: {result['frames']} frames "
+             f"{result['width']}x{result['height']}, GOP {result['gop']}, {result['fps']:g} fps, "
+             f"CRF {result['crf']} ({result['stream_kbit_s']:g} kbit/s), device {result['device']} "
+             f"({result['threads']['torch']} torch threads), checkpoint `{Path(result['checkpoint']).name}`"
+             + (f" ({result['checkpoint_note']})" if result.get("checkpoint_note") else ""))
+    notes = [f"IoU in %, void ignored, mIoU over {result['miou_over']}; ms/frame: {result['ms_per_frame_is']}."]
+    if result.get("gap_closed") is not None:
+        gap = result["methods"]["per_frame"]["miou"] - result["methods"]["iframe_copy"]["miou"]
+        notes.append(f"compressed closes {100 * result['gap_closed']:.1f} % of the mIoU gap between "
+                     f"iframe_copy and per_frame ({100 * gap:.1f} points"
+                     + ("; too small a gap for the ratio to mean much" if abs(gap) < 0.01 else "") + ").")
+    for name, why in result.get("skipped", {}).items():
+        notes.append(f"{name} skipped: {why}.")
+    return "\n".join([title, ""] + lines + [""] + notes) + "\n"
+
+
+def plot_miou_by_gop(result: dict, path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, m in result["methods"].items():
+        ys = [np.nan if v is None else 100 * v for v in m["miou_by_gop_position"]]
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
+    ax.set_xlabel("GOP position (0 = I-frame)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"mIoU by GOP position ({result['frames']} frames, GOP {result['gop']})")
+    ax.set_xticks(range(max(result["gop"], 1)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, json_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    json_path = Path(json_path)
+    out_dir = Path(out_dir) if out_dir else json_path.parent
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    md = out_dir / "eval.md"
+    md.write_text(markdown_table(result))
+    png = plot_miou_by_gop(result, out_dir / "miou_by_gop.png")
+    return {"json": json_path, "table": md, "plot": png}
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="mIoU / pixel accuracy / ms per frame of the compressed model and baselines "
+                                    "on labelled frames encoded to H.264")
+    p.add_argument("--frames", required=True, help="directory of RGB PNG frames (sorted = temporal order)")
+    p.add_argument("--labels", required=True, help="directory of CamVid label PNGs with the same names")
+    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--gop", type=int, default=12)
+    p.add_argument("--json", dest="json_out", required=True, help="result JSON path")
+    p.add_argument("--out-dir", default=None, help="where eval.md and miou_by_gop.png go (default: beside --json)")
+    p.add_argument("--checkpoint", default=None, help=f"improved checkpoint (default {DEFAULT_CHECKPOINT.name})")
+    p.add_argument("--paper-checkpoint", default=None,
+                   help=f"paper-configuration checkpoint (default {PAPER_CHECKPOINT.name} if present)")
+    p.add_argument("--teacher", default=None, help="ENet teacher .net: adds the 'teacher' method")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="subset to run (default: all available)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", choices=("fp32", "bf16", "mixed", "auto"), default="auto",
+                   help="auto (the engine's and the node's default: mixed on a CPU with native bf16, else "
+                        "fp32); fp32; bf16 (both networks); mixed (P-frame branch in bf16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and OpenCV threads (default: theirs); 1 gives steadier timings on a busy CPU")
+    p.add_argument("--crf", type=int, default=23, help="libx264 quality of the encoded stream")
+    p.add_argument("--max-frames", type=int, default=None, help="only the first N frames")
+    p.add_argument("--timing-passes", type=int, default=3,
+                   help="passes over the stream timed per method, interleaved; ms/frame is their median "
+                        "(the teacher: one pass)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    result = evaluate(args.frames, args.labels, fps=args.fps, gop=args.gop, checkpoint=args.checkpoint,
+                      paper_checkpoint=args.paper_checkpoint, teacher=args.teacher, methods=args.methods,
+                      device=args.device, max_frames=args.max_frames, precision=args.precision,
+                      threads=args.threads, crf=args.crf, progress=not args.no_progress,
+                      timing_passes=args.timing_passes)
+    paths = write_outputs(result, args.json_out, args.out_dir)
+    print()
+    print(markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

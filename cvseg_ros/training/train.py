@@ -1,0 +1,508 @@
+"""`cvseg train`: train the model and export the checkpoint the package ships.
+
+One script, config overrides on the command line (``cvseg train --i_steps=400 --models=paper``),
+a progress bar, resumable training state, and DDP under ``torchrun`` (gloo on CPU, nccl on GPU):
+``torchrun --nproc_per_node 2 -m cvseg_ros.training.train --out=runs/ddp``.
+
+Loss (the paper's Eq. 1): cross-entropy on the I-frame plus on every P-frame of a group. It is
+optimised in two stages over the same model:
+
+1. ``iframe``: the I-frame network (ENet initialised from the converted Cityscapes teacher, the
+   classifier remapped to CamVid) on CamVid train stills with human labels (the I-frame term);
+2. ``pframe``: the P-frame branch (both CNNs, the ConvLSTM, the heads) on groups of real H.264
+   (CamVid stills given camera motion + teacher-labelled dashcam clips), the I-frame network
+   frozen (its term is then constant), for each configuration in ``models``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cvseg_ros.common.paths import REPO_ROOT, shared_data_dir
+from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
+from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE, camvid_class_map
+from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, IGNORE, RESIDUAL_STRIDE, Group, camvid_pairs, clip_groups, files_digest,
+                   h264_round_trip, load_camvid, random_crop, still_groups)
+from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
+
+NUM_CLASSES = len(CAMVID_CLASSES)
+#: version of the cached training groups (part of their cache key): bump when the reader's
+#: output changes (2: intra cells get their neighbours' motion; 3: the intra cells are kept;
+#: 4: the residual at half size; 5: P-frames decoded without the deblocking filter; 6: + luma cells)
+GROUPS_FORMAT = 6
+
+
+@dataclass
+class TrainConfig:
+    data: str = str(shared_data_dir())       # ../shared/data
+    out: str = "runs/train"                  # training state, logs
+    export_dir: str = str(PACKAGE_CHECKPOINT_DIR)  # where cvseg_<model>.safetensors go ("" = don't export)
+    stages: str = "iframe,pframe"
+    models: str = "improved,paper"
+    seed: int = 0
+    threads: int = 0                         # 0 = all cores
+    precision: str = "bf16"                  # bf16 autocast (CPU with AMX / GPU) or fp32
+    device: str = "auto"
+    input_size: str = "360x480"              # h x w of CamVid; the reference size in the checkpoint
+    # stage 1: I-frame network
+    i_steps: int = 1500
+    i_batch: int = 8
+    i_crop: str = "256x320"
+    i_lr: float = 1e-3
+    i_limit: int = 0                         # use only the first N stills (0 = all)
+    i_compressed: float = 0.7                # share of samples taken from H.264-decoded copies
+    teacher_init: bool = True                # initialise from the converted ENet teacher
+    # stage 2: P-frame branch
+    accumulate: bool = True                  # improved model: warp along the accumulated motion
+    improved_config: str = ""                # more improved-model settings, "key=value,key=value"
+                                             # (fields of cvseg_ros.model.segmenter.ModelConfig)
+    p_steps: int = 700
+    p_batch: int = 4
+    p_lr: float = 3e-3
+    group_length: int = 12
+    p_limit: int = 0                         # use only the first N stills for groups (0 = all)
+    clip_labels: str = "iframe_net"          # pseudo-labels of the clip groups: "iframe_net" (stage 1's
+                                             # teacher-initialised network, what P-frames should match) | "teacher"
+    clip_groups_per_clip: int = 0            # cap per dashcam clip (0 = no cap)
+    clip_frame_step: int = 2                 # 25 fps clips -> 12.5 fps groups (CamVid val is 15 fps)
+    clip_stride: int = 6                     # source frames between group starts
+    clip_confidence: float = 0.5             # pseudo-labels below this softmax score are ignored
+    use_clips: bool = True
+    save_every: int = 100
+
+
+def parse_overrides(argv: list[str], config: TrainConfig) -> TrainConfig:
+    """``--key=value`` (or ``--key value``) overrides of :class:`TrainConfig` fields."""
+    types = {f.name: f.type for f in fields(config)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --key=value")
+        key, _, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not _:
+            i += 1
+            if i >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            value = argv[i]
+        if key not in types:
+            raise ValueError(f"unknown setting --{key}; settings: {', '.join(types)}")
+        current = getattr(config, key)
+        if isinstance(current, bool):
+            parsed = value.lower() in ("1", "true", "yes", "on")
+        else:
+            parsed = type(current)(value)
+        setattr(config, key, parsed)
+        i += 1
+    return config
+
+
+def _model_overrides(text: str) -> dict:
+    """"state_stride=8,warp=false" -> {"state_stride": 8, "warp": False} (types of ModelConfig)."""
+    from cvseg_ros.model.segmenter import ModelConfig
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types or key in ("name", "num_classes"):
+            raise ValueError(f"bad model setting {item!r}: use key=value with a key from "
+                             f"{', '.join(k for k in types if k not in ('name', 'num_classes'))}")
+        value = value.strip()
+        out[key] = value.lower() in ("1", "true", "yes", "on") if types[key] in (bool, "bool") else int(value)
+    return out
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+# -- distributed ---------------------------------------------------------------------------------
+class Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return module
+        return nn.parallel.DistributedDataParallel(module)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+# -- resumable training state (safetensors, no pickle) ------------------------------------------
+def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{idx}.{key}"] = t.detach().cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({"step": step, "param_groups": opt["param_groups"]}))
+
+
+def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """~ 1/sqrt(frequency), normalised to mean 1."""
+    counts = np.bincount(labels[labels != IGNORE].ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES].astype(np.float64)
+    w = 1.0 / np.sqrt(np.maximum(counts / counts.sum(), 1e-4))
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        from cvseg_ros.engine.pipeline import resolve_device
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        self.dist = Dist(self.device)
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data = Path(config.data)
+        if not (self.data / "camvid" / "train").is_dir():
+            raise FileNotFoundError(f"training data not found: {self.data}/camvid/train (see ../shared/data/README.md)")
+        self.rng = np.random.default_rng(config.seed + 1000 * self.dist.rank)
+        torch.manual_seed(config.seed)
+        self.use_bf16 = config.precision == "bf16"
+        images, labels = load_camvid(self.data / "camvid" / "train", self.data / "camvid" / "trainannot")
+        self.images, self.labels = images, labels
+        self.weights = class_weights(labels).to(self.device)
+        self.teacher_path = self.data / "teacher" / "enet-cityscapes.net"
+        self.log = open(self.out / "log.txt", "a") if self.dist.main else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def note(self, text: str) -> None:
+        if self.log:
+            self.log.write(text + "\n")
+            self.log.flush()
+
+    def after_step(self, step: int, total: int, loss: torch.Tensor, losses: list[float], bar, label: str,
+                   state_path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Progress bar, log line every 20 steps, resumable state every ``save_every`` steps and at the end."""
+        losses.append(loss.item())
+        recent = float(np.mean(losses[-20:]))
+        bar.update(1)
+        bar.set_postfix(loss=f"{recent:.3f}")
+        if step % 20 == 0:
+            self.note(f"{label} step {step} loss {recent:.4f}")
+        if self.dist.main and (step % self.cfg.save_every == 0 or step == total):
+            save_train_state(state_path, module, optimizer, step)
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def i_frame_path(self) -> Path:
+        return self.out / "iframe_net.safetensors"
+
+    def train_iframe(self) -> None:
+        from tqdm import tqdm
+        from cvseg_ros.model.enet import enet_from_torch7
+        from cvseg_ros.model.i_frame import IFrameNet
+        cfg = self.cfg
+        net = IFrameNet(NUM_CLASSES)
+        if cfg.teacher_init:
+            enet = enet_from_torch7(self.teacher_path, num_classes=NUM_CLASSES, class_map=camvid_class_map())
+            net.enet.load_state_dict(enet.state_dict())
+        net.to(self.device).train()
+        model = self.dist.wrap(net.enet)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.i_lr, weight_decay=1e-4)
+        state_path = self.out / "iframe_state.safetensors"
+        step = load_train_state(state_path, net, optimizer) if state_path.exists() else 0
+        images, labels = self.images, self.labels
+        if cfg.i_limit:
+            images, labels = images[: cfg.i_limit], labels[: cfg.i_limit]
+        decoded = h264_round_trip(images, seed=cfg.seed, progress=self.dist.main) if cfg.i_compressed else images
+        crop = _size(cfg.i_crop)
+        bar = tqdm(total=cfg.i_steps, initial=step, desc="stage 1: I-frame network", disable=not self.dist.main)
+        losses = []
+        while step < cfg.i_steps:
+            idx = self.rng.integers(0, len(images), cfg.i_batch)
+            pairs = [random_crop(decoded[i] if self.rng.random() < cfg.i_compressed else images[i],
+                                 labels[i], self.rng, crop) for i in idx]
+            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(self.device).permute(0, 3, 1, 2).float() / 255
+            y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(self.device).long()
+            for g in optimizer.param_groups:
+                g["lr"] = cosine_lr(step, cfg.i_steps, cfg.i_lr)
+            with self.autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=self.weights, ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            self.after_step(step, cfg.i_steps, loss, losses, bar, "iframe", state_path, net, optimizer)
+        bar.close()
+        if self.dist.main:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(self.i_frame_path()))
+        self.dist.barrier()
+        self.i_losses = losses
+
+    # -- stage 2 ---------------------------------------------------------------------------------
+    def build_groups(self) -> list[Group]:
+        cfg = self.cfg
+        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_"
+               f"{cfg.clip_groups_per_clip}_{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
+        cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+        if cache.exists():
+            z = np.load(cache)
+            return [Group(z[f"rgb{i}"], z[f"mv{i}"], z[f"res{i}"], z[f"lab{i}"], z[f"intra{i}"], z[f"luma{i}"])
+                    for i in range(int(z["n"]))]
+        images, labels = self.images, self.labels
+        if cfg.p_limit:
+            images, labels = images[: cfg.p_limit], labels[: cfg.p_limit]
+        groups = still_groups(images, labels, cfg.group_length, seed=cfg.seed, progress=self.dist.main)
+        if cfg.use_clips:
+            clips = sorted((self.data / "clips").glob("*.mp4"))   # MPEG-4 Part 2 ones are decoded and re-encoded too
+            groups += clip_groups(clips, self.clip_labeller(), cfg.group_length, _size(cfg.input_size),
+                                  frame_step=cfg.clip_frame_step, stride=cfg.clip_stride,
+                                  max_groups_per_clip=cfg.clip_groups_per_clip, progress=self.dist.main)
+        arrays = {"n": np.array(len(groups))}
+        for i, g in enumerate(groups):
+            arrays.update({f"rgb{i}": g.rgb, f"mv{i}": g.motion_vectors, f"res{i}": g.residuals, f"lab{i}": g.labels,
+                           f"intra{i}": g.intra, f"luma{i}": g.luma})
+        if self.dist.main:
+            np.savez(cache, **arrays)
+        return groups
+
+    def clip_labeller(self):
+        """rgb -> CamVid ids for the unlabelled clips: the stage-1 network or the raw teacher."""
+        if self.cfg.clip_labels == "teacher":
+            from cvseg_ros.training.teacher import Teacher
+            return Teacher(self.teacher_path).predict_camvid
+        if self.cfg.clip_labels != "iframe_net":
+            raise ValueError(f"clip_labels must be 'iframe_net' or 'teacher', not {self.cfg.clip_labels!r}")
+        from cvseg_ros.model.i_frame import IFrameNet
+        net = IFrameNet(NUM_CLASSES)
+        net.load_state_dict(load_file(str(self.i_frame_path())))
+        net.to(self.device).eval()
+
+        @torch.inference_mode()
+        def label(rgb: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
+            prob = net(x)[1].softmax(dim=1)[0]
+            score, ids = prob.max(dim=0)
+            ids[score < self.cfg.clip_confidence] = IGNORE
+            return ids.to(torch.uint8).cpu().numpy()
+        return label
+
+    def i_frame_outputs(self, model: CompressedSegmenter, groups: list[Group]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """z(I) and H/4-pooled logits of every group's I-frame (the I-frame network is frozen)."""
+        from tqdm import tqdm
+        outs = []
+        model.eval()
+        with torch.inference_mode():
+            for g in tqdm(groups, desc="I-frame features", disable=not self.dist.main):
+                x = torch.from_numpy(g.rgb).to(self.device).permute(2, 0, 1)[None].float() / 255
+                z, _, quarter = model.i_frame_net(x, quarter=True)
+                outs.append((z[0].half(), quarter[0].half()))
+        return outs
+
+    def train_pframe(self, name: str, groups: list[Group]) -> CompressedSegmenter:
+        from tqdm import tqdm
+        cfg = self.cfg
+        # (luma matching corrects the accumulated motion: none without it)
+        extra = {"accumulate": cfg.accumulate, **({} if cfg.accumulate else {"luma_matching": False}),
+                 **_model_overrides(cfg.improved_config)} if name == "improved" else {}
+        config = make_config(name, NUM_CLASSES, **extra)
+        if config.residual_stride != RESIDUAL_STRIDE or config.deblock_p_frames != DEBLOCK_P_FRAMES:
+            raise ValueError(f"{name}: residual_stride={config.residual_stride}, deblock_p_frames="
+                             f"{config.deblock_p_frames}, but the training groups hold the residual at "
+                             f"1/{RESIDUAL_STRIDE} of the frame size with deblock_p_frames={DEBLOCK_P_FRAMES}")
+        model = CompressedSegmenter(config).to(self.device)
+        model.i_frame_net.load_state_dict(load_file(str(self.i_frame_path())))
+        for p in model.i_frame_net.parameters():
+            p.requires_grad_(False)
+        i_out = self.i_frame_outputs(model, groups)
+        model.train()
+        model.i_frame_net.eval()
+        loss_module = self.dist.wrap(GroupLoss(model, self.weights))
+        optimizer = torch.optim.AdamW(model.p_frame_parameters(), lr=cfg.p_lr, weight_decay=1e-4)
+        state_path = self.out / f"pframe_{name}_state.safetensors"
+        step = load_train_state(state_path, model, optimizer) if state_path.exists() else 0
+        bar = tqdm(total=cfg.p_steps, initial=step, desc=f"stage 2: P-frame branch ({name})", disable=not self.dist.main)
+        losses = []
+        while step < cfg.p_steps:
+            idx = self.rng.integers(0, len(groups), cfg.p_batch)
+            flip = self.rng.random() < 0.5
+            batch = collate([groups[i] for i in idx], [i_out[i] for i in idx], flip, self.device)
+            for g in optimizer.param_groups:
+                g["lr"] = cosine_lr(step, cfg.p_steps, cfg.p_lr)
+            with self.autocast():
+                loss = loss_module(*batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.p_frame_parameters(), 5.0)
+            optimizer.step()
+            step += 1
+            self.after_step(step, cfg.p_steps, loss, losses, bar, f"pframe {name}", state_path, model, optimizer)
+        bar.close()
+        self.p_losses = losses
+        return model.eval()
+
+    def export(self, model: CompressedSegmenter, name: str) -> Path | None:
+        if not self.cfg.export_dir or not self.dist.main:
+            return None
+        clips = sorted((self.data / "clips").glob("*.mp4"))
+        meta = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": "cvseg train " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "train")
+                       if sys.argv[1:2] == ["train"] else " ".join(shlex.quote(a) for a in sys.argv),
+            "train_config": asdict(self.cfg),
+            "data": {
+                "camvid_train": files_digest([p for p, _ in camvid_pairs(self.data / "camvid" / "train",
+                                                                          self.data / "camvid" / "trainannot")]),
+                "clips": files_digest(clips),
+                "teacher_sha256": file_sha256(self.teacher_path) if self.teacher_path.exists() else None,
+            },
+            "git_commit": _git_commit(),
+            "torch": torch.__version__,
+        }
+        path = Path(self.cfg.export_dir) / f"cvseg_{name}.safetensors"
+        return save_checkpoint(model, path, classes=CAMVID_CLASSES, palette=CAMVID_PALETTE,
+                               input_size=_size(self.cfg.input_size), extra=meta)
+
+    def run(self) -> dict[str, Path | None]:
+        stages = [s.strip() for s in self.cfg.stages.split(",") if s.strip()]
+        exported = {}
+        if "iframe" in stages:
+            self.train_iframe()
+        if "pframe" in stages:
+            if not self.i_frame_path().exists():
+                raise FileNotFoundError(f"{self.i_frame_path()} missing: run the iframe stage first")
+            groups = self.build_groups()
+            for name in [m.strip() for m in self.cfg.models.split(",") if m.strip()]:
+                model = self.train_pframe(name, groups)
+                exported[name] = self.export(model, name)
+                self.dist.barrier()
+        self.dist.close()
+        return exported
+
+
+class GroupLoss(nn.Module):
+    """Eq. 1 over a batch of groups: mean cross-entropy of the P-frame predictions (the I-frame
+    network is frozen in this stage, so its term is a constant and left out of the sum)."""
+
+    def __init__(self, model: CompressedSegmenter, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("weights", weights)
+
+    def forward(self, z, seg, mvs, residuals, labels, intra, luma):
+        uses_luma = self.model.config.uses_luma
+        state = self.model.state_from_i_frame(z, seg, luma[:, 0] if uses_luma else None)
+        total = 0.0
+        steps = mvs.shape[1]
+        size = labels.shape[-2:]
+        for t in range(steps):
+            logits, state = self.model.p_frame(mvs[:, t], residuals[:, t], state, intra=intra[:, t],
+                                               luma=luma[:, t + 1] if uses_luma else None)
+            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+            total = total + F.cross_entropy(logits, labels[:, t + 1], weight=self.weights, ignore_index=IGNORE)
+        return total / steps
+
+
+def collate(groups: list[Group], i_out, flip: bool, device: torch.device):
+    z = torch.stack([o[0] for o in i_out]).float()
+    seg = torch.stack([o[1] for o in i_out]).float()
+    mvs = torch.from_numpy(np.stack([g.motion_vectors for g in groups]).astype(np.float32))
+    res = torch.from_numpy(np.stack([g.residuals for g in groups])).float().unsqueeze(2) / 255.0
+    lab = torch.from_numpy(np.stack([g.labels for g in groups])).long()
+    intra = torch.from_numpy(np.stack([g.intra for g in groups])).float().unsqueeze(2)
+    luma = torch.from_numpy(np.stack([g.luma for g in groups])).float().unsqueeze(2)
+    if flip:
+        z, seg, res, lab, intra, luma = (t.flip(-1) for t in (z, seg, res, lab, intra, luma))
+        mvs = mvs.flip(-1)
+        mvs[:, :, 0] = -mvs[:, :, 0]
+    return tuple(t.to(device) for t in (z, seg, mvs, res, lab, intra, luma))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=REPO_ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the model (config overrides: --key=value) and export checkpoints",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--show-config", action="store_true", help="print the settings (and overrides) and exit")
+    p.epilog = "Settings are given as --key=value; --show-config lists them."
+    p.set_defaults(func=_main, takes_overrides=True, overrides=[])
+
+
+def _main(args) -> int:
+    config = parse_overrides(args.overrides, TrainConfig())
+    if args.show_config:
+        print(json.dumps(asdict(config), indent=2))
+        return 0
+    exported = Trainer(config).run()
+    for name, path in exported.items():
+        if path:
+            print(f"exported {name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m cvseg_ros.training.train`` / torchrun."""
+    config = parse_overrides(sys.argv[1:] if argv is None else argv, TrainConfig())
+    Trainer(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

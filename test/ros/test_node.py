@@ -1,0 +1,260 @@
+"""cvseg_node: its queue / stamp helpers, then integration over real DDS on loopback.
+
+The node runs in its own process (``python -m cvseg_ros.ros.node --ros-args --params-file
+config/cvseg.yaml -p ...``) on a ROS domain of this module's own; two cameras are replayed into it
+from a real rosbag2 made from two real clips; this process subscribes to the outputs.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CLIPS_DIR, MPEG4_CLIP, SMALL_CLIP, require
+
+DOMAIN = random.SystemRandom().randint(1, 50)      # this module's own ROS domains:
+OVERFLOW_DOMAIN, DEMO_DOMAIN = DOMAIN + 50, DOMAIN + 100   # one per node run alive at a time
+CAMERAS = ("front", "rear")
+FRAMES = 40
+rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
+
+from ros_helpers import Outputs, Ros, checkpoint_args, start_node, stop_node, stop_node_cleanly, wait_until  # noqa: E402
+
+from cvseg_ros.ros.message_path import FrameQueue, LatencyWindow, QueuedFrame, StampTracker  # noqa: E402
+from cvseg_ros.ros.node import image_message  # noqa: E402
+
+
+# -- helpers without DDS ------------------------------------------------------------------------
+
+def _frame(i: int, idr: bool = False) -> QueuedFrame:
+    return QueuedFrame("front", b"%d" % i, i, None, i, idr)
+
+
+def test_queue_keeps_the_newest_frames_and_counts_what_it_skips():
+    q = FrameQueue(2)
+    assert q.push(_frame(0)) == 0 and q.push(_frame(1)) == 0
+    assert q.push(_frame(2)) == 1          # full: frame 0 is decoded only (no mask)
+    assert q.drops == q.decode_only == 1 and len(q) == 2 and q.backlog == 1
+    skipped, item = q.pop()
+    assert [s.stamp_ns for s in skipped] == [0] and item.stamp_ns == 1
+    skipped, item = q.pop()
+    assert skipped == [] and item.stamp_ns == 2 and len(q) == 0
+    with pytest.raises(ValueError):
+        FrameQueue(0)
+
+
+def test_stamp_tracker_backwards_repeat_and_gap():
+    period = 40_000_000
+    t = StampTracker(gap_periods=3.0)
+    stamps = [i * period for i in range(6)]
+    assert all(t.check(s) == ("ok", None) for s in stamps)
+    assert t.check(stamps[-1] + 2 * period) == ("ok", None)  # one lost frame: within 3 periods
+    verdict, reason = t.check(stamps[-1] + 10 * period)
+    assert verdict == "gap" and "gap" in reason
+    assert t.check(0)[0] == "late"                            # not newer: dropped, not followed
+    assert t.check(stamps[-1] + 10 * period) == ("late", "stamp repeated (late or reordered message)")
+    verdict, reason = t.check(0, idr=True)                    # an IDR from the past: camera restart
+    assert verdict == "reset" and "IDR" in reason
+    assert StampTracker().check(123) == ("ok", None)          # first stamp: nothing to compare
+
+
+def test_latency_window_and_image_message():
+    w = LatencyWindow(size=3)
+    assert w.percentiles(50) is None
+    for v in (100.0, 1.0, 2.0, 3.0):       # 100 falls out of the window
+        w.add(v)
+    assert w.percentiles(50, 99)[0] == pytest.approx(2.0)
+    from std_msgs.msg import Header
+    h = Header(frame_id="front")
+    h.stamp.sec, h.stamp.nanosec = 12, 34
+    mask = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    msg = image_message(mask, "mono8", h)
+    assert (msg.height, msg.width, msg.step, msg.encoding) == (3, 4, 4, "mono8")
+    assert bytes(msg.data) == mask.tobytes() and msg.header.frame_id == "front"
+    rgb = np.zeros((3, 4, 3), np.uint8)
+    msg = image_message(rgb, "rgb8", h)
+    assert msg.step == 12 and len(msg.data) == 36
+
+
+# -- integration --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_camera_bag(tmp_path_factory):
+    """A real mcap bag: two real clips (one of them MPEG-4 Part 2, re-encoded) as two cameras."""
+    from cvseg_ros.ros.bags import from_video
+    require(SMALL_CLIP, "real clip")
+    require(MPEG4_CLIP, "real clip")
+    bag = tmp_path_factory.mktemp("node") / "bag"
+    from_video([SMALL_CLIP, MPEG4_CLIP], bag, [f"/{c}/image_raw/h264" for c in CAMERAS],
+               gop=12, max_frames=FRAMES, width=320, storage="mcap")
+    return bag
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, two_camera_bag):
+    """The node (2 cameras, reliable input) in another process, and this process's subscribers."""
+    tmp = tmp_path_factory.mktemp("node_run")
+    log = tmp / "node.log"
+    proc = start_node(log, ["-p", f"cameras:=[{', '.join(CAMERAS)}]", "-p", "qos_reliability:=reliable",
+                            "-p", "queue_depth:=200", "-p", "diagnostics_period:=0.25",
+                            "-p", "batch_window_ms:=20", *checkpoint_args(tmp)], DOMAIN)
+    ros = Ros("cvseg_test", DOMAIN)
+    outputs = Outputs(ros.node, CAMERAS)
+    try:
+        wait_until(lambda: all(ros.node.count_subscribers(f"/{c}/image_raw/h264") for c in CAMERAS)
+                   and all(ros.node.count_publishers(f"/{c}/semantic/mask") for c in CAMERAS),
+                   120, proc, "the node's subscriptions")
+        yield proc, ros, outputs, log
+    finally:
+        try:
+            stop_node_cleanly(proc, log)
+        finally:
+            ros.close()
+
+
+def _bag_frames(bag):
+    from cvseg_ros.ros.bags import iter_compressed
+    return list(iter_compressed(bag))
+
+
+def test_two_cameras_every_frame_one_mask_and_one_color(live, two_camera_bag):
+    from cvseg_ros.ros.bags import replay
+    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, read_metadata
+    proc, ros, outputs, _ = live
+    inputs = _bag_frames(two_camera_bag)
+    n = replay(two_camera_bag, rate=2.0, node=ros.node, context=ros.context, wait_for_subscribers=30)
+    assert n == len(inputs) >= 2 * FRAMES - 4
+    wait_until(lambda: outputs.count("mask") >= n and outputs.count("color") >= n, 90, proc, "all masks")
+    time.sleep(0.5)    # nothing more may come
+    assert outputs.count("mask") == n and outputs.count("color") == n
+    for cam in CAMERAS:
+        sent = [m for m in inputs if m.frame_id == cam]
+        size = None
+        for kind, encoding, channels in (("mask", "mono8", 1), ("color", "rgb8", 3)):
+            msgs = outputs.images[(cam, kind)]
+            stamps = [m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec for m in msgs]
+            assert stamps == [m.stamp_ns for m in sent], f"{cam} {kind}: stamps differ from the input's"
+            assert {m.header.frame_id for m in msgs} == {cam}
+            assert {m.encoding for m in msgs} == {encoding}
+            for m in msgs:
+                assert m.step == m.width * channels and len(m.data) == m.step * m.height
+            size = size or (msgs[0].width, msgs[0].height)
+            assert {(m.width, m.height) for m in msgs} == {size}
+        assert size[0] == 320
+    # masks hold class ids (or 255); colours are the palette of those ids
+    meta = read_metadata(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None
+    mask_msg, color_msg = outputs.images[("front", "mask")][5], outputs.images[("front", "color")][5]
+    mask = np.frombuffer(bytes(mask_msg.data), np.uint8).reshape(mask_msg.height, mask_msg.width)
+    color = np.frombuffer(bytes(color_msg.data), np.uint8).reshape(color_msg.height, color_msg.width, 3)
+    if meta is not None:
+        n_classes = len(meta["classes"])
+        assert np.all((mask < n_classes) | (mask == 255))
+        lut = np.zeros((256, 3), np.uint8)
+        lut[:n_classes] = np.asarray(meta["palette"], np.uint8)
+        assert np.array_equal(color, lut[mask])
+    # the diagnostics account for every frame
+    def settled():
+        return all(int(outputs.latest_status(c)[1].get("masks_out", -1)) == len(
+            [m for m in inputs if m.frame_id == c]) for c in CAMERAS)
+    wait_until(settled, 10, proc, "diagnostics with every frame")
+    for cam in CAMERAS:
+        status, values = outputs.latest_status(cam)
+        assert status.name == f"cvseg_node: {cam}"
+        assert values["frames_in"] == values["masks_out"]
+        assert values["queue_drops"] == "0" and values["decode_errors"] == "0"
+        assert values["skipped_before_keyframe"] == "0" and values["wrong_format"] == "0"
+        assert float(values["latency_ms_p50"]) > 0 and float(values["latency_ms_p99"]) >= float(values["latency_ms_p50"])
+        for key in ("input_rate_hz", "output_rate_hz", "resyncs", "discontinuities", "device"):
+            assert key in values
+
+
+def test_wrong_format_is_warned_once_counted_and_survived(live):
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage
+    from diagnostic_msgs.msg import DiagnosticStatus
+    proc, ros, outputs, log = live
+    pub = ros.node.create_publisher(CompressedImage, "/rear/image_raw/h264",
+                                    QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    wait_until(lambda: pub.get_subscription_count() > 0, 10, proc, "the node to match")
+    time.sleep(0.3)
+    for i in range(3):
+        msg = CompressedImage(format="jpeg", data=b"\xff\xd8\xff\xe0 not h264")
+        msg.header.frame_id = "rear"
+        msg.header.stamp.sec = 4_000_000_000 - 10 + i
+        pub.publish(msg)
+    wait_until(lambda: outputs.latest_status("rear")[1].get("wrong_format") == "3", 10, proc,
+               "wrong_format == 3 in the diagnostics")
+    assert proc.poll() is None, "the node died on a wrong-format message"
+    with outputs.lock:
+        levels = [st.level for arr in outputs.diagnostics for st in arr.status if st.hardware_id == "rear"]
+    assert DiagnosticStatus.WARN in levels
+    time.sleep(0.3)
+    warnings = [line for line in log.read_text().splitlines() if "unsupported CompressedImage format" in line]
+    assert len(warnings) == 1 and "WARN" in warnings[0] and "'jpeg'" in warnings[0], warnings
+    ros.node.destroy_publisher(pub)
+
+
+def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camera_bag):
+    """A queue of 1 and a 10x replay: the engine falls behind. Every frame the node receives is
+    published, or counted (queue drop, skipped before a keyframe, decode error, ...); a frame
+    decoded without its mask restarts the camera's state."""
+    from cvseg_ros.ros.message_path import DROP_REASONS
+    from cvseg_ros.ros.bags import replay
+    log = tmp_path / "node.log"
+    proc = start_node(log, ["-p", "cameras:=[front]", "-p", "qos_reliability:=reliable",
+                            "-p", "queue_depth:=1", "-p", "diagnostics_period:=0.25",
+                            *checkpoint_args(tmp_path)], domain=OVERFLOW_DOMAIN)
+    ros = Ros("cvseg_test_overflow", OVERFLOW_DOMAIN)
+    outputs = Outputs(ros.node, ["front"])
+    try:
+        wait_until(lambda: ros.node.count_subscribers("/front/image_raw/h264") > 0
+                   and ros.node.count_publishers("/front/semantic/mask") > 0, 120, proc, "the node")
+        n = replay(two_camera_bag, rate=10.0, node=ros.node, context=ros.context,
+                   topics=["/front/image_raw/h264"], wait_for_subscribers=30)
+
+        def accounted(v):
+            return int(v["masks_out"]) + sum(int(v[k]) for k in DROP_REASONS)
+
+        def settled():
+            v = outputs.latest_status("front")[1]
+            return bool(v) and v["queue_size"] == "0" and accounted(v) == int(v["frames_in"]) > 0
+        time.sleep(0.5)
+        try:
+            wait_until(settled, 60, proc, "every received frame published or counted")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; replayed {n}, diagnostics {outputs.latest_status('front')[1]}") from None
+        values = outputs.latest_status("front")[1]
+        assert 0 < int(values["frames_in"]) <= n
+        assert int(values["queue_drops"]) > 0, f"the engine kept up: no overflow to test {values}"
+        assert int(values["discontinuities"]) >= 1
+        assert outputs.count("mask") == int(values["masks_out"])
+        assert "engine behind" in log.read_text() and "queue_drops" in log.read_text()
+    finally:
+        code = stop_node(proc)
+        ros.close()
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_demo_command_on_a_real_clip(tmp_path):
+    """`cvseg demo --video CLIP`: bag, node process, replay over DDS, recording, PNG/MP4, JSON."""
+    import json
+
+    from cvseg_ros.tools.cli import main
+    require(CLIPS_DIR / "udacity_test_small1.mp4", "real clip")
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--video", str(CLIPS_DIR / "udacity_test_small1.mp4"),
+            "--max-frames", "30", "--width", "320", "--rate", "2", "--json", str(tmp_path / "s.json"),
+            "--domain-id", str(DEMO_DOMAIN)]
+    ck = checkpoint_args(tmp_path)
+    if ck:
+        args += ["--checkpoint", ck[1].split(":=", 1)[1]]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    for key in ("frames_in", "masks_out", "skipped_before_keyframe", "decode_errors", "fps",
+                "latency_ms_p50", "latency_ms_p99"):
+        assert key in summary
+    assert summary["frames_in"] == summary["masks_out"] == 30
+    assert summary["decode_errors"] == 0 and summary["node_exit_code"] == 0
+    assert (out / "overlay.png").stat().st_size > 0 and (out / "overlay.mp4").stat().st_size > 0

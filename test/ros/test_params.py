@@ -1,0 +1,186 @@
+"""cvseg_node parameters: the params file is read in full, overrides win, bad values fail clearly.
+
+The node runs in its own process (real rclpy, real parameter services) on this module's ROS domain;
+its parameters are read back with the standard ``GetParameters`` / ``SetParameters`` services.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS = REPO / "config" / "cvseg.yaml"
+PAPER = REPO / "cvseg_ros" / "checkpoints" / "cvseg_paper.safetensors"   # shipped with the package
+DOMAIN = random.SystemRandom().randint(161, 200)   # this module's own ROS domain
+rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
+
+from ros_helpers import checkpoint_args, env_for  # noqa: E402
+
+
+def file_params() -> dict:
+    """The params file's values, flattened the way ROS names them (``front.topic``)."""
+    doc = yaml.safe_load(PARAMS.read_text())
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+    walk("", doc["cvseg_node"]["ros__parameters"])
+    return flat
+
+
+def env() -> dict:
+    return env_for(DOMAIN)
+
+
+def node_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file", str(PARAMS), *args]
+
+
+def test_params_file_lists_every_parameter():
+    flat = file_params()
+    for name in ("cameras", "front.topic", "device", "checkpoint", "publish_mask", "publish_color",
+                 "qos_reliability", "queue_depth", "batch_window_ms", "max_stamp_gap_periods",
+                 "diagnostics_period", "input_timeout_s", "luma_matching", "p_frame_branch", "threads"):
+        assert name in flat, name
+    assert flat["cameras"] == ["front"] and flat["front.topic"] == "/front/image_raw/h264"
+    assert "class_names" in PARAMS.read_text()       # documented (read-only, set by the node)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("params")
+    log = tmp / "node.log"
+    ck = checkpoint_args(tmp)
+    proc = subprocess.Popen(node_cmd("-p", "cameras:=[front, rear]", "-p", "rear.topic:=/rear/cam/h264",
+                                     "-p", "batch_window_ms:=7", *ck),
+                            env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from rclpy.executors import SingleThreadedExecutor
+    ctx = rclpy.context.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN)
+    node = rclpy.create_node("cvseg_params_test", context=ctx)
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    try:
+        yield proc, node, log, ck
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        executor.shutdown(timeout_sec=5)
+        spin.join(5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+        assert code == 0, log.read_text()[-3000:]
+
+
+def call(node, srv_type, name, request, proc, timeout=120.0):
+    client = node.create_client(srv_type, name)
+    deadline = time.monotonic() + timeout
+    while not client.wait_for_service(timeout_sec=0.2):
+        assert proc.poll() is None, "the node exited"
+        assert time.monotonic() < deadline, f"no service {name}"
+    future = client.call_async(request)
+    while not future.done():
+        assert time.monotonic() < deadline, f"no answer from {name}"
+        time.sleep(0.02)
+    node.destroy_client(client)
+    return future.result()
+
+
+def test_node_reads_every_value_from_the_file_and_the_overrides(running):
+    from rcl_interfaces.srv import DescribeParameters, GetParameters
+    from rclpy.parameter import parameter_value_to_python
+    proc, node, log, ck = running
+    expected = file_params()
+    expected.update({"cameras": ["front", "rear"], "rear.topic": "/rear/cam/h264", "batch_window_ms": 7})
+    if ck:
+        expected["checkpoint"] = ck[1].split(":=", 1)[1]
+    names = sorted(expected) + ["class_names"]
+    reply = call(node, GetParameters, "/cvseg_node/get_parameters", GetParameters.Request(names=names), proc)
+    got = {n: parameter_value_to_python(v) for n, v in zip(names, reply.values)}
+    for name, value in expected.items():
+        assert got[name] == value, f"{name}: node has {got[name]!r}, expected {value!r}"
+    assert got["class_names"] and all(isinstance(c, str) for c in got["class_names"])
+    described = call(node, DescribeParameters, "/cvseg_node/describe_parameters",
+                     DescribeParameters.Request(names=names), proc)
+    for d in described.descriptors:
+        assert d.description, f"{d.name} has no description"
+        assert d.read_only, f"{d.name} should be read-only (read once at start-up)"
+    # the start-up log states the effective values too
+    line = next(l for l in log.read_text().splitlines() if "effective parameters:" in l)
+    logged = json.loads(line.split("effective parameters:", 1)[1])
+    assert logged["cameras"] == ["front", "rear"] and logged["rear.topic"] == "/rear/cam/h264"
+    assert logged["class_names"] == got["class_names"]
+
+
+def test_class_names_and_settings_are_read_only(running):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+    proc, node, _, _ = running
+    request = SetParameters.Request(parameters=[
+        Parameter(name="class_names", value=ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY,
+                                                           string_array_value=["x"])),
+        Parameter(name="queue_depth", value=ParameterValue(type=ParameterType.PARAMETER_INTEGER,
+                                                           integer_value=3)),
+    ])
+    reply = call(node, SetParameters, "/cvseg_node/set_parameters", request, proc)
+    assert [r.successful for r in reply.results] == [False, False]
+
+
+BAD = [
+    pytest.param(["-p", "cameras:=[]"], "'cameras' is empty", id="empty-cameras"),
+    pytest.param(["-p", "device:=tpu"], "unknown device 'tpu'", id="unknown-device"),
+    pytest.param(["-p", "checkpoint:=/nonexistent/model.safetensors"], "file not found", id="missing-checkpoint"),
+    pytest.param(["-p", "cameras:=[front, front]"], "twice", id="duplicate-camera"),
+    pytest.param(["-p", "cameras:=['front/x']"], "not a valid camera name", id="bad-camera-name"),
+    pytest.param(["-p", "qos_reliability:=sometimes"], "qos_reliability", id="bad-qos"),
+    pytest.param(["-p", "queue_depth:=0"], "queue_depth", id="zero-queue"),
+    pytest.param(["-p", "queue_depth:=many"], "queue_depth", id="wrong-type"),
+    pytest.param(["-p", "threads:=-1"], "'threads' must be >= 0", id="negative-threads"),
+    pytest.param(["-p", "input_timeout_s:=0"], "input_timeout_s", id="zero-input-timeout"),
+    pytest.param(["-p", "p_frame_branch:=false", "-p", f"checkpoint:={PAPER}"], "accumulates the motion",
+                 id="no-branch-for-the-paper-model"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD)
+def test_bad_parameters_fail_at_start_up_with_one_clear_message(args, needle):
+    start = time.monotonic()
+    proc = subprocess.run(node_cmd(*args), env=env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and needle in errors[0] and "cvseg_node" in errors[0], out
+    assert "Traceback" not in out, out
+    assert time.monotonic() - start < 60
+
+
+def test_missing_params_file_fails_clearly():
+    proc = subprocess.run([sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file",
+                           "/nonexistent/cvseg.yaml"], env=env(), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "params file not found" in errors[0] and "cvseg_node" in errors[0], out
+    assert "Traceback" not in out, out

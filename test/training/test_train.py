@@ -1,0 +1,100 @@
+"""Training on real data: the loss goes down, the CLI exports a loadable checkpoint and resumes,
+and DDP runs with two CPU processes (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cvseg_ros.model.checkpoint import load_checkpoint
+from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
+
+from conftest import REPO, SHARED_DATA, require
+
+TINY = ["--i_steps=2", "--i_batch=2", "--i_crop=128x160", "--i_limit=4", "--p_steps=2", "--p_batch=1",
+        "--p_limit=2", "--use_clips=false", "--group_length=4", "--threads=1", "--save_every=1",
+        "--models=improved"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_short_training_run_lowers_the_loss():
+    """A few optimiser steps of Eq. 1's P-frame terms on real H.264 groups lower the loss."""
+    from cvseg_ros.training.data import load_camvid, still_groups
+    from cvseg_ros.training.train import GroupLoss, class_weights, collate
+    require(SHARED_DATA / "camvid" / "train", "CamVid train stills")
+    torch.manual_seed(0)
+    images, labels = load_camvid(SHARED_DATA / "camvid" / "train", SHARED_DATA / "camvid" / "trainannot", limit=2)
+    groups = still_groups(images, labels, length=4, progress=False)
+    model = CompressedSegmenter(make_config("improved"))
+    model.i_frame_net.eval()
+    with torch.inference_mode():
+        outs = []
+        for g in groups:
+            z, logits = model.i_frame_net(torch.from_numpy(g.rgb).permute(2, 0, 1)[None].float() / 255)
+            outs.append((z[0].clone(), torch.nn.functional.avg_pool2d(logits, 4)[0].clone()))
+    batch = collate(groups, outs, flip=False, device=torch.device("cpu"))
+    loss_fn = GroupLoss(model, class_weights(labels))
+    optimizer = torch.optim.AdamW(model.p_frame_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = loss_fn(*batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_improved_model_settings_from_the_command_line():
+    from cvseg_ros.training.train import TrainConfig, _model_overrides, parse_overrides
+    cfg = parse_overrides(["--improved_config=state_stride=8, intra=false"], TrainConfig())
+    settings = _model_overrides(cfg.improved_config)
+    assert settings == {"state_stride": 8, "intra": False}
+    assert make_config("improved", **settings).state_stride == 8
+    for bad in ("state_stride", "name=paper", "no_such_field=1"):
+        with pytest.raises(ValueError, match="bad model setting"):
+            _model_overrides(bad)
+
+
+def test_train_command_exports_a_checkpoint_and_resumes(tmp_path):
+    require(SHARED_DATA / "teacher" / "enet-cityscapes.net", "the ENet teacher")
+    out, export = tmp_path / "run", tmp_path / "export"
+    cmd = [sys.executable, "-m", "cvseg_ros.tools.cli", "train", f"--out={out}", f"--export_dir={export}", *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, meta = load_checkpoint(export / "cvseg_improved.safetensors")
+    assert meta["command"].startswith("cvseg train") and "--p_steps=2" in meta["command"]
+    assert meta["data"]["teacher_sha256"] and meta["data"]["camvid_train"]
+    assert json.loads((out / "pframe_improved_state.json").read_text())["step"] == 2
+    # resume: a longer schedule continues from the saved step instead of starting over
+    done = subprocess.run(cmd + ["--p_steps=3", "--stages=pframe"], capture_output=True, text=True,
+                          timeout=300, env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "pframe_improved_state.json").read_text())["step"] == 3
+    assert "2/3" in done.stderr   # the progress bar started at the resumed step
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    require(SHARED_DATA / "teacher" / "enet-cityscapes.net", "the ENet teacher")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed beside this Python")
+    out, export = tmp_path / "ddp", tmp_path / "export"
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "cvseg_ros.training.train", f"--out={out}",
+           f"--export_dir={export}", *TINY]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, meta = load_checkpoint(export / "cvseg_improved.safetensors")
+    assert meta["train_config"]["p_steps"] == 2
+    assert (out / "iframe_net.safetensors").exists()
