@@ -43,15 +43,9 @@ UNKNOWN = 255
 
 def native_bf16_cpu() -> bool:
     """True when this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
+    from cvseg_ros.common.procfs import cpu_flags
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 _ALLOCATOR_TUNED = False
@@ -290,8 +284,7 @@ def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> 
             head.warm_up()
 
 
-def _round8(n: float) -> int:
-    return max(8, int(round(n / 8.0)) * 8)
+from cvseg_ros.common.sizes import round8 as _round8  # noqa: E402
 
 
 @dataclass

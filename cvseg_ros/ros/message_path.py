@@ -55,8 +55,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from cvseg_ros.codec.h264_syntax import NAL_IDR, FrameNumTracker
-from cvseg_ros.codec.decoder import check_format, nal_unit_types, UnsupportedStreamError
+from cvseg_ros.common import stats
+from cvseg_ros.codec.h264_syntax import FrameNumTracker
+from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_types
 
 #: Reasons a received message got no mask; each message counts in at most one.
 DROP_REASONS = ("wrong_format", "duplicates", "out_of_order", "queue_drops", "skipped_before_keyframe",
@@ -254,10 +255,8 @@ class LatencyWindow:
 
     def percentiles(self, *qs: float) -> list[float] | None:
         with self._lock:
-            if not self._values:
-                return None
-            values = np.fromiter(self._values, dtype=np.float64)
-        return [float(np.percentile(values, q)) for q in qs]
+            values = list(self._values)
+        return stats.percentiles(values, qs)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cvseg_ros.common.paths import shared_data_dir
+from cvseg_ros.common.sizes import round8
 from cvseg_ros.model.classes import teacher_to_camvid
 
 __all__ = ["Teacher", "default_teacher_path", "TEACHER_FILE"]
@@ -24,10 +25,6 @@ def default_teacher_path() -> Path | None:
     """``teacher/enet-cityscapes.net`` in the shared data (:func:`shared_data_dir`) if it exists."""
     path = shared_data_dir() / TEACHER_FILE
     return path if path.is_file() else None
-
-
-def _round8(n: int) -> int:
-    return max(8, int(round(n / 8.0)) * 8)
 
 
 class Teacher:
@@ -87,7 +84,7 @@ class Teacher:
         """The ``(height, width)`` the network runs at for a frame of ``frame_hw``."""
         if self.input_size is not None:
             return self.input_size
-        return _round8(frame_hw[0]), _round8(frame_hw[1])
+        return round8(frame_hw[0]), round8(frame_hw[1])
 
     def scores(self, rgb: np.ndarray) -> np.ndarray:
         """Raw teacher scores ``[20, h, w]`` float32 at the network size."""
