@@ -16,42 +16,13 @@ import av
 import cv2
 import numpy as np
 
+from cvseg_ros.codec.annexb import NAL_IDR, nal_unit_types
 from cvseg_ros.codec.motion_vectors import GRID, dense_field, field_shape, fill_intra, resize_field
 from cvseg_ros.codec.residual import MotionCompensator
 
 log = logging.getLogger(__name__)
 
-H264_FORMATS = ("h264", "avc", "avc1", "video/h264", "h264/annexb")
 PICT_I, PICT_P, PICT_B = 1, 2, 3
-NAL_IDR, NAL_SPS = 5, 7
-
-
-class UnsupportedStreamError(ValueError):
-    """The input is not an H.264 I/P stream this reader can use (the message says why and what to do)."""
-
-
-def is_h264_format(fmt: str) -> bool:
-    """True for the ``CompressedImage.format`` strings that denote an H.264 stream."""
-    head = fmt.strip().lower().split(";")[0].strip()
-    return head in H264_FORMATS
-
-
-def check_format(fmt: str) -> None:
-    """Raise :class:`UnsupportedStreamError` naming ``fmt`` unless it denotes H.264."""
-    if not is_h264_format(fmt):
-        raise UnsupportedStreamError(
-            f"unsupported CompressedImage format {fmt!r}: cvseg_ros needs an H.264 stream "
-            f"(format one of {', '.join(H264_FORMATS)}; Annex B, one access unit per message)")
-
-
-def nal_unit_types(data: bytes) -> list[int]:
-    """Types of the NAL units in an Annex B access unit (empty if no start code is found)."""
-    types = []
-    pos = data.find(b"\x00\x00\x01")
-    while pos != -1 and pos + 3 < len(data):
-        types.append(data[pos + 3] & 0x1F)
-        pos = data.find(b"\x00\x00\x01", pos + 3)
-    return types
 
 
 @dataclass

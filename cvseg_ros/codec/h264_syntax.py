@@ -14,31 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NAL_SLICE, NAL_IDR, NAL_SPS, NAL_PPS = 1, 5, 7, 8
+from cvseg_ros.codec.annexb import NAL_IDR, NAL_PPS, NAL_SLICE, NAL_SPS, nal_units
+
 _HIGH_PROFILES = (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135)
 _SLICE_HEADER_BYTES = 48      # frame_num lies well within the first bytes of a slice NAL
 
 
 class H264SyntaxError(ValueError):
     """A NAL unit whose header fields cannot be read (truncated, garbage)."""
-
-
-def nal_units(data: bytes) -> list[tuple[int, int, bytes]]:
-    """``(nal_ref_idc, nal_unit_type, payload)`` of each NAL unit of an Annex B access unit; the
-    payload starts after the one-byte NAL header and still holds emulation-prevention bytes."""
-    out = []
-    pos = data.find(b"\x00\x00\x01")
-    while pos != -1 and pos + 3 < len(data):
-        start = pos + 3
-        nxt = data.find(b"\x00\x00\x01", start)
-        end = len(data) if nxt == -1 else nxt
-        header = data[start]
-        payload = data[start + 1:end]
-        if nxt != -1:
-            payload = payload.rstrip(b"\x00")   # trailing zero bytes / the next 4-byte start code
-        out.append(((header >> 5) & 0x3, header & 0x1F, payload))
-        pos = nxt
-    return out
 
 
 def rbsp(payload: bytes) -> bytes:

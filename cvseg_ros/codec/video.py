@@ -14,7 +14,8 @@ from typing import Iterable, Iterator
 import av
 import numpy as np
 
-from cvseg_ros.codec.decoder import PICT_B, UnsupportedStreamError
+from cvseg_ros.codec.annexb import UnsupportedStreamError
+from cvseg_ros.codec.decoder import PICT_B
 
 
 @dataclass

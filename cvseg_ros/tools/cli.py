@@ -6,7 +6,7 @@ import importlib
 import logging
 import sys
 
-from cvseg_ros.codec.decoder import UnsupportedStreamError
+from cvseg_ros.codec.annexb import UnsupportedStreamError
 
 # modules that add a sub-command (imported lazily so `cvseg probe` does not import torch)
 COMMAND_MODULES = {

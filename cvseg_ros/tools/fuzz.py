@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cvseg_ros.common.paths import shared_data_dir
-from cvseg_ros.codec.h264_syntax import NAL_IDR, NAL_PPS, NAL_SPS, nal_units, parse_sps
+from cvseg_ros.codec.annexb import NAL_IDR, NAL_PPS, NAL_SPS, nal_units
+from cvseg_ros.codec.h264_syntax import parse_sps
 
 WRONG_FORMATS = ("jpeg", "png", "", "h265", "rgb8; jpeg compressed bgr8", "hevc", "av1", "h264x", "mpeg4")
 DEFAULT_CLIPS = shared_data_dir() / "clips"
@@ -314,7 +315,7 @@ class FuzzHarness:
             rep.mutated_units += 1
         else:
             rep.clean_units += 1
-        from cvseg_ros.codec.decoder import is_h264_format
+        from cvseg_ros.codec.annexb import is_h264_format
         self.reader_out = []
         if is_h264_format(msg.fmt):
             try:

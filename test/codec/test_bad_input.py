@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import SMALL_CLIP, accounted, read_rgb, require
 from cvseg_ros.codec.motion_vectors import field_shape
-from cvseg_ros.codec.decoder import (H264StreamDecoder, UnsupportedStreamError, check_format,
-                              is_h264_format)
+from cvseg_ros.codec.annexb import UnsupportedStreamError, check_format, is_h264_format
+from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import check_no_b_frames, encode_frames, read_access_units, transcode
 
 

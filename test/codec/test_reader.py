@@ -12,7 +12,8 @@ import pytest
 from conftest import (CLIPS_DIR, MPEG4_CLIP, REPO, SMALL_CLIP, clip_params, pyav_frame_count,
                       require)
 from cvseg_ros.tools.probe import probe
-from cvseg_ros.codec.decoder import PICT_I, H264StreamDecoder, UnsupportedStreamError
+from cvseg_ros.codec.annexb import UnsupportedStreamError
+from cvseg_ros.codec.decoder import PICT_I, H264StreamDecoder
 from cvseg_ros.codec.video import check_no_b_frames, read_access_units, transcode
 
 PROBE_KEYS = {"frames", "i_frames", "p_frames", "b_frames", "frames_with_mvs",

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FUZZ_CLIP, SMALL_CLIP, CLIPS_DIR, read_rgb, require
-from cvseg_ros.codec.h264_syntax import FrameNumTracker, nal_units, parse_sps
+from cvseg_ros.codec.annexb import nal_units
+from cvseg_ros.codec.h264_syntax import FrameNumTracker, parse_sps
 from cvseg_ros.ros.message_path import DROP_REASONS, MessagePath, make_message
 from cvseg_ros.codec.video import H264Encoder
 
