@@ -16,19 +16,13 @@ stamps, lost pictures, the queue policy when the engine falls behind); every mes
 ends in exactly one counted outcome in ``/diagnostics``. A camera with no input for
 ``input_timeout_s`` is reported STALE (and no mask is published for it meanwhile).
 
-Parameters (all read at start-up, hence read-only; see ``config/cvseg.yaml``):
-
-``cameras`` (string[]), ``<camera>.topic`` (string, default ``/<camera>/image_raw/h264``),
-``device`` (auto|cpu|cuda[:N]), ``checkpoint`` ("" = the shipped one), ``publish_mask`` (bool),
-``publish_color`` (bool), ``qos_reliability`` (best_effort|reliable, input side),
-``queue_depth`` (int), ``batch_window_ms`` (float), ``max_stamp_gap_periods`` (float),
-``diagnostics_period`` (float, s), ``input_timeout_s`` (float, s), ``threads`` (int, torch CPU
-threads, 0 = torch's default), ``class_names`` (string[], published by the node).
+Parameters: the table in :mod:`cvseg_ros.ros.params` (``python -m cvseg_ros.ros.params`` prints
+it), declared from it with their descriptions, ranges and read-only flags, read once at
+start-up and checked from it; ``config/cvseg.yaml`` sets each of them.
 """
 from __future__ import annotations
 
 import json
-import re
 import sys
 import threading
 import time
@@ -39,17 +33,15 @@ from typing import Any
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
+from cvseg_ros.ros import params
 from cvseg_ros.ros.message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
 
 NODE_NAME = "cvseg_node"
-DEVICES_HELP = "'auto', 'cpu' or 'cuda[:N]'"
-_CAMERA_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LEVELS = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR,
            STALE: DiagnosticStatus.STALE}
 #: Overrides that rclpy itself understands (not warned about as unknown).
@@ -100,13 +92,29 @@ class _Outputs:
     color: Any = None
 
 
-def _descriptor(description: str, ptype: int | None = None, read_only: bool = True,
-                dynamic: bool = False) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=description, read_only=read_only)
-    if dynamic:
+_ROS_TYPES = {"bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
+              "string": ParameterType.PARAMETER_STRING, "string[]": ParameterType.PARAMETER_STRING_ARRAY}
+_INT64 = (-2 ** 63, 2 ** 63 - 1)
+
+
+def descriptor(param: params.Param) -> ParameterDescriptor:
+    """The ``ParameterDescriptor`` of a table entry: its description, read-only flag, numeric range
+    (the type's limit where the table gives one bound) and its range in words."""
+    d = ParameterDescriptor(description=param.description, read_only=param.read_only,
+                            additional_constraints=param.range_text())
+    if param.type == "float":      # integers are accepted too (`-p batch_window_ms:=7`)
         d.dynamic_typing = True
-    elif ptype is not None:
-        d.type = ptype
+    else:
+        d.type = _ROS_TYPES[param.type]
+    if param.has_bounds:
+        if param.type == "int":
+            lo = _INT64[0] if param.minimum is None else int(param.minimum)
+            hi = _INT64[1] if param.maximum is None else int(param.maximum)
+            d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=0)]
+        else:                      # an excluded bound is stated in additional_constraints
+            lo = -float("inf") if param.minimum is None else float(param.minimum)
+            hi = float("inf") if param.maximum is None else float(param.maximum)
+            d.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
     return d
 
 
@@ -125,101 +133,29 @@ class CvsegNode(Node):
         self._last_diag = time.monotonic()
 
     # -- parameters -------------------------------------------------------------------------------
-    def _declare(self, name: str, default, descriptor: ParameterDescriptor):
+    def _declared(self, param: params.Param):
+        """``param``'s value (the override, else the default), checked by the table, then declared."""
+        override = self._overrides().get(param.name)
         try:
-            return self.declare_parameter(name, default, descriptor).value
-        except Exception as exc:  # noqa: BLE001 - InvalidParameterTypeException, ...
-            raise StartupError(f"parameter '{name}': {exc}") from None
+            value = param.check(param.default if override is None else override.value)
+        except params.ParameterError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.declare_parameter(param.name, param.default, descriptor(param))
+        except Exception as exc:  # noqa: BLE001 - InvalidParameterValueException, ...
+            raise StartupError(f"parameter '{param.name}': {exc}") from None
+        return value
 
-    def _number(self, name: str, default: float, description: str) -> float:
-        value = self._declare(name, default, _descriptor(description, dynamic=True))
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise StartupError(f"parameter '{name}' must be a number, got {value!r}")
-        return float(value)
+    def _overrides(self) -> dict:
+        """The values given on the command line and in params files (rclpy keeps them here)."""
+        return getattr(self, "_parameter_overrides", None) or {}
 
     def read_parameters(self) -> dict:
-        P = ParameterType
-        cameras = self._declare("cameras", ["front"], _descriptor(
-            "camera names; each gets <name>.topic, <name>/semantic/mask and <name>/semantic/color",
-            P.PARAMETER_STRING_ARRAY))
-        cameras = list(cameras or [])
-        if not cameras:
-            raise StartupError("parameter 'cameras' is empty: list at least one camera, "
-                               "e.g. -p cameras:=[front]")
-        for cam in cameras:
-            if not _CAMERA_RE.match(cam):
-                raise StartupError(f"parameter 'cameras': {cam!r} is not a valid camera name "
-                                   f"(letters, digits and '_', starting with a letter)")
-        if len(set(cameras)) != len(cameras):
-            raise StartupError(f"parameter 'cameras' lists a camera twice: {cameras}")
-        cfg: dict[str, Any] = {"cameras": cameras}
-        for cam in cameras:
-            cfg[f"{cam}.topic"] = self._declare(f"{cam}.topic", f"/{cam}/image_raw/h264", _descriptor(
-                f"input topic of camera '{cam}' (sensor_msgs/CompressedImage, format h264)",
-                P.PARAMETER_STRING))
-        device = self._declare("device", "auto", _descriptor(
-            f"inference device: {DEVICES_HELP}", P.PARAMETER_STRING)).strip().lower()
-        if not _DEVICE_RE.match(device):
-            raise StartupError(f"parameter 'device': unknown device {device!r}; use {DEVICES_HELP}")
-        cfg["device"] = device
-        checkpoint = self._declare("checkpoint", "", _descriptor(
-            "model checkpoint (.safetensors with its .json); empty = the shipped default",
-            P.PARAMETER_STRING)).strip()
-        if checkpoint:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise StartupError(f"parameter 'checkpoint': file not found: {path}")
-            checkpoint = str(path)
-        cfg["checkpoint"] = checkpoint
-        cfg["publish_mask"] = self._declare("publish_mask", True, _descriptor(
-            "publish <camera>/semantic/mask (mono8 class ids, 255 = unknown)", P.PARAMETER_BOOL))
-        cfg["publish_color"] = self._declare("publish_color", True, _descriptor(
-            "publish <camera>/semantic/color (rgb8, checkpoint palette)", P.PARAMETER_BOOL))
-        rel = self._declare("qos_reliability", "best_effort", _descriptor(
-            "input subscription reliability: best_effort (sensor data QoS) or reliable",
-            P.PARAMETER_STRING)).strip().lower()
-        if rel not in ("best_effort", "reliable"):
-            raise StartupError(f"parameter 'qos_reliability': {rel!r}; use 'best_effort' or 'reliable'")
-        cfg["qos_reliability"] = rel
-        depth = self._declare("queue_depth", 5, _descriptor(
-            "per camera: the bounded queue in front of the engine (and the input QoS depth, at least 10)",
-            P.PARAMETER_INTEGER))
-        if depth < 1:
-            raise StartupError(f"parameter 'queue_depth' must be >= 1, got {depth}")
-        cfg["queue_depth"] = depth
-        cfg["batch_window_ms"] = self._number(
-            "batch_window_ms", 5.0, "how long to wait for the other cameras' frames to batch them (ms)")
-        if cfg["batch_window_ms"] < 0:
-            raise StartupError("parameter 'batch_window_ms' must be >= 0")
-        cfg["max_stamp_gap_periods"] = self._number(
-            "max_stamp_gap_periods", 3.0,
-            "a stamp step larger than this many frame periods restarts the camera's model state")
-        if cfg["max_stamp_gap_periods"] <= 1.0:
-            raise StartupError("parameter 'max_stamp_gap_periods' must be > 1")
-        cfg["diagnostics_period"] = self._number(
-            "diagnostics_period", 1.0, "seconds between /diagnostics messages")
-        if cfg["diagnostics_period"] <= 0:
-            raise StartupError("parameter 'diagnostics_period' must be > 0")
-        cfg["input_timeout_s"] = self._number(
-            "input_timeout_s", 1.0, "a camera with no message for this long is reported STALE in /diagnostics")
-        if cfg["input_timeout_s"] <= 0:
-            raise StartupError("parameter 'input_timeout_s' must be > 0")
-        cfg["luma_matching"] = self._declare("luma_matching", True, _descriptor(
-            "correct the motion accumulated since the I-frame against the frames' luma where the "
-            "checkpoint's model does (false: less time per P-frame, about 1 mIoU point less)",
-            P.PARAMETER_BOOL))
-        cfg["p_frame_branch"] = self._declare("p_frame_branch", True, _descriptor(
-            "run the P-frame branch (CNNs, ConvLSTM, correction head); false: each P-frame's mask is "
-            "the I-frame's logits warped along the accumulated motion (about 1 ms less per P-frame; "
-            "the same accuracy on CamVid val, see README)", P.PARAMETER_BOOL))
-        threads = self._declare("threads", 0, _descriptor(
-            "torch CPU threads of the engine (0 = torch's default)", P.PARAMETER_INTEGER))
-        if threads < 0:
-            raise StartupError(f"parameter 'threads' must be >= 0, got {threads}")
-        cfg["threads"] = threads
-        overrides = getattr(self, "_parameter_overrides", {}) or {}
-        unknown = sorted(k for k in overrides if k not in cfg and k not in _BUILTIN_PARAMS
-                         and k != "class_names" and not k.startswith("qos_overrides."))
+        """Every parameter of the table declared and checked (raises :class:`StartupError`)."""
+        cfg = params.read(self._declared)
+        known = set(cfg) | set(params.BY_NAME) | set(_BUILTIN_PARAMS)
+        overrides = self._overrides()
+        unknown = sorted(k for k in overrides if k not in known and not k.startswith("qos_overrides."))
         if unknown:
             self.get_logger().warning(f"ignoring unknown parameter(s): {', '.join(unknown)}")
         if "class_names" in overrides:
@@ -243,9 +179,8 @@ class CvsegNode(Node):
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
         class_names = list(self.engine.class_names)
-        self.declare_parameter("class_names", class_names, _descriptor(
-            "class id -> name (read-only, from the checkpoint)", ParameterType.PARAMETER_STRING_ARRAY),
-            ignore_override=True)
+        self.declare_parameter("class_names", class_names, descriptor(params.BY_NAME["class_names"]),
+                               ignore_override=True)
         self._bridge = _make_bridge()
         self.path = MessagePath(
             self.engine, cfg["cameras"], topics={c: cfg[f"{c}.topic"] for c in cfg["cameras"]},

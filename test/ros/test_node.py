@@ -1,4 +1,4 @@
-"""cvseg_node: its queue / stamp helpers, then integration over real DDS on loopback.
+"""cvseg_node: its image messages, then integration over real DDS on loopback.
 
 The node runs in its own process (``python -m cvseg_ros.ros.node --ros-args --params-file
 config/cvseg.yaml -p ...``) on a ROS domain of this module's own; two cameras are replayed into it
@@ -22,50 +22,12 @@ rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 whee
 
 from ros_helpers import Outputs, Ros, checkpoint_args, start_node, stop_node, stop_node_cleanly, wait_until  # noqa: E402
 
-from cvseg_ros.ros.message_path import FrameQueue, LatencyWindow, QueuedFrame, StampTracker  # noqa: E402
 from cvseg_ros.ros.node import image_message  # noqa: E402
 
 
-# -- helpers without DDS ------------------------------------------------------------------------
+# -- helpers without DDS (the queue and stamp policies: test_policies.py) -------------------------
 
-def _frame(i: int, idr: bool = False) -> QueuedFrame:
-    return QueuedFrame("front", b"%d" % i, i, None, i, idr)
-
-
-def test_queue_keeps_the_newest_frames_and_counts_what_it_skips():
-    q = FrameQueue(2)
-    assert q.push(_frame(0)) == 0 and q.push(_frame(1)) == 0
-    assert q.push(_frame(2)) == 1          # full: frame 0 is decoded only (no mask)
-    assert q.drops == q.decode_only == 1 and len(q) == 2 and q.backlog == 1
-    skipped, item = q.pop()
-    assert [s.stamp_ns for s in skipped] == [0] and item.stamp_ns == 1
-    skipped, item = q.pop()
-    assert skipped == [] and item.stamp_ns == 2 and len(q) == 0
-    with pytest.raises(ValueError):
-        FrameQueue(0)
-
-
-def test_stamp_tracker_backwards_repeat_and_gap():
-    period = 40_000_000
-    t = StampTracker(gap_periods=3.0)
-    stamps = [i * period for i in range(6)]
-    assert all(t.check(s) == ("ok", None) for s in stamps)
-    assert t.check(stamps[-1] + 2 * period) == ("ok", None)  # one lost frame: within 3 periods
-    verdict, reason = t.check(stamps[-1] + 10 * period)
-    assert verdict == "gap" and "gap" in reason
-    assert t.check(0)[0] == "late"                            # not newer: dropped, not followed
-    assert t.check(stamps[-1] + 10 * period) == ("late", "stamp repeated (late or reordered message)")
-    verdict, reason = t.check(0, idr=True)                    # an IDR from the past: camera restart
-    assert verdict == "reset" and "IDR" in reason
-    assert StampTracker().check(123) == ("ok", None)          # first stamp: nothing to compare
-
-
-def test_latency_window_and_image_message():
-    w = LatencyWindow(size=3)
-    assert w.percentiles(50) is None
-    for v in (100.0, 1.0, 2.0, 3.0):       # 100 falls out of the window
-        w.add(v)
-    assert w.percentiles(50, 99)[0] == pytest.approx(2.0)
+def test_image_message():
     from std_msgs.msg import Header
     h = Header(frame_id="front")
     h.stamp.sec, h.stamp.nanosec = 12, 34
