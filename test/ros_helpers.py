@@ -1,32 +1,33 @@
 """Helpers of the tests that run ``cvseg_node`` in another process and talk to it over real DDS.
 
+The process harness is :mod:`cvseg_ros.ros.process`; what is here is what only the tests need:
+the source tree's params file, one torch thread, assertions instead of tool errors, a random
+checkpoint where the shipped one is absent, and a recorder of every output message.
+
 Each test module picks its own ROS domain(s) (random within a range of its own) so that modules,
 and other people's test runs on the same machine, do not hear each other.
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-import rclpy
+from cvseg_ros.ros import process
+from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "config" / "cvseg.yaml"
+DISCOVERY = "LOCALHOST"
 
 
 def env_for(domain: int) -> dict:
-    return dict(os.environ, ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-                PYTHONUNBUFFERED="1")
+    """The environment of a node on ROS domain ``domain`` (discovery on localhost)."""
+    return process.node_env(domain, DISCOVERY)
 
 
 def node_cmd(*args: str, threads: int | None = 1) -> list[str]:
-    extra = ["-p", f"threads:={threads}"] if threads is not None else []
-    return [sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file", str(PARAMS), *extra, *args]
+    """The node's command line with the source tree's params file, ``threads`` torch threads, ``args``."""
+    return process.node_command({} if threads is None else {"threads": threads}, args, PARAMS)
 
 
 def checkpoint_args(tmp: Path) -> list[str]:
@@ -45,101 +46,62 @@ def checkpoint_args(tmp: Path) -> list[str]:
     return ["-p", f"checkpoint:={path}"]
 
 
-def start_node(log_path: Path, args: list[str], domain: int, threads: int = 1) -> subprocess.Popen:
-    """``python -m cvseg_ros.ros.node`` with the params file, ``threads`` torch threads and ``args``,
-    on ROS domain ``domain`` (discovery on localhost); output to ``log_path``."""
-    return subprocess.Popen(node_cmd(*args, threads=threads), env=env_for(domain), stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, cwd=REPO)
+def start_node(log_path: Path, args: list[str], domain: int, threads: int | None = 1) -> NodeProcess:
+    """``python -m cvseg_ros.ros.node`` with the params file, ``threads`` torch threads (None: the
+    file's) and ``args``, on ROS domain ``domain`` (discovery on localhost); output to ``log_path``."""
+    return NodeProcess({} if threads is None else {"threads": threads}, args=args, log_path=log_path, domain_id=domain, params=PARAMS,
+                       discovery=DISCOVERY, cwd=REPO, error=AssertionError).start()
 
 
-def stop_node(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
+def stop_node(proc: NodeProcess) -> int:
+    """SIGINT, 20 s to exit, then escalate; the exit status."""
+    return proc.stop(timeout=20.0)
 
 
-class Ros:
+def stop_node_cleanly(proc: NodeProcess, log) -> None:
+    """Stop the node (SIGINT) and assert it exited with status 0 and no traceback in its log."""
+    code = stop_node(proc)
+    text = log.read_text()
+    assert code == 0, f"node exit status {code}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+
+
+class Ros(LocalNode):
     """This process's side: a context on the module's domain, a node spinning in a thread."""
 
     def __init__(self, name: str, domain: int) -> None:
-        self._env = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE")
-        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-        from rclpy.executors import SingleThreadedExecutor
-        self.context = rclpy.context.Context()
-        rclpy.init(context=self.context, domain_id=domain)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=5)
-        self.thread.join(5)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-        if self._env is None:
-            os.environ.pop("ROS_AUTOMATIC_DISCOVERY_RANGE", None)
-        else:
-            os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = self._env
+        super().__init__(name, domain, DISCOVERY)
 
 
-def wait_until(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the node exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+def wait_until(predicate, timeout: float, proc=None, what: str = "") -> None:
+    """Poll ``predicate`` (AssertionError if ``proc`` exits first or ``timeout`` s pass)."""
+    process.wait_until(predicate, timeout, proc, what, AssertionError)
 
 
 class Outputs:
     """Every mask / colour image / diagnostics message the node publishes."""
 
     def __init__(self, node, cameras) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
         self.lock = threading.Lock()
         self.images: dict[tuple[str, str], list] = {(c, k): [] for c in cameras for k in ("mask", "color")}
-        self.diagnostics: list = []
+        self._diagnostics = DiagnosticsListener(node, history=True, lock=self.lock, depth=50)
+        self.diagnostics: list = self._diagnostics.history
         qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.RELIABLE)
         for cam in cameras:
             for kind in ("mask", "color"):
                 node.create_subscription(Image, f"/{cam}/semantic/{kind}",
                                          lambda m, key=(cam, kind): self._add(key, m), qos)
-        node.create_subscription(DiagnosticArray, "/diagnostics", self._diag, 50)
 
     def _add(self, key, msg) -> None:
         with self.lock:
             self.images[key].append(msg)
-
-    def _diag(self, msg) -> None:
-        with self.lock:
-            self.diagnostics.append(msg)
 
     def count(self, kind: str) -> int:
         with self.lock:
             return sum(len(v) for (c, k), v in self.images.items() if k == kind)
 
     def latest_status(self, camera: str):
-        with self.lock:
-            for arr in reversed(self.diagnostics):
-                for st in arr.status:
-                    if st.hardware_id == camera:
-                        return st, {kv.key: kv.value for kv in st.values}
-        return None, {}
-
-
-def stop_node_cleanly(proc: subprocess.Popen, log) -> None:
-    """Stop the node (SIGINT) and assert it exited with status 0 and no traceback in its log."""
-    code = stop_node(proc)
-    text = log.read_text()
-    assert code == 0, f"node exit status {code}:\n{text[-3000:]}"
-    assert "Traceback" not in text, text[-3000:]
+        """``(DiagnosticStatus, {key: value})`` of ``camera``'s latest status, or ``(None, {})``."""
+        return self._diagnostics.latest_status(camera)

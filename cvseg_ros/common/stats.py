@@ -1,10 +1,11 @@
-"""Summary statistics of measured values (latencies, times): percentiles, mean, median.
+"""Summary statistics of measured values (latencies, times): percentiles, mean, median, ratios.
 
-Percentiles are numpy's (linear interpolation between the closest ranks). Every function takes
-any sequence of numbers and gives ``None`` for an empty one.
+Percentiles are numpy's (linear interpolation between the closest ranks). The functions of a
+sequence of numbers give ``None`` for an empty one.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Iterable, Sequence
 
@@ -52,3 +53,11 @@ def summary(values: Sequence[float], prefix: str = "", ndigits: int | None = 2,
     out[f"{prefix}max"] = pcts[-1]
     out[f"{prefix}mean"] = mean(values, ndigits)
     return out
+
+
+def ratio(num: float | None, den: float | None, ndigits: int | None = None) -> float | None:
+    """``num / den`` (rounded to ``ndigits`` when given); ``None`` when either is missing or not
+    finite, or ``den`` is 0."""
+    if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den == 0:
+        return None
+    return _round(num / den, ndigits)

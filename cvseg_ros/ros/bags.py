@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from cvseg_ros.common import stats
+
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
 STORAGES = ("mcap", "sqlite3")
@@ -289,10 +291,6 @@ def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, reliabilit
 
 # -- eval-bag ------------------------------------------------------------------------------------
 
-def _percentile(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values else None
-
-
 def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str = "auto",
              checkpoint: str | None = None, storage: str = "mcap", max_frames: int | None = None,
              threads: int | None = None, engine=None) -> dict:
@@ -376,7 +374,7 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         "wall_s": round(wall, 3),
         "fps": round(masks_out / wall, 2) if wall > 0 else None,
         "engine_fps": round(masks_out / busy_s, 2) if busy_s > 0 else None,
-        "latency_ms_p50": _percentile(latencies, 50), "latency_ms_p99": _percentile(latencies, 99),
+        "latency_ms_p50": stats.percentile(latencies, 50, 3), "latency_ms_p99": stats.percentile(latencies, 99, 3),
         "cameras": per_camera, "record": str(record) if record else None,
     }
 

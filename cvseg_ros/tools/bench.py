@@ -13,38 +13,32 @@ units*:
 
 Methods are interleaved: ``--passes`` passes over the clip, each running every method once (in an
 order rotated from pass to pass), each on a fresh stream (new camera: decoder and state), after an
-untimed warm-up. Per pass and method: the median wall time of the I-frames and of the P-frames;
-``ms_gop`` = (I + (GOP-1) P) / GOP, the average over a GOP. Reported: the median over the passes.
+untimed warm-up. Per pass and method: the median wall time of the I-frames and of the P-frames,
+and ``ms_gop``, the ms/frame of :mod:`cvseg_ros.common.timing` (the same figure as ``cvseg eval``'s
+``ms_per_frame``; the clip is cut to whole GOPs, so it is the average over a GOP,
+(I + (GOP-1) P) / GOP). Reported: the median over the passes.
 
-Ratios: ``per_frame / compressed`` (GOP averages) and ``compressed_p / decode_only`` (P-frames of
-both). Then the node under load: ``cvseg_node`` in its own process, ``--cameras`` synthetic camera
-topics (the same re-encoded clip, looped, I-frames staggered between cameras as unsynchronised
-cameras have them) published at ``--fps`` over DDS for ``--seconds`` after ``--warmup`` seconds;
-achieved rate per camera, latency (publish -> mask received here, and the node's own
-receive -> publish from ``/diagnostics``), drops (reported by the node or not), the node's peak RSS.
+Ratios: ``per_frame / compressed`` (ms/frame) and ``compressed_p / decode_only`` (P-frames of
+both). Then the node under load (:mod:`cvseg_ros.tools.node_load`): ``cvseg_node`` in its own
+process, ``--cameras`` camera topics over DDS; rate, latency, drops, peak RSS.
 """
 from __future__ import annotations
 
-import array
 import datetime
 import json
 import os
 import platform
-import random
-import statistics
-import struct
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from cvseg_ros.common import procfs, stats, timing
+
 TARGETS = {
-    "per_frame_over_compressed_min": 8.0,       # GOP-12 average at least 8x cheaper than per_frame
+    "per_frame_over_compressed_min": 8.0,       # ms/frame at least 8x lower than per_frame's
     "compressed_p_over_decode_only_max": 2.0,   # P-frame end to end at most 2x the decode floor
     "node_latency_p99_ms_max": 100.0,
     "node_rate_fraction_min": 0.97,             # achieved rate per camera >= 97 % of the input rate
@@ -53,8 +47,9 @@ TARGETS = {
 METHOD_ORDER = ("decode_only", "compressed", "per_frame", "teacher")
 TIMING_IS = ("wall time (time.perf_counter) of one call per access unit, from the access unit's bytes to "
              "the method's output (decode_only: the decoded frame and its motion-vector side data; the "
-             "others: the class-id mask at the frame's size); per pass the median of each frame kind; "
-             "ms_gop = (ms_i + (gop - 1) * ms_p) / gop; every figure is the median over the passes")
+             "others: the class-id mask at the frame's size); ms_i, ms_p: per pass the median of each "
+             "frame kind; ms_gop = ms/frame, " + timing.MS_PER_FRAME_IS + " (the clip is whole GOPs); "
+             "every figure is the median over the passes")
 
 
 class BenchError(RuntimeError):
@@ -148,35 +143,27 @@ def teacher_method(teacher) -> Callable[[str], Stepper]:
     return new_stream
 
 
-def _median(values):
-    return float(statistics.median(values)) if values else None
-
-
 def _round(v, nd=3):
     return None if v is None else round(float(v), nd)
 
 
 @dataclass
 class MethodTimes:
-    gop: int
     passes: list[dict] = field(default_factory=list)
     missing: int = 0
 
     def add_pass(self, times_ms: list[float], kinds: list[str | None]) -> None:
-        i_t = [t for t, k in zip(times_ms, kinds) if k == "I"]
+        by_kind = timing.kind_medians(times_ms, kinds)
         p_t = [t for t, k in zip(times_ms, kinds) if k == "P"]
-        self.missing += sum(1 for k in kinds if k is None)
-        ms_i, ms_p = _median(i_t), _median(p_t)
-        ms_gop = (ms_i + (self.gop - 1) * ms_p) / self.gop if ms_i is not None and ms_p is not None else None
-        self.passes.append({"ms_i": ms_i, "ms_p": ms_p, "ms_gop": ms_gop,
-                            "ms_mean": float(np.mean(times_ms)) if times_ms else None,
-                            "ms_p_p90": float(np.percentile(p_t, 90)) if p_t else None,
-                            "frames_i": len(i_t), "frames_p": len(p_t)})
+        self.missing += kinds.count(None)
+        self.passes.append({"ms_i": by_kind.get("I"), "ms_p": by_kind.get("P"),
+                            "ms_gop": timing.ms_per_frame(times_ms, kinds),
+                            "ms_mean": stats.mean(times_ms), "ms_p_p90": stats.percentile(p_t, 90),
+                            "frames_i": kinds.count("I"), "frames_p": len(p_t)})
 
     def summary(self) -> dict:
-        out = {}
-        for key in ("ms_i", "ms_p", "ms_gop", "ms_mean", "ms_p_p90"):
-            out[key] = _round(_median([p[key] for p in self.passes if p[key] is not None]))
+        out = {key: _round(timing.median_over_passes(p[key] for p in self.passes))
+               for key in ("ms_i", "ms_p", "ms_gop", "ms_mean", "ms_p_p90")}
         out["frames_per_pass"] = self.passes[0]["frames_i"] + self.passes[0]["frames_p"] if self.passes else 0
         out["missing_outputs"] = self.missing
         out["passes"] = [{k: _round(v) if isinstance(v, float) else v for k, v in p.items()} for p in self.passes]
@@ -194,7 +181,7 @@ def run_offline(units: list[bytes], methods: dict[str, Callable[[str], Stepper]]
         step = methods[name](f"{name}_warmup")
         for i, unit in enumerate(warm):
             step(i, unit)
-    times = {name: MethodTimes(gop) for name in names}
+    times = {name: MethodTimes() for name in names}
     bar = tqdm(total=passes * len(names) * len(units), desc="bench offline", unit="frame", disable=not progress)
     try:
         for p in range(passes):
@@ -203,9 +190,8 @@ def run_offline(units: list[bytes], methods: dict[str, Callable[[str], Stepper]]
                 step = methods[name](f"{name}_{p}")
                 ts, kinds = [], []
                 for i, unit in enumerate(units):
-                    start = time.perf_counter()
-                    kind = step(i, unit)
-                    ts.append(1000.0 * (time.perf_counter() - start))
+                    kind, ms = timing.timed(step, i, unit)
+                    ts.append(ms)
                     kinds.append(kind)
                 bar.update(len(units))
                 bar.set_postfix_str(name)
@@ -216,9 +202,9 @@ def run_offline(units: list[bytes], methods: dict[str, Callable[[str], Stepper]]
 
 
 def ratios(results: dict) -> dict:
-    """``per_frame / compressed`` (GOP averages) and ``compressed_p / decode_only`` (P-frames)."""
+    """``per_frame / compressed`` (ms/frame) and ``compressed_p / decode_only`` (P-frames)."""
     def ratio(a, b):
-        return None if a is None or b is None or b <= 0 else round(a / b, 3)
+        return stats.ratio(a, b, 3)
     comp, pf, dec = results.get("compressed"), results.get("per_frame"), results.get("decode_only")
     out = {
         "per_frame_over_compressed": ratio(pf and pf["ms_gop"], comp and comp["ms_gop"]),
@@ -231,299 +217,14 @@ def ratios(results: dict) -> dict:
     return out
 
 
-# -- the node under load -------------------------------------------------------------------------
-
-def _proc_status(pid: int) -> dict:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024.0   # kB -> MiB
-    except OSError:
-        pass
-    return out
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _stamp_of_raw_image(raw: bytes) -> int:
-    """Header stamp of a CDR-serialised sensor_msgs/Image (4-byte encapsulation, then sec, nanosec)."""
-    sec, nsec = struct.unpack_from("<iI" if raw[1] & 1 else ">iI", raw, 4)   # CDR_LE / CDR_BE
-    return sec * 1_000_000_000 + nsec
-
-
-def _pct(values, q):
-    return round(float(np.percentile(values, q)), 2) if len(values) else None
-
-
-def _mean(values) -> float | None:
-    return round(float(np.mean(values)), 2) if len(values) else None
-
-
-def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, seconds: float, warmup: float,
-                  device: str = "auto", checkpoint: str | None = None, qos: str = "best_effort",
-                  queue_depth: int | None = None, node_threads: int | None = None, domain_id: int | None = None,
-                  startup_timeout: float = 180.0, workdir: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
-    """Start ``cvseg_node`` in a subprocess, publish ``cameras`` H.264 topics into it at ``fps``
-    (each camera loops ``units``; camera k starts k * GOP / cameras frames later) for
-    ``warmup + seconds`` seconds, and measure it (see :data:`NODE_DOC`)."""
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CompressedImage, Image
-    from tqdm import tqdm
-
-    from cvseg_ros.tools.demo import node_command, params_file, stop_process, wait_for_node
-
-    if cameras < 1:
-        raise ValueError("--cameras must be >= 1")
-    names = [f"bench{k}" for k in range(cameras)]
-    topics = {c: f"/{c}/image_raw/h264" for c in names}
-    overrides = {"cameras": "[" + ",".join(names) + "]", "device": device, "qos_reliability": qos,
-                 "diagnostics_period": "0.5"}
-    overrides.update({f"{c}.topic": t for c, t in topics.items()})
-    if checkpoint:
-        overrides["checkpoint"] = str(Path(checkpoint).resolve())
-    if queue_depth:
-        overrides["queue_depth"] = str(queue_depth)
-    if node_threads:
-        overrides["threads"] = str(node_threads)
-    if domain_id is None:
-        domain_id = random.SystemRandom().randint(1, 200)
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), PYTHONUNBUFFERED="1")
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", env["ROS_AUTOMATIC_DISCOVERY_RANGE"])
-    workdir = Path(workdir) if workdir else Path(os.environ.get("TMPDIR", "/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    node_log = workdir / f"bench_node_{domain_id}.log"
-    cmd = node_command(params_file(), overrides)
-
-    period_ns = int(round(1e9 / fps))
-    stagger = max(1, gop // cameras) if cameras > 1 else 0
-    per_camera_frames = int(round((warmup + seconds) * fps))
-    lock = threading.Lock()
-    sent: dict[tuple[int, int], int] = {}          # (camera, stamp) -> monotonic ns after publish
-    sent_count = [0] * cameras
-    received: dict[tuple[int, int], int] = {}      # (camera, stamp) -> monotonic ns on arrival
-    duplicates = [0]
-    diagnostics: dict[str, dict] = {}
-    node_samples: list[dict] = []
-
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=domain_id)
-    node = rclpy.create_node("cvseg_bench", context=ctx)
-    in_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, durability=DurabilityPolicy.VOLATILE,
-                        reliability=ReliabilityPolicy.RELIABLE if qos == "reliable" else ReliabilityPolicy.BEST_EFFORT)
-    out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
-    pubs = [node.create_publisher(CompressedImage, topics[c], in_qos) for c in names]
-
-    def on_mask(k: int, raw: bytes) -> None:
-        now = time.monotonic_ns()
-        key = (k, _stamp_of_raw_image(raw))
-        with lock:
-            if key in received:
-                duplicates[0] += 1
-            else:
-                received[key] = now
-
-    def on_diag(msg) -> None:
-        with lock:
-            for status in msg.status:
-                if status.hardware_id in names:
-                    diagnostics[status.hardware_id] = {kv.key: kv.value for kv in status.values}
-
-    # masks only (raw, no deserialisation here): the node still makes and publishes the colour images
-    for k, c in enumerate(names):
-        node.create_subscription(Image, f"/{c}/semantic/mask", lambda raw, k=k: on_mask(k, raw), out_qos,
-                                 raw=True)
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, name="bench_spin", daemon=True)
-    spinner.start()
-
-    # messages made once (converting bytes to a uint8[] field is slow in Python)
-    messages = []
-    for k, c in enumerate(names):
-        msgs = []
-        for unit in units:
-            m = CompressedImage()
-            m.header.frame_id = c
-            m.format = "h264"
-            m.data = array.array("B", unit)
-            msgs.append(m)
-        messages.append(msgs)
-
-    result: dict = {"cameras": cameras, "fps": fps, "seconds": seconds, "warmup_s": warmup, "qos": qos,
-                    "stagger_frames": stagger, "domain_id": domain_id, "node_log": str(node_log),
-                    "node_command": " ".join(cmd[1:])}
-    log(f"[bench] node: {cameras} camera(s) x {fps:g} fps, {warmup:g} s warm-up + {seconds:g} s "
-        f"(ROS_DOMAIN_ID={domain_id}); log {node_log}")
-    with open(node_log, "w") as node_out:
-        proc = subprocess.Popen(cmd, env=env, stdout=node_out, stderr=subprocess.STDOUT)
-        try:
-            wait_for_node(proc, lambda: all(p.get_subscription_count() > 0 for p in pubs)
-                          and all(node.count_publishers(f"/{c}/semantic/mask") > 0 for c in names),
-                          startup_timeout, node_log, "come up", BenchError)
-            time.sleep(1.0)   # let discovery settle on both sides (reliable outputs matched)
-            rss_idle = _proc_status(proc.pid)
-            cpu0 = _proc_cpu_s(proc.pid)
-            base_stamp = time.time_ns()
-            total_ticks = per_camera_frames + (cameras - 1) * stagger
-            t0 = time.monotonic_ns() + 50_000_000
-            bar = tqdm(total=total_ticks, desc="bench node", unit="tick", disable=not progress)
-            for tick in range(total_ticks):
-                target = t0 + tick * period_ns
-                delay = (target - time.monotonic_ns()) / 1e9
-                if delay > 0:
-                    time.sleep(delay)
-                if proc.poll() is not None:
-                    raise BenchError(f"the node died during the run (status {proc.returncode}, see {node_log})")
-                stamp = base_stamp + tick * period_ns
-                for k in range(cameras):
-                    j = tick - k * stagger
-                    if j < 0 or j >= per_camera_frames:
-                        continue
-                    msg = messages[k][j % len(units)]
-                    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
-                    pubs[k].publish(msg)
-                    now = time.monotonic_ns()
-                    with lock:
-                        sent[(k, stamp)] = now
-                        sent_count[k] += 1
-                if tick % 15 == 0:
-                    node_samples.append(_proc_status(proc.pid))
-                bar.update(1)
-            bar.close()
-            t_end = time.monotonic_ns()
-            cpu1 = _proc_cpu_s(proc.pid)
-            # wait for the last masks, then for diagnostics that include them
-            last_count, last_change = -1, time.monotonic()
-            while time.monotonic() - last_change < 3.0:
-                with lock:
-                    n = len(received)
-                if n >= sum(sent_count):
-                    break
-                if n != last_count:
-                    last_count, last_change = n, time.monotonic()
-                time.sleep(0.05)
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline:
-                with lock:
-                    done = all(int(float(diagnostics.get(c, {}).get("masks_out", -1)))
-                               >= sum(1 for key in received if key[0] == k) for k, c in enumerate(names))
-                if done:
-                    break
-                time.sleep(0.1)
-            time.sleep(0.6)
-            status = _proc_status(proc.pid)
-        finally:
-            exit_code = stop_process(proc)
-            executor.shutdown(timeout_sec=5)
-            spinner.join(timeout=5)
-            node.destroy_node()
-            rclpy.try_shutdown(context=ctx)
-
-    window_start = t0 + int(warmup * 1e9)
-    window_s = max((t_end - window_start) / 1e9, 1e-9)
-    per_cam, all_lat, totals = {}, [], dict.fromkeys(
-        ("sent", "masks_received", "reported_drops", "unreported_drops", "transport_lost"), 0)
-    try:   # every reason the node counts for a message that got no mask
-        from cvseg_ros.ros.message_path import DROP_REASONS as reported_keys
-    except ImportError:
-        reported_keys = ("queue_drops", "decode_errors", "skipped_before_keyframe", "b_frames", "wrong_format",
-                         "engine_errors")
-    with lock:
-        for k, c in enumerate(names):
-            keys = [key for key in sent if key[0] == k]
-            got = [key for key in keys if key in received]
-            lat = [(received[key] - sent[key]) / 1e6 for key in got if sent[key] >= window_start]
-            in_window = sum(1 for key in got if window_start <= received[key] <= t_end)
-            d = diagnostics.get(c, {})
-
-            def num(key, d=d):
-                try:
-                    return int(float(d[key]))
-                except (KeyError, ValueError):
-                    return None
-            reported = {key: num(key) for key in reported_keys if key in d}
-            reported_total = sum(v for v in reported.values() if v)
-            frames_in = num("frames_in")
-            unreported = len(keys) - len(got) - reported_total
-            per_cam[c] = {
-                "sent": len(keys), "masks_received": len(got),
-                "rate_hz": round(in_window / window_s, 2),
-                "latency_ms_p50": _pct(lat, 50), "latency_ms_p90": _pct(lat, 90), "latency_ms_p99": _pct(lat, 99),
-                "latency_ms_max": _pct(lat, 100), "latency_ms_mean": _mean(lat),
-                "node_latency_ms_p50": float(d["latency_ms_p50"]) if "latency_ms_p50" in d else None,
-                "node_latency_ms_p99": float(d["latency_ms_p99"]) if "latency_ms_p99" in d else None,
-                "node_frames_in": frames_in, "node_masks_out": num("masks_out"),
-                "transport_lost": None if frames_in is None else len(keys) - frames_in,
-                **reported, "reported_drops": reported_total, "unreported_drops": unreported,
-                "resyncs": num("resyncs"), "discontinuities": num("discontinuities"),
-            }
-            all_lat.extend(lat)
-            totals["sent"] += len(keys)
-            totals["masks_received"] += len(got)
-            totals["reported_drops"] += reported_total
-            totals["unreported_drops"] += unreported
-            totals["transport_lost"] += per_cam[c]["transport_lost"] or 0
-        dup = duplicates[0]
-    rates = [v["rate_hz"] for v in per_cam.values()]
-    peak = max([s.get("VmHWM", 0.0) for s in node_samples] + [status.get("VmHWM", 0.0)])
-    result.update({
-        "per_camera": per_cam, **totals, "duplicate_masks": dup,
-        "rate_hz_min": min(rates), "rate_hz_mean": round(float(np.mean(rates)), 2),
-        "latency_ms_p50": _pct(all_lat, 50), "latency_ms_p90": _pct(all_lat, 90), "latency_ms_p99": _pct(all_lat, 99),
-        "latency_ms_max": _pct(all_lat, 100), "latency_ms_mean": _mean(all_lat),
-        "node_latency_ms_p99_max": max((v["node_latency_ms_p99"] for v in per_cam.values()
-                                        if v["node_latency_ms_p99"] is not None), default=None),
-        "peak_rss_mib": round(peak, 1), "idle_rss_mib": round(rss_idle.get("VmRSS", 0.0), 1),
-        "node_cpu_cores": round((cpu1 - cpu0) / ((t_end - t0) / 1e9), 2) if cpu0 is not None and cpu1 is not None else None,
-        "node_exit_code": exit_code,
-    })
-    return result
-
-
-NODE_DOC = {
-    "rate_hz": "masks received here per second during the measured window (after the warm-up)",
-    "latency_ms_*": "publish here -> mask received here (DDS both ways + the node), frames sent in the window",
-    "node_latency_ms_*": "the node's own figure from /diagnostics: message received -> mask and colour "
-                         "image published (all frames, warm-up included)",
-    "reported_drops": "frames the node reports it made no mask for, every reason it counts in /diagnostics "
-                      "(queue_drops, decode_errors, skipped_before_keyframe, ...; listed per camera)",
-    "unreported_drops": "sent - masks received - reported_drops: frames lost without a count",
-    "transport_lost": "sent - frames the node says it received (lost by DDS, e.g. best-effort overflow)",
-    "peak_rss_mib": "VmHWM of the node process (/proc/PID/status) at the end of the run",
-    "node_cpu_cores": "the node process's CPU time / wall time while publishing",
-}
-
-
 # -- the whole bench -----------------------------------------------------------------------------
 
 def machine_info() -> dict:
     import cv2
     import torch
 
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
+    model = procfs.cpu_model() or platform.processor()
+    flags = procfs.cpu_flags()
     return {"cpu": model, "cpus": os.cpu_count(), "load_avg": [round(v, 2) for v in os.getloadavg()],
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
             "python": platform.python_version(), "torch": torch.__version__, "opencv": cv2.__version__,
@@ -541,8 +242,8 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
     ``command``: the command line to record (default: this process's argv)."""
     import torch
 
-    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
     from cvseg_ros.engine.pipeline import SegmentationEngine, resolve_device
+    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 
     if passes < 1:
         raise ValueError("--passes must be >= 1")
@@ -569,9 +270,11 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
     rat = ratios(results)
     node_result = None
     if node:
+        from cvseg_ros.tools.node_load import NODE_DOC, node_targets_met, run_node_load
         node_result = run_node_load(units, cameras=cameras, fps=fps, gop=gop, seconds=seconds, warmup=warmup,
                                     device=device, checkpoint=checkpoint, qos=qos, queue_depth=queue_depth,
-                                    node_threads=node_threads, domain_id=domain_id, progress=progress, log=log)
+                                    node_threads=node_threads, domain_id=domain_id, progress=progress, log=log,
+                                    error=BenchError)
         node_result["doc"] = NODE_DOC
     met = {
         "per_frame_over_compressed": None if rat["per_frame_over_compressed"] is None
@@ -580,10 +283,7 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
         else rat["compressed_p_over_decode_only"] <= TARGETS["compressed_p_over_decode_only_max"],
     }
     if node_result is not None:
-        met["node_latency_p99"] = node_result["latency_ms_p99"] is not None and \
-            node_result["latency_ms_p99"] <= TARGETS["node_latency_p99_ms_max"]
-        met["node_rate"] = node_result["rate_hz_min"] >= TARGETS["node_rate_fraction_min"] * fps
-        met["node_unreported_drops"] = node_result["unreported_drops"] <= TARGETS["node_unreported_drops_max"]
+        met.update(node_targets_met(node_result, TARGETS, fps))
     machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
         "date": started.isoformat(timespec="seconds"),
@@ -605,7 +305,7 @@ def table(result: dict) -> str:
     lines = [f"{result['frames']} frames {result['width']}x{result['height']}, GOP {result['gop']}, "
              f"{result['fps']:g} fps, {result['passes']} passes, device {result['device']} "
              f"({result['threads']} torch threads, {result['precision']}); {result['machine']['cpu']}",
-             "", "| method | I ms | P ms | GOP avg ms | mean ms | P p90 ms |", "|---|---:|---:|---:|---:|---:|"]
+             "", "| method | I ms | P ms | ms/frame | mean ms | P p90 ms |", "|---|---:|---:|---:|---:|---:|"]
 
     def f(v):
         return "-" if v is None else f"{v:.2f}"
@@ -616,28 +316,13 @@ def table(result: dict) -> str:
 
     def ok(key):
         return {True: "met", False: "NOT met", None: "-"}[met.get(key)]
-    lines += ["", f"per_frame / compressed (GOP average): {f(r['per_frame_over_compressed'])}x "
+    lines += ["", f"per_frame / compressed (ms/frame): {f(r['per_frame_over_compressed'])}x "
                   f"(target >= {t['per_frame_over_compressed_min']:g}x: {ok('per_frame_over_compressed')})",
               f"compressed_p / decode_only (P-frames): {f(r['compressed_p_over_decode_only'])}x "
               f"(target <= {t['compressed_p_over_decode_only_max']:g}x: {ok('compressed_p_over_decode_only')})"]
-    n = result.get("node")
-    if n:
-        lines += ["", f"node: {n['cameras']} camera(s) x {n['fps']:g} fps for {n['seconds']:g} s "
-                      f"(after {n['warmup_s']:g} s warm-up), {n['qos']} input",
-                  "| camera | sent | masks | rate Hz | p50 ms | p90 ms | p99 ms | mean ms | node p99 ms | reported drops "
-                  "| unreported |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for c, v in n["per_camera"].items():
-            lines.append(f"| {c} | {v['sent']} | {v['masks_received']} | {f(v['rate_hz'])} | "
-                         f"{f(v['latency_ms_p50'])} | {f(v['latency_ms_p90'])} | {f(v['latency_ms_p99'])} | "
-                         f"{f(v['latency_ms_mean'])} | {f(v['node_latency_ms_p99'])} | "
-                         f"{v['reported_drops']} | {v['unreported_drops']} |")
-        lines += [f"latency p50 {f(n['latency_ms_p50'])} ms, p90 {f(n['latency_ms_p90'])} ms, mean "
-                  f"{f(n['latency_ms_mean'])} ms, p99 {f(n['latency_ms_p99'])} ms "
-                  f"(target <= {t['node_latency_p99_ms_max']:g}: {ok('node_latency_p99')}); "
-                  f"min rate {f(n['rate_hz_min'])} Hz ({ok('node_rate')}); unreported drops "
-                  f"{n['unreported_drops']} ({ok('node_unreported_drops')}); peak RSS {n['peak_rss_mib']} MiB; "
-                  f"node CPU {n['node_cpu_cores']} cores"]
+    if result.get("node"):
+        from cvseg_ros.tools.node_load import node_table
+        lines += node_table(result["node"], t, met)
     return "\n".join(lines) + "\n"
 
 

@@ -17,10 +17,7 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -29,9 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+from cvseg_ros.common import stats
+from cvseg_ros.common.paths import cache_dir
+from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, diagnostic_number, random_domain
 
-from cvseg_ros.common.paths import REPO_ROOT, cache_dir
 CAMERA = "front"
 TOPIC = f"/{CAMERA}/image_raw/h264"
 CACHE = cache_dir()
@@ -108,66 +106,12 @@ def _extract_member(deb: Path, member: str, dst: Path) -> bool:
     return found
 
 
-def params_file() -> Path:
-    """The installed ``share/cvseg_ros/config/cvseg.yaml``, else the source tree's."""
-    try:
-        from ament_index_python.packages import get_package_share_directory
-        path = Path(get_package_share_directory("cvseg_ros")) / "config" / "cvseg.yaml"
-        if path.is_file():
-            return path
-    except Exception:  # noqa: BLE001 - not installed through ament
-        pass
-    path = REPO_ROOT / "config" / "cvseg.yaml"
-    if not path.is_file():
-        raise DemoError(f"cannot find the node's params file (looked for {path})")
-    return path
-
-
-def node_command(params: Path, overrides: dict[str, str]) -> list[str]:
-    cmd = [sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file", str(params)]
-    for key, value in overrides.items():
-        cmd += ["-p", f"{key}:={value}"]
-    return cmd
-
-
-def wait_for_node(proc: subprocess.Popen, ready, timeout: float, node_log: Path, what: str,
-                  error: type[Exception] = RuntimeError) -> None:
-    """Poll ``ready()`` until it is true; raise ``error`` (with the node's log) if the node process
-    exits first or ``timeout`` s pass without it ``what``."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise error(f"the node exited with status {proc.returncode} at start-up:\n"
-                        + node_log.read_text()[-2000:])
-        if time.monotonic() > deadline:
-            raise error(f"the node did not {what} within {timeout:.0f} s (see {node_log})")
-        time.sleep(0.1)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
-    """SIGINT (clean shutdown), then SIGTERM, then SIGKILL. Returns the exit status."""
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            break
-        proc.send_signal(sig)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-    return proc.wait()
-
-
-def _percentile(values, q):
-    return round(float(np.percentile(values, q)), 2) if len(values) else None
-
-
 # -- the ROS side of the demo (this process) ---------------------------------------------------
 
 class Recorder:
-    """Subscribes to a camera's outputs (reliable) and /diagnostics; writes every image to a bag."""
+    """Subscribes to a camera's outputs (reliable); writes every image to a bag."""
 
     def __init__(self, node, camera: str, record_dir: Path) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from rosbags.rosbag2 import StoragePlugin, Writer
         from sensor_msgs.msg import Image
@@ -180,7 +124,6 @@ class Recorder:
         self.colors = 0
         self.receive_ns: dict[int, int] = {}     # header stamp -> monotonic receive time of the mask
         self.last_receive_ns = 0
-        self.diagnostics: dict | None = None
         self.bad: list[str] = []
         self.writer = Writer(record_dir, version=9, storage_plugin=StoragePlugin.MCAP)
         self.writer.open()
@@ -191,7 +134,6 @@ class Recorder:
                                               lambda raw, k=kind: self._on_image(k, raw), qos, raw=True)
                      for kind in ("mask", "color")]
         self.camera = camera
-        self.subs.append(node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10))
 
     def _on_image(self, kind: str, raw: bytes) -> None:
         now = time.monotonic_ns()
@@ -210,12 +152,6 @@ class Recorder:
             else:
                 self.colors += 1
 
-    def _on_diag(self, msg) -> None:
-        for status in msg.status:
-            if status.hardware_id == self.camera:
-                with self.lock:
-                    self.diagnostics = {kv.key: kv.value for kv in status.values}
-
     def close(self) -> None:
         self.writer.close()
 
@@ -223,34 +159,17 @@ class Recorder:
 def run_live(bag: Path, frames: int, out: Path, *, domain_id: int, device: str, checkpoint: str | None,
              rate: float, startup_timeout: float, log) -> dict:
     """Start the node, replay ``bag`` into it, record its outputs. Returns measurements."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
     from cvseg_ros.ros.bags import COMPRESSED_IMAGE, replay, stamp_ns_of, typestore
 
     overrides = {"cameras": f"[{CAMERA}]", f"{CAMERA}.topic": TOPIC, "qos_reliability": "reliable",
                  "queue_depth": str(frames + 16), "diagnostics_period": "0.5", "device": device}
     if checkpoint:
         overrides["checkpoint"] = str(Path(checkpoint).resolve())
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id))
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    env["PYTHONUNBUFFERED"] = "1"
-    node_log = out / "node.log"
-    cmd = node_command(params_file(), overrides)
-    log(f"[demo] starting the node (ROS_DOMAIN_ID={domain_id}): {' '.join(cmd[1:])}")
+    proc = NodeProcess(overrides, log_path=out / "node.log", domain_id=domain_id, error=DemoError)
+    log(f"[demo] starting the node (ROS_DOMAIN_ID={domain_id}): {' '.join(proc.command[1:])}")
     record_dir = out / "segmentation"
     if record_dir.exists():
         shutil.rmtree(record_dir)
-    # this process too: discovery on this machine only (read by rclpy.init)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", env["ROS_AUTOMATIC_DISCOVERY_RANGE"])
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=domain_id)
-    node = rclpy.create_node("cvseg_demo", context=ctx)
-    recorder = Recorder(node, CAMERA, record_dir)
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, name="demo_spin", daemon=True)
-    spinner.start()
     ts = typestore()
     sent_ns: dict[int, int] = {}
     first_sent = [0]
@@ -261,17 +180,17 @@ def run_live(bag: Path, frames: int, out: Path, *, domain_id: int, device: str, 
         if not first_sent[0]:
             first_sent[0] = ev.sent_ns
 
-    with open(node_log, "w") as node_out:
-        proc = subprocess.Popen(cmd, env=env, stdout=node_out, stderr=subprocess.STDOUT)
-        exit_code = None
-        try:
+    ros = LocalNode("cvseg_demo", domain_id)
+    recorder = None
+    try:
+        recorder = Recorder(ros.node, CAMERA, record_dir)
+        diagnostics = DiagnosticsListener(ros.node, [CAMERA])
+        with proc:
             # the node subscribes once its engine is loaded: wait for it (or for its death)
-            outputs = [f"/{CAMERA}/semantic/mask", f"/{CAMERA}/semantic/color"]
-            wait_for_node(proc, lambda: node.count_subscribers(TOPIC) > 0
-                          and all(node.count_publishers(t) > 0 for t in outputs),
-                          startup_timeout, node_log, f"subscribe to {TOPIC}", DemoError)
+            proc.wait_up(ros.node, startup_timeout, subscribes=[TOPIC],
+                         publishes=[f"/{CAMERA}/semantic/mask", f"/{CAMERA}/semantic/color"])
             log(f"[demo] replaying {frames} frames at {rate}x into the node")
-            replayed = replay(bag, rate=rate, reliability="reliable", depth=1000, node=node, context=ctx,
+            replayed = replay(bag, rate=rate, reliability="reliable", depth=1000, node=ros.node, context=ros.context,
                               wait_for_subscribers=30.0, on_publish=on_publish,
                               should_stop=lambda: proc.poll() is not None)
             # every frame must come out: wait while masks keep arriving
@@ -289,134 +208,30 @@ def run_live(bag: Path, frames: int, out: Path, *, domain_id: int, device: str, 
             # diagnostics that include the last frame (published every 0.5 s)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
-                with recorder.lock:
-                    d = recorder.diagnostics or {}
-                if int(d.get("masks_out", -1)) >= masks:
+                out_count = diagnostic_number(diagnostics.values(CAMERA), "masks_out")
+                if out_count is not None and out_count >= masks:
                     break
                 time.sleep(0.1)
-        finally:
-            exit_code = stop_process(proc)
-            executor.shutdown(timeout_sec=5)
-            spinner.join(timeout=5)
+    finally:
+        ros.close()
+        if recorder is not None:
             recorder.close()
-            node.destroy_node()
-            rclpy.try_shutdown(context=ctx)
+    diag = diagnostics.values(CAMERA)
     with recorder.lock:
-        diag = dict(recorder.diagnostics or {})
         e2e = [(recorder.receive_ns[s] - sent_ns[s]) / 1e6 for s in recorder.receive_ns if s in sent_ns]
         last = recorder.last_receive_ns
     wall = (last - first_sent[0]) / 1e9 if last and first_sent[0] else 0.0
-
-    def num(key, cast=int):
-        try:
-            return cast(float(diag[key]))
-        except (KeyError, ValueError):
-            return None
-
     return {
         "frames_in": replayed, "masks_out": recorder.masks, "colors_out": recorder.colors,
-        "skipped_before_keyframe": num("skipped_before_keyframe"), "decode_errors": num("decode_errors"),
-        "queue_drops": num("queue_drops"),
+        "skipped_before_keyframe": diagnostic_number(diag, "skipped_before_keyframe"),
+        "decode_errors": diagnostic_number(diag, "decode_errors"), "queue_drops": diagnostic_number(diag, "queue_drops"),
         "fps": round(recorder.masks / wall, 2) if wall > 0 else None,
-        "latency_ms_p50": num("latency_ms_p50", float), "latency_ms_p99": num("latency_ms_p99", float),
-        "e2e_latency_ms_p50": _percentile(e2e, 50), "e2e_latency_ms_p99": _percentile(e2e, 99),
-        "device": diag.get("device"), "node_exit_code": exit_code, "bad_outputs": recorder.bad[:5],
-        "domain_id": domain_id, "recording": str(record_dir), "node_log": str(node_log),
+        "latency_ms_p50": diagnostic_number(diag, "latency_ms_p50", float),
+        "latency_ms_p99": diagnostic_number(diag, "latency_ms_p99", float),
+        "e2e_latency_ms_p50": stats.percentile(e2e, 50, 2), "e2e_latency_ms_p99": stats.percentile(e2e, 99, 2),
+        "device": diag.get("device"), "node_exit_code": proc.exit_code, "bad_outputs": recorder.bad[:5],
+        "domain_id": domain_id, "recording": str(record_dir), "node_log": str(proc.log_path),
     }
-
-
-# -- pictures ---------------------------------------------------------------------------------------
-
-def _input_frames(bag: Path):
-    """(stamp_ns, rgb) of the bag's camera, decoded with the project's reader."""
-    from cvseg_ros.ros.bags import iter_compressed
-    from cvseg_ros.codec.decoder import H264StreamDecoder
-    decoder = H264StreamDecoder("demo", rgb_for_p_frames=True)
-    for m in iter_compressed(bag, [TOPIC]):
-        for frame in decoder.feed(m.data, m.stamp_ns):
-            yield frame.stamp, frame.rgb
-
-
-def _recorded(record_dir: Path, kind: str):
-    from cvseg_ros.ros.bags import IMAGE, stamp_ns_of, typestore
-    from rosbags.highlevel import AnyReader
-    with AnyReader([record_dir], default_typestore=typestore()) as reader:
-        conns = [c for c in reader.connections if c.topic.endswith(f"/semantic/{kind}")]
-        for conn, _, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, IMAGE)
-            channels = 3 if kind == "color" else 1
-            arr = msg.data.reshape(msg.height, msg.width, channels) if channels == 3 \
-                else msg.data.reshape(msg.height, msg.width)
-            yield stamp_ns_of(msg.header), arr
-
-
-def _legend(width: int, class_names: list[str], palette: np.ndarray):
-    import cv2
-    cols = max(1, min(len(class_names), width // 120))
-    rows = -(-len(class_names) // cols)
-    img = np.full((rows * 22 + 6, width, 3), 255, np.uint8)
-    for i, (name, color) in enumerate(zip(class_names, palette)):
-        x, y = 6 + (i % cols) * (width // cols), 6 + (i // cols) * 22
-        cv2.rectangle(img, (x, y), (x + 16, y + 16), tuple(int(c) for c in color), -1)
-        cv2.putText(img, name, (x + 22, y + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return img
-
-
-def write_pictures(bag: Path, record_dir: Path, out: Path, fps: float, strip_frames: int = 4,
-                   alpha: float = 0.5, checkpoint: str | None = None) -> dict:
-    """``overlay.png``: rows of input | blended colour mask; ``overlay.mp4`` of the same, every frame."""
-    import av
-    import cv2
-
-    colors = _recorded(record_dir, "color")
-    matched = 0
-    total = sum(1 for _ in _recorded(record_dir, "mask"))
-    picks = set(np.linspace(0, max(total - 1, 0), num=min(strip_frames, total), dtype=int).tolist())
-    rows = []
-    container = stream = None
-    mp4 = out / "overlay.mp4"
-    pending_color = next(colors, None)
-    try:
-        for stamp, rgb in _input_frames(bag):
-            while pending_color is not None and pending_color[0] < stamp:
-                pending_color = next(colors, None)
-            if pending_color is None or pending_color[0] != stamp:
-                continue
-            color = pending_color[1]
-            blend = cv2.addWeighted(rgb, 1 - alpha, color, alpha, 0)
-            pair = np.concatenate([rgb, blend], axis=1)
-            if matched in picks:
-                rows.append(pair)
-            if container is None:
-                container = av.open(str(mp4), "w")
-                stream = container.add_stream("libx264", rate=max(1, round(fps)))
-                stream.width, stream.height = pair.shape[1] - pair.shape[1] % 2, pair.shape[0] - pair.shape[0] % 2
-                stream.pix_fmt = "yuv420p"
-                stream.codec_context.options = {"crf": "23", "preset": "veryfast"}
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pair[:stream.height, :stream.width]),
-                                               format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-            matched += 1
-    finally:
-        if container is not None:
-            for packet in stream.encode(None):
-                container.mux(packet)
-            container.close()
-    result = {"overlay_mp4": str(mp4) if matched else None, "overlay_png": None, "frames_matched": matched}
-    if rows:
-        from cvseg_ros.model.checkpoint import read_metadata, DEFAULT_CHECKPOINT
-        strip = np.concatenate(rows, axis=0)
-        try:
-            meta = read_metadata(checkpoint or DEFAULT_CHECKPOINT)
-            strip = np.concatenate([strip, _legend(strip.shape[1], meta["classes"],
-                                                   np.asarray(meta["palette"], np.uint8))], axis=0)
-        except Exception:  # noqa: BLE001 - the legend is optional
-            pass
-        png = out / "overlay.png"
-        cv2.imwrite(str(png), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
-        result["overlay_png"] = str(png)
-    return result
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -424,8 +239,9 @@ def write_pictures(bag: Path, record_dir: Path, out: Path, fps: float, strip_fra
 def demo(out: Path, video: str | None = None, max_frames: int = 150, device: str = "auto",
          checkpoint: str | None = None, gop: int = 12, rate: float = 1.0, width: int | None = None,
          domain_id: int | None = None, startup_timeout: float = 180.0, log=print) -> dict:
-    from cvseg_ros.ros.bags import from_video
     from cvseg_ros.codec.video import video_info
+    from cvseg_ros.ros.bags import from_video
+    from cvseg_ros.tools.overlay import write_pictures
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,10 +262,10 @@ def demo(out: Path, video: str | None = None, max_frames: int = 150, device: str
     log(f"[demo] bag: {bag} ({frames} H.264 frames {topic['width']}x{topic['height']}, GOP {gop}, "
         f"re-encoded from {topic.get('source_codec')})")
     if domain_id is None:
-        domain_id = random.SystemRandom().randint(1, 200)
+        domain_id = random_domain()
     live = run_live(bag, frames, out, domain_id=domain_id, device=device, checkpoint=checkpoint,
                     rate=rate, startup_timeout=startup_timeout, log=log)
-    pictures = write_pictures(bag, Path(live["recording"]), out, fps=topic["fps"], checkpoint=checkpoint)
+    pictures = write_pictures(bag, TOPIC, Path(live["recording"]), out, fps=topic["fps"], checkpoint=checkpoint)
     summary = {k: live[k] for k in ("frames_in", "masks_out", "skipped_before_keyframe", "decode_errors",
                                     "fps", "latency_ms_p50", "latency_ms_p99")}
     summary.update({k: live[k] for k in ("colors_out", "queue_drops", "e2e_latency_ms_p50",

@@ -17,20 +17,19 @@ mask at frame size out):
 * ``teacher``          -- the ENet teacher (OpenCV DNN) on every decoded frame (with ``--teacher``).
 
 Metrics are those of :mod:`cvseg_ros.tools.metrics` (void ignored, "no class" predictions wrong).
-Outputs: a JSON file, a Markdown table ``eval.md`` and a plot ``miou_by_gop.png``.
+Outputs (:mod:`cvseg_ros.tools.eval_report`): a JSON file, a Markdown table ``eval.md`` and a plot
+``miou_by_gop.png``.
 """
 from __future__ import annotations
 
-import json
-import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from cvseg_ros.common import stats, timing
+from cvseg_ros.common.timing import MS_PER_FRAME_IS
 from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, PACKAGE_CHECKPOINT_DIR
 from cvseg_ros.model.classes import CAMVID_CLASSES, NO_CLASS
 from cvseg_ros.tools.metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
@@ -44,13 +43,12 @@ ENGINE_MODES = {"compressed": "compressed", "compressed_no_matching": "compresse
 TIMING = ("per-access-unit wall time (time.perf_counter) of one call that takes the access unit to the "
           "mask at frame size: SegmentationEngine.process (decode + network + mask), or for the teacher "
           "H264StreamDecoder.feed + Teacher.predict_camvid; after a warm-up on a separate camera. "
-          "ms_per_frame = the median time of each frame kind (I, P) weighted by that kind's share of the "
-          "frames (robust to outliers, and it counts the I-frames' cost), per pass over the stream; the "
-          "engine's methods make timing_passes passes, the first scored, the others interleaved "
-          "(one pass of each method in turn, the order rotated), and ms_per_frame is the median over "
-          "the passes (ms_per_frame_passes), so that a drift of the machine's speed during the run "
-          "does not favour one method; ms_per_frame_median and ms_per_frame_mean are the plain median "
-          "and mean over all timed frames")
+          "ms_per_frame (the figure of cvseg bench's ms_gop too): " + MS_PER_FRAME_IS + "; the engine's "
+          "methods make timing_passes passes, the first scored, the others interleaved (one pass of each "
+          "method in turn, the order rotated), ms_per_frame_passes the per-pass figures, so that a drift "
+          "of the machine's speed during the run does not favour one method; ms_per_frame_by_kind: the "
+          "median over the passes of each kind's median; ms_per_frame_median and ms_per_frame_mean are "
+          "the plain median and mean over all timed frames")
 CAMERA = "cam"
 
 
@@ -98,16 +96,6 @@ def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_fra
 
 
 # -- running one method ---------------------------------------------------------------------------
-def _weighted_by_kind(times_ms: Sequence[float], kinds: Sequence[str]) -> tuple[float, dict[str, float]]:
-    """(the median time of each frame kind weighted by the kind's share of the frames, the medians)."""
-    by_kind, weighted = {}, 0.0
-    for kind in sorted(set(kinds)):
-        t = [ms for ms, k in zip(times_ms, kinds) if k == kind]
-        by_kind[kind] = statistics.median(t)
-        weighted += statistics.median(t) * len(t) / len(times_ms)
-    return weighted, by_kind
-
-
 @dataclass
 class MethodRun:
     metrics: SegmentationMetrics
@@ -121,9 +109,10 @@ class MethodRun:
     def summary(self) -> dict:
         m = self.metrics
         passes = [(self.times_ms, self.kinds)] + self.more_passes
-        per_pass = [_weighted_by_kind(t, k) for t, k in passes]
-        kinds = sorted({kind for _, by_kind in per_pass for kind in by_kind})
-        by_kind = {kind: round(statistics.median(b[kind] for _, b in per_pass if kind in b), 3) for kind in kinds}
+        per_pass = [timing.ms_per_frame(t, k) for t, k in passes]
+        medians = [timing.kind_medians(t, k) for t, k in passes]
+        kinds = sorted({kind for m in medians for kind in m})
+        by_kind = {kind: round(stats.median(m[kind] for m in medians if kind in m), 3) for kind in kinds}
         all_times = [ms for t, _ in passes for ms in t]
         return {
             "miou": m.miou(),
@@ -131,10 +120,10 @@ class MethodRun:
             "per_class_iou": m.per_class_iou(),
             "miou_by_gop_position": m.miou_by_gop_position(),
             "frames_by_gop_position": list(m.frames_by_position),
-            "ms_per_frame": round(statistics.median(w for w, _ in per_pass), 3),
-            "ms_per_frame_passes": [round(w, 3) for w, _ in per_pass],
-            "ms_per_frame_median": round(statistics.median(all_times), 3),
-            "ms_per_frame_mean": round(statistics.fmean(all_times), 3),
+            "ms_per_frame": round(timing.median_over_passes(per_pass), 3),
+            "ms_per_frame_passes": [round(w, 3) for w in per_pass],
+            "ms_per_frame_median": round(stats.median(all_times), 3),
+            "ms_per_frame_mean": stats.mean(all_times, 3),
             "ms_per_frame_by_kind": by_kind,
             "networks": dict(self.networks),
             "missing_masks": self.missing,
@@ -173,9 +162,8 @@ def run_method(name: str, units: Sequence[bytes], labels: Sequence[np.ndarray], 
 
 def _timed(segment: Segmenter, i: int, unit: bytes, times_ms: list[float], kinds: list[str]):
     """``segment(i, unit)``, its wall time and frame kind appended to ``times_ms`` and ``kinds``."""
-    start = time.perf_counter()
-    outputs = segment(i, unit)
-    times_ms.append(1000.0 * (time.perf_counter() - start))
+    outputs, ms = timing.timed(segment, i, unit)
+    times_ms.append(ms)
     kinds.append(outputs[0][3] if outputs else "-")
     return outputs
 
@@ -350,12 +338,6 @@ def _threads() -> dict:
     return {"torch": torch.get_num_threads(), "opencv": cv2.getNumThreads()}
 
 
-def _ratio(num, den):
-    if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den == 0:
-        return None
-    return num / den
-
-
 def derived_figures(methods: dict) -> dict:
     """``gap_closed`` = (m - iframe_copy) / (per_frame - iframe_copy) in mIoU and ``speedup`` =
     per_frame ms / m ms, for ``compressed`` (top level) and every compressed method (``derived``)."""
@@ -366,83 +348,14 @@ def derived_figures(methods: dict) -> dict:
         if m is None:
             continue
         derived[name] = {
-            "gap_closed": _ratio(m["miou"] - cp["miou"], pf["miou"] - cp["miou"]) if pf and cp else None,
-            "speedup": _ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None,
+            "gap_closed": stats.ratio(m["miou"] - cp["miou"], pf["miou"] - cp["miou"]) if pf and cp else None,
+            "speedup": stats.ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None,
         }
     top = derived.get("compressed", {})
     return {"gap_closed": top.get("gap_closed"), "speedup": top.get("speedup"),
             "derived": derived,
             "derived_are": "gap_closed = (mIoU - iframe_copy) / (per_frame - iframe_copy); "
                            "speedup = per_frame ms/frame / method ms/frame"}
-
-
-# -- reports --------------------------------------------------------------------------------------
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def markdown_table(result: dict) -> str:
-    """The paper's Table I/II/III in spirit: one row per method."""
-    classes = result["classes"]
-    header = ["Method", "mIoU %", "Pixel acc %", "ms/frame", "Speed-up", "I ms", "P ms"] + classes
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    pf = result["methods"].get("per_frame")
-    for name, m in result["methods"].items():
-        speed = _ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None
-        row = [name, _pct(m["miou"]), _pct(m["pixel_acc"]), f"{m['ms_per_frame']:.1f}",
-               "-" if speed is None else f"{speed:.2f}x"]
-        by_kind = m.get("ms_per_frame_by_kind", {})
-        row += ["-" if by_kind.get(kind) is None else f"{by_kind[kind]:.2f}" for kind in ("I", "P")]
-        row += [_pct(m["per_class_iou"].get(c)) for c in classes]
-        lines.append("| " + " | ".join(row) + " |")
-    title = (f"CamVid {result['first_frame']} .. {result['last_frame']}: {result['frames']} frames "
-             f"{result['width']}x{result['height']}, GOP {result['gop']}, {result['fps']:g} fps, "
-             f"CRF {result['crf']} ({result['stream_kbit_s']:g} kbit/s), device {result['device']} "
-             f"({result['threads']['torch']} torch threads), checkpoint `{Path(result['checkpoint']).name}`"
-             + (f" ({result['checkpoint_note']})" if result.get("checkpoint_note") else ""))
-    notes = [f"IoU in %, void ignored, mIoU over {result['miou_over']}; ms/frame: {result['ms_per_frame_is']}."]
-    if result.get("gap_closed") is not None:
-        gap = result["methods"]["per_frame"]["miou"] - result["methods"]["iframe_copy"]["miou"]
-        notes.append(f"compressed closes {100 * result['gap_closed']:.1f} % of the mIoU gap between "
-                     f"iframe_copy and per_frame ({100 * gap:.1f} points"
-                     + ("; too small a gap for the ratio to mean much" if abs(gap) < 0.01 else "") + ").")
-    for name, why in result.get("skipped", {}).items():
-        notes.append(f"{name} skipped: {why}.")
-    return "\n".join([title, ""] + lines + [""] + notes) + "\n"
-
-
-def plot_miou_by_gop(result: dict, path: str | Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, m in result["methods"].items():
-        ys = [np.nan if v is None else 100 * v for v in m["miou_by_gop_position"]]
-        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
-    ax.set_xlabel("GOP position (0 = I-frame)")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"mIoU by GOP position ({result['frames']} frames, GOP {result['gop']})")
-    ax.set_xticks(range(max(result["gop"], 1)))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(result: dict, json_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    json_path = Path(json_path)
-    out_dir = Path(out_dir) if out_dir else json_path.parent
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2))
-    md = out_dir / "eval.md"
-    md.write_text(markdown_table(result))
-    png = plot_miou_by_gop(result, out_dir / "miou_by_gop.png")
-    return {"json": json_path, "table": md, "plot": png}
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -482,6 +395,8 @@ def _main(args) -> int:
                       device=args.device, max_frames=args.max_frames, precision=args.precision,
                       threads=args.threads, crf=args.crf, progress=not args.no_progress,
                       timing_passes=args.timing_passes)
+    from cvseg_ros.tools.eval_report import markdown_table, write_outputs
+
     paths = write_outputs(result, args.json_out, args.out_dir)
     print()
     print(markdown_table(result))

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cvseg_ros.common.procfs import rss_bytes
+from cvseg_ros.common.stats import median
 from cvseg_ros.ros.message_path import make_message
 
 
@@ -43,19 +45,6 @@ def paced_feed(names: Sequence[str], sources: dict, fps: float, stop: threading.
         delay = t0 + k * period - time.monotonic()
         if delay > 0:
             stop.wait(delay)
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process, from ``/proc/<pid>/status`` (VmRSS)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-
-
-def _median(values) -> float | None:
-    return float(np.median(values)) if len(values) else None
 
 
 def soak(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, width: int = 320, frames: int = 48,
@@ -135,8 +124,8 @@ def _report(samples: list, values: dict, names: list[str], sources: dict, *, sec
     camera's final diagnostics values."""
     after = [s for s in samples if s[0] >= warmup]
     span = max(2.0, 0.2 * (seconds - warmup))      # RSS moves by a few % as malloc gives memory back
-    rss_start = _median([s[1] for s in after if s[0] <= warmup + span])
-    rss_end = _median([s[1] for s in after if s[0] >= seconds - span])
+    rss_start = median([s[1] for s in after if s[0] <= warmup + span])
+    rss_end = median([s[1] for s in after if s[0] >= seconds - span])
     growth = (rss_end / rss_start - 1.0) * 100 if rss_start and rss_end else None
     slope = None
     if len(after) >= 3:     # least-squares trend after the warm-up, MiB per minute
@@ -187,18 +176,12 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
               domain_id: int | None = None, device: str = "auto", startup_timeout: float = 120.0,
               log_dir: str | Path | None = None, progress=None) -> dict:
     """The soak with ``cvseg_node`` in its own process over DDS (see the module doc)."""
-    import os
-    import random
-    import subprocess
     import tempfile
 
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage
 
-    from cvseg_ros.tools.demo import node_command, params_file, stop_process, wait_for_node
+    from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, random_domain
     from cvseg_ros.tools.fuzz import default_videos, encoded_source
 
     warmup = min(30.0, max(3.0, 0.25 * seconds)) if warmup is None else warmup
@@ -209,44 +192,24 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
         raise ValueError("no video: give --video")
     names = [f"cam{i}" for i in range(cameras)]
     sources = {name: encoded_source(videos[i % len(videos)], width, frames, gop) for i, name in enumerate(names)}
-    domain_id = domain_id or random.SystemRandom().randint(1, 200)
+    domain_id = domain_id or random_domain()
     overrides = {"cameras": f"[{', '.join(names)}]", "qos_reliability": "reliable",
                  "queue_depth": str(queue_depth), "diagnostics_period": str(sample_period),
                  "threads": str(threads or 0), "device": device, "publish_color": "true"}
     if checkpoint:
         overrides["checkpoint"] = str(Path(checkpoint).resolve())
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cvseg_soak_"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    node_log = log_dir / "node.log"
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), PYTHONUNBUFFERED="1")
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", env["ROS_AUTOMATIC_DISCOVERY_RANGE"])
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=domain_id)
-    node = rclpy.create_node("cvseg_soak", context=ctx)
-    lock = threading.Lock()
-    diags: dict[str, dict] = {}
-
-    def on_diag(msg) -> None:
-        with lock:
-            for st in msg.status:
-                diags[st.hardware_id] = {kv.key: kv.value for kv in st.values}
-
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
+    proc = NodeProcess(overrides, log_path=log_dir / "node.log", domain_id=domain_id)
+    ros = LocalNode("cvseg_soak", domain_id)
+    diagnostics = DiagnosticsListener(ros.node)
     qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-    pubs = {n: node.create_publisher(CompressedImage, f"/{n}/image_raw/h264", qos) for n in names}
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    pubs = {n: ros.node.create_publisher(CompressedImage, f"/{n}/image_raw/h264", qos) for n in names}
     stop = threading.Event()
     samples = []
-    exit_code = None
-    with open(node_log, "w") as out:
-        proc = subprocess.Popen(node_command(params_file(), overrides), env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for_node(proc, lambda: all(p.get_subscription_count() > 0 for p in pubs.values()),
-                          startup_timeout, node_log, "subscribe to the cameras")
+    try:
+        with proc:
+            proc.wait_until(lambda: all(p.get_subscription_count() > 0 for p in pubs.values()),
+                            startup_timeout, "the node to subscribe to the cameras")
             time.sleep(0.5)
 
             feeder = threading.Thread(target=paced_feed, daemon=True,
@@ -256,10 +219,9 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
             next_progress = 10.0
             while (t := time.monotonic() - t0) < seconds:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the node exited ({proc.returncode}) during the soak (see {node_log})")
-                with lock:
-                    queues = {n: (int(d.get("queue_size", 0)), int(d.get("queue_backlog", 0)))
-                              for n, d in diags.items() if n in sources}
+                    raise RuntimeError(f"the node exited ({proc.returncode}) during the soak (see {proc.log_path})")
+                queues = {n: (int(d.get("queue_size", 0)), int(d.get("queue_backlog", 0)))
+                          for n, d in diagnostics.all_values().items() if n in sources}
                 samples.append((t, rss_bytes(proc.pid), queues))
                 if progress is not None and t >= next_progress:
                     progress(f"soak (node): {t:.0f}/{seconds:.0f} s, node RSS {samples[-1][1] / 2**20:.1f} MiB, "
@@ -269,20 +231,16 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
             stop.set()
             feeder.join(5)
             time.sleep(max(2.0, 3 * sample_period))     # the last frames, the last diagnostics
-            with lock:
-                values = {n: dict(diags.get(n, {})) for n in names}
-        finally:
-            stop.set()
-            exit_code = stop_process(proc)
-            executor.shutdown(timeout_sec=5)
-            spinner.join(5)
-            node.destroy_node()
-            rclpy.try_shutdown(context=ctx)
+            values = {n: diagnostics.values(n) for n in names}
+    finally:
+        stop.set()
+        ros.close()
     report = _report(samples, values, names, sources, seconds=seconds, warmup=warmup, fps=fps, width=width,
                      queue_depth=queue_depth)
-    report.update(mode="node", node_pid=proc.pid, node_exit_code=exit_code, node_log=str(node_log),
-                  domain_id=domain_id, device=values[names[0]].get("device"))
-    report["ok"] = report["ok"] and exit_code == 0
+    report.update(mode="node", node_pid=proc.pid, node_exit_code=proc.exit_code, node_log=str(proc.log_path),
+                  domain_id=domain_id, device=values[names[0]].get("device"),
+                  node_peak_rss_mib=round(proc.peak_rss_mib, 1))
+    report["ok"] = report["ok"] and proc.exit_code == 0
     return report
 
 

@@ -12,6 +12,7 @@ import random
 import pytest
 
 from conftest import SMALL_CLIP, require
+from cvseg_ros.common.timing import MS_PER_FRAME_IS
 from cvseg_ros.tools.cli import main
 
 GOP = 6
@@ -36,6 +37,7 @@ def _check_offline(result: dict) -> None:
     assert result["passes"] == 2 and result["device"] == "cpu" and result["threads"] == 1
     for key in ("date", "command", "machine", "timing_is", "targets", "targets_met"):
         assert result[key], key
+    assert MS_PER_FRAME_IS in result["timing_is"]          # the definition `cvseg eval` uses too
     assert "bench" in result["command"] and result["machine"]["cpus"] >= 1
     methods = result["methods"]
     assert list(methods) == ["decode_only", "compressed", "per_frame"]   # no teacher unless asked
@@ -44,9 +46,12 @@ def _check_offline(result: dict) -> None:
         assert len(m["passes"]) == 2, name
         for p in m["passes"]:
             assert p["frames_i"] == FRAMES // GOP and p["frames_p"] == FRAMES - FRAMES // GOP
+            # ms/frame of a pass: the I- and P-frame medians weighted by their shares (whole GOPs)
+            assert p["ms_gop"] == pytest.approx((p["ms_i"] + (GOP - 1) * p["ms_p"]) / GOP, rel=0.01, abs=0.002)
         for key in ("ms_i", "ms_p", "ms_gop", "ms_mean"):
             assert m[key] > 0, (name, key)
-        # the GOP average is made of the I- and P-frame medians
+        # reported: the median over the passes (of two: their mean, so the weighting holds for it too)
+        assert m["ms_gop"] == pytest.approx(sum(p["ms_gop"] for p in m["passes"]) / 2, abs=0.002)
         assert m["ms_gop"] == pytest.approx((m["ms_i"] + (GOP - 1) * m["ms_p"]) / GOP, rel=0.01, abs=0.002)
     r = result["ratios"]
     assert r["per_frame_over_compressed"] == pytest.approx(
