@@ -226,8 +226,13 @@ class LocalNode:
         self._saved = os.environ.get(DISCOVERY_RANGE)
         os.environ[DISCOVERY_RANGE] = discovery_range(discovery)
         self.context = rclpy.context.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node(name, context=self.context)
+        try:
+            rclpy.init(context=self.context, domain_id=domain_id)
+            self.node = rclpy.create_node(name, context=self.context)
+        except BaseException:
+            rclpy.try_shutdown(context=self.context)
+            self._restore_env()
+            raise
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, name=f"{name}_spin", daemon=True)
@@ -240,6 +245,9 @@ class LocalNode:
         self.thread.join(5)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
+        self._restore_env()
+
+    def _restore_env(self) -> None:
         if self._saved is None:
             os.environ.pop(DISCOVERY_RANGE, None)
         else:

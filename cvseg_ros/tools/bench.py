@@ -149,6 +149,7 @@ def _round(v, nd=3):
 
 @dataclass
 class MethodTimes:
+    """One method's figures per pass (:meth:`add_pass`); :meth:`summary`: their medians over the passes."""
     passes: list[dict] = field(default_factory=list)
     missing: int = 0
 
