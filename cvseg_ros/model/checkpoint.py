@@ -179,9 +179,11 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
 
 def config_of(meta: dict) -> ModelConfig:
     """The model configuration a checkpoint's metadata stores. A field it lacks (written before the
-    field existed) takes the dataclass default: what the model did before the field existed."""
+    field existed) takes the dataclass default: what the model did before the field existed; but
+    ``logits_state``, which the ``paper`` configuration's name implied before it was a field."""
     cfg = dict(meta["config"])
     name = cfg.pop("name")
     if name not in CONFIGS:
         raise ValueError(f"unknown model configuration {name!r}; choose from {sorted(CONFIGS)}")
+    cfg.setdefault("logits_state", name == "paper")
     return ModelConfig(name=name, **cfg)

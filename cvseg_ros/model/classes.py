@@ -56,7 +56,7 @@ _LUT.setflags(write=False)
 
 #: For each CamVid id, the teacher ids merged into it. The first id of each
 #: group is its *representative* (the member the teacher predicts most on
-#: CamVid): :func:`cvseg_ros.model.enet.remap_classifier` copies its weights.
+#: CamVid): :func:`cvseg_ros.model.enet_torch7.remap_classifier` copies its weights.
 CAMVID_CLASS_MAP: list[list[int]] = [
     [11],                # Sky        <- Sky
     [3, 4],              # Building   <- Building, Wall
@@ -75,7 +75,7 @@ assert sorted((t, c) for c, g in enumerate(CAMVID_CLASS_MAP) for t in g) == sort
 
 def camvid_class_map() -> list[list[int]]:
     """A fresh copy of :data:`CAMVID_CLASS_MAP` (``class_map`` for
-    :func:`cvseg_ros.model.enet.enet_from_torch7`)."""
+    :func:`cvseg_ros.model.enet_torch7.enet_from_torch7`)."""
     return [list(g) for g in CAMVID_CLASS_MAP]
 
 

@@ -204,7 +204,7 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
-        from cvseg_ros.engine.pipeline import resolve_device
+        from cvseg_ros.engine.runtime import resolve_device
         self.cfg = config
         self.device = resolve_device(config.device)
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
@@ -249,7 +249,7 @@ class Trainer:
 
     def train_iframe(self) -> None:
         from tqdm import tqdm
-        from cvseg_ros.model.enet import enet_from_torch7
+        from cvseg_ros.model.enet_torch7 import enet_from_torch7
         from cvseg_ros.model.i_frame import IFrameNet
         cfg = self.cfg
         net = IFrameNet(NUM_CLASSES)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cvseg_ros.model import luma_matching
-from cvseg_ros.model.segmenter import CompressedSegmenter, make_config, warp
+from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
+from cvseg_ros.model.warping import warp
 from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import encode_frames
 
@@ -124,21 +125,21 @@ def test_model_carries_the_i_frame_luma_and_corrects_its_motion(val_gop):
     with torch.inference_mode():
         _, state = model.i_frame(rgb, luma=cells(val_gop[0]))
         plain_state = state
-        assert len(state) == 5 and torch.equal(state[4], cells(val_gop[0]))
+        assert torch.equal(state.i_frame_luma, cells(val_gop[0]))
         for f in val_gop[1:]:
             inputs = dict(motion_vectors=torch.from_numpy(f.motion_vectors)[None],
                           residual=torch.from_numpy(f.residual)[None, None].float() / 255,
                           intra=torch.from_numpy(f.intra)[None, None].float(), luma=cells(f))
             logits, state = model.p_frame(state=state, **inputs)
             plain_logits, plain_state = plain.p_frame(state=plain_state, **inputs)
-            assert logits.shape == (1, 11, 90, 120) and torch.equal(state[4], cells(val_gop[0]))
+            assert logits.shape == (1, 11, 90, 120) and torch.equal(state.i_frame_luma, cells(val_gop[0]))
         # same weights: only the corrected motion (and so the match guide) tells them apart
-        assert not torch.equal(state[3], plain_state[3])
+        assert not torch.equal(state.motion, plain_state.motion)
         assert (logits.argmax(1) != plain_logits.argmax(1)).any()
         # without the I-frame's luma (the engine's other modes) the state holds none and the
         # P-frames run unmatched: as the plain model
         _, bare = model.i_frame(rgb)
-        assert len(bare) == 4
+        assert bare.i_frame_luma is None and bare.motion is not None
         unmatched, _ = model.p_frame(state=bare, **inputs)
         assert torch.equal(unmatched, plain.p_frame(state=bare, **inputs)[0])
     with pytest.raises(ValueError, match="accumulate"):
@@ -157,7 +158,7 @@ def test_engine_gives_the_shipped_model_the_decoders_luma(val_gop):
     frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
     results = [r for i, u in enumerate(encode_frames(frames, fps=15, gop=12)) for r in engine.process([("cam", u, i)])]
     assert [r.network for r in results] == ["i_frame"] + ["p_frame"] * 11
-    assert torch.equal(engine._cameras["cam"].state[4][0, 0], torch.from_numpy(val_gop[0].luma_cells).float())
+    assert torch.equal(engine._cameras["cam"].state.i_frame_luma[0, 0], torch.from_numpy(val_gop[0].luma_cells).float())
     for got, frame in zip(seen, val_gop[1:]):
         assert torch.equal(got[0, 0], torch.from_numpy(frame.luma_cells).float())
 
@@ -176,7 +177,7 @@ def test_engine_can_leave_the_matching_off(val_gop):
         engine.model.p_frame = lambda *a, **k: seen.append(k.get("luma")) or p_frame(*a, **k)
         masks[on] = [r.mask for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
         assert len(seen) == 11 and all((luma is not None) == on for luma in seen)
-        assert len(engine._cameras["cam"].state) == (5 if on else 4)   # the I-frame's luma kept or not
+        assert (engine._cameras["cam"].state.i_frame_luma is not None) == on   # the I-frame's luma kept or not
     assert np.array_equal(masks[True][0], masks[False][0])            # the I-frame
     per_frame = SegmentationEngine(device="cpu", mode="per_frame")   # no luma work in the other modes
     per_frame.process([("cam", units[0], 0)])

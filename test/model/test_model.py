@@ -1,4 +1,5 @@
-"""The model on real reader output: shapes, batching over streams, state reset; checkpoints."""
+"""The model on real reader output: shapes, batching over streams, state reset; checkpoints; the
+inference copy and the compiled layers."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ import torch
 from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.engine.pipeline import SegmentationEngine
-from cvseg_ros.model.segmenter import CompressedSegmenter, cat_states, make_config, split_state
+from cvseg_ros.model.checkpoint import config_of
+from cvseg_ros.model.segmenter import CompressedSegmenter, ModelConfig, make_config
+from cvseg_ros.model.state import PFrameState
 from cvseg_ros.codec.residual import residual_stats
 from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import encode_frames
@@ -57,7 +60,8 @@ def test_shapes_and_state_reset_on_real_reader_output(real_frames, name):
                 logits, state = model.i_frame(rgb)
                 assert logits.shape == (1, 11, 360, 480)
                 fresh = model.i_frame(rgb)[1]   # the state after an I-frame depends on that frame only
-                assert all(torch.equal(a, b) for a, b in zip(state, fresh))
+                assert state.tensors().keys() == fresh.tensors().keys()
+                assert all(torch.equal(a, b) for a, b in zip(state.tensors().values(), fresh.tensors().values()))
             else:
                 mv = torch.from_numpy(f.motion_vectors)[None]
                 res = torch.from_numpy(f.residual)[None, None].float() / 255
@@ -84,11 +88,56 @@ def test_batched_streams_equal_single_streams(real_frames):
         _, s1 = model.i_frame(rgb, luma=i_luma)
         _, s2 = model.i_frame(rgb.flip(-1), luma=i_luma.flip(-1))
         single = [model.p_frame(mv, res, s, luma=lu)[0] for s, lu in ((s1, luma), (s2, luma.flip(-1)))]
-        both, state = model.p_frame(torch.cat([mv, mv]), torch.cat([res, res]), cat_states([s1, s2]),
+        both, state = model.p_frame(torch.cat([mv, mv]), torch.cat([res, res]), PFrameState.cat([s1, s2]),
                                     luma=torch.cat([luma, luma.flip(-1)]))
     assert torch.allclose(both[0], single[0][0], atol=1e-4)
     assert torch.allclose(both[1], single[1][0], atol=1e-4)
-    assert all(t.shape[0] == 1 for t in split_state(state, [1, 1])[0])
+    assert all(t.shape[0] == 1 for t in state.split([1, 1])[0].tensors().values())
+
+
+def test_state_concatenates_splits_and_moves_by_field(real_frames):
+    """The state's fields by configuration; concatenating streams and splitting them back gives
+    each stream's tensors; states of different forms do not concatenate."""
+    torch.manual_seed(0)
+    rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
+    luma = torch.from_numpy(real_frames[0].luma_cells)[None, None].float()
+    with torch.inference_mode():
+        states = {name: CompressedSegmenter(make_config(name)).eval().i_frame(rgb, luma=luma)[1]
+                  for name in ("paper", "improved")}
+    assert list(states["paper"].tensors()) == ["hidden", "cell"]
+    assert list(states["improved"].tensors()) == ["hidden", "cell", "logits", "motion", "i_frame_luma"]
+    assert states["paper"].shapes == (("hidden", (1, 11, 12, 15)), ("cell", (1, 11, 12, 15)))
+    s = states["improved"]
+    other = s.replace(hidden=s.hidden + 1, logits=s.logits.flip(-1))
+    both = PFrameState.cat([s, other])
+    assert both.hidden.shape[0] == 2 and both.i_frame_luma.shape == (2, 1, 90, 120)
+    for part, want in zip(both.split([1, 1]), (s, other)):
+        assert all(torch.equal(part.tensors()[k], t) for k, t in want.tensors().items())
+    assert PFrameState.cat([s]) is s and s.split([1]) == [s]
+    moved = s.to("cpu")
+    assert moved is not s and all(torch.equal(moved.tensors()[k], t) for k, t in s.tensors().items())
+    with pytest.raises(ValueError, match="different fields"):
+        PFrameState.cat([s, s.replace(i_frame_luma=None)])
+
+
+def test_configurations_choose_the_model_by_their_fields():
+    """The paper's form (the state is the logits, no head) follows ``logits_state``, not the name;
+    a checkpoint's metadata written before the field existed gets it from its configuration's
+    name; fields that do not go together are refused."""
+    paper, improved = make_config("paper"), make_config("improved")
+    assert paper.logits_state and paper.hidden_channels == 11 and not improved.logits_state
+    for name, config in (("paper", paper), ("improved", improved)):
+        legacy = {k: v for k, v in config.to_dict().items() if k != "logits_state"}
+        assert config_of({"config": legacy}) == config
+        assert config_of({"config": config.to_dict()}) == config
+    renamed = CompressedSegmenter(config_of({"config": dict(paper.to_dict(), name="improved")}))
+    assert renamed.head is None and renamed.init_state is None
+    logits_form = make_config("improved", logits_state=True, accumulate=False, luma_matching=False)
+    assert logits_form.hidden_channels == 11 and CompressedSegmenter(logits_form).head is None
+    with pytest.raises(ValueError, match="hidden channels"):
+        ModelConfig(**dict(paper.to_dict(), hidden_channels=24))
+    with pytest.raises(ValueError, match="accumulate"):
+        make_config("paper", accumulate=True)
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -112,66 +161,6 @@ def test_checkpoint_round_trip(tmp_path):
     meta_path.write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match="classes"):
         load_checkpoint(path)
-
-
-def test_shipped_checkpoint_loads_and_segments():
-    """The default checkpoint is a trained one: it segments a real CamVid frame sensibly."""
-    from cvseg_ros.training.data import read_label, read_rgb
-    require(CAMVID_TRAIN, "CamVid train stills")
-    engine = SegmentationEngine(device="cpu")
-    assert engine.class_names == CAMVID_CLASSES
-    assert engine.metadata["config"]["name"] == "improved"
-    assert engine.metadata["command"].startswith("cvseg train")
-    image_path = sorted(CAMVID_TRAIN.glob("*.png"))[10]
-    image, label = read_rgb(image_path), read_label(CAMVID_TRAIN.parent / "trainannot" / image_path.name)
-    units = encode_frames([image, image, image], gop=12)
-    results = [r for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
-    assert [r.network for r in results] == ["i_frame", "p_frame", "p_frame"]
-    for r in results:
-        assert r.mask.shape == label.shape and r.mask.dtype == np.uint8 and r.stamp in (0, 1, 2)
-        valid = label != 255
-        assert (r.mask[valid] == label[valid]).mean() > 0.75
-
-
-def test_engine_gives_the_model_the_intra_cells():
-    """The shipped improved model takes the intra-coded cells as an input; the engine hands it the
-    reader's intra map of each P-frame (real H.264 of a CamVid still seen by a moving camera)."""
-    from cvseg_ros.training.data import read_label, read_rgb, synthetic_sequence
-    require(CAMVID_TRAIN, "CamVid train stills")
-    image = sorted(CAMVID_TRAIN.glob("*.png"))[1]
-    label = CAMVID_TRAIN.parent / "trainannot" / image.name
-    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(2), 4)
-    units = encode_frames(frames, gop=4)
-    engine = SegmentationEngine(device="cpu")
-    assert engine.model.config.intra
-    seen, p_frame = [], engine.model.p_frame
-    engine.model.p_frame = lambda *a, **k: seen.append(k["intra"]) or p_frame(*a, **k)
-    reader = H264StreamDecoder("reference")
-    expected = [f.intra for u in units for f in reader.feed(u) if f.kind == "P"]
-    results = [r for i, u in enumerate(units) for r in engine.process([("cam", u, i)])]
-    assert [r.network for r in results] == ["i_frame", "p_frame", "p_frame", "p_frame"]
-    assert len(seen) == 3 and any(e.any() for e in expected)
-    for got, want in zip(seen, expected):
-        assert got.shape == (1, 1, *want.shape) and np.array_equal(got[0, 0].numpy() > 0.5, want)
-
-
-def test_engine_reads_p_frames_as_the_shipped_model_was_trained(real_units):
-    """Compressed mode decodes with the shipped configuration's reader settings (residual at half
-    size, P-frames without deblocking), the same as the training groups; the other modes decode
-    every frame exactly."""
-    from cvseg_ros.training.data import DEBLOCK_P_FRAMES, RESIDUAL_STRIDE
-    engine = SegmentationEngine(device="cpu")
-    config = engine.model.config
-    assert (config.residual_stride, config.deblock_p_frames) == (RESIDUAL_STRIDE, DEBLOCK_P_FRAMES) == (2, False)
-    results = [r for i, u in enumerate(real_units) for r in engine.process([("cam", u, i)])]
-    decoder = engine._cameras["cam"].decoder
-    assert not decoder.deblock_p_frames     # its effect: test_motion_vectors.py
-    assert decoder._previous_luma.shape == (180, 240)       # the last reference luma: half of 360x480
-    assert [r.network for r in results].count("p_frame") == 4
-    for mode in ("per_frame", "iframe_copy"):
-        other = SegmentationEngine(device="cpu", mode=mode)
-        other.add_camera("cam")
-        assert other._cameras["cam"].decoder.deblock_p_frames
 
 
 def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -299,12 +288,14 @@ def test_i_frame_state_pools_the_logits_through_the_classifier(real_frames):
             torch.testing.assert_close(quarter, want, rtol=1e-5, atol=1e-4)
             got_logits, state = model.i_frame(x)
             assert torch.equal(got_logits, logits)
-            for got, expected in zip(state, model.state_from_i_frame(z, logits)):
+            expected_state = model.state_from_i_frame(z, logits)
+            assert state.tensors().keys() == expected_state.tensors().keys()
+            for got, expected in zip(state.tensors().values(), expected_state.tensors().values()):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     paper, _ = load_checkpoint(DEFAULT_CHECKPOINT.with_name("cvseg_paper.safetensors"))
     with torch.inference_mode():   # the paper model's H/32 state: from the H/4 logits, as in training
         z, logits = paper.i_frame_net(rgb)
-        (h, _), want = paper.i_frame(rgb)[1], F.adaptive_avg_pool2d(F.avg_pool2d(logits, 4), (12, 15))
+        h, want = paper.i_frame(rgb)[1].hidden, F.adaptive_avg_pool2d(F.avg_pool2d(logits, 4), (12, 15))
         assert h.shape == want.shape == (1, 11, 12, 15)
         torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-4)
 
@@ -342,7 +333,7 @@ def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
     its luma matching); the ConvLSTM state stays the I-frame's; the engine's ablation reads no
     residual; the paper model, which accumulates nothing, refuses it."""
     from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR
-    from cvseg_ros.model.segmenter import warp
+    from cvseg_ros.model.warping import warp
     engine = SegmentationEngine(device="cpu")
     model = engine.model
     frames = decode(real_units, model.config.residual_stride)
@@ -357,9 +348,10 @@ def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
                         intra=torch.from_numpy(f.intra)[None, None].float(), luma=cells(f))
             _, full = model.p_frame(state=full, **args)
             logits, after = model.p_frame(state=alone, branch=False, **args)
-            assert torch.equal(after[3], full[3]) and after[3].abs().max() > 1      # the same motion
-            assert torch.equal(logits, warp(alone[2], full[3]))
-            assert all(torch.equal(a, b) for a, b in zip(after[:3] + after[4:], alone[:3] + alone[4:]))
+            assert torch.equal(after.motion, full.motion) and after.motion.abs().max() > 1   # the same motion
+            assert torch.equal(logits, warp(alone.logits, full.motion))
+            kept = ("hidden", "cell", "logits", "i_frame_luma")
+            assert all(torch.equal(getattr(after, k), getattr(alone, k)) for k in kept)
             alone = after
     # the engine's ablation: every P-frame step without the branch, its masks not the default's;
     # its reader makes no residual (nothing reads it)
@@ -382,100 +374,12 @@ def test_p_frame_without_its_branch_warps_the_i_frames_logits(real_units):
                            p_frame_branch=False)
 
 
-def test_class_ids_is_the_arg_max_of_real_logits(real_frames):
-    """The engine's arg-max equals ``argmax(1)`` on the shipped model's logits of a real frame,
-    ties included (first class wins): the compiled CPU loops in both memory layouts, and the
-    tensor formulation a GPU runs."""
-    from cvseg_ros.engine.pipeline import _class_ids_on_device, class_ids
-    engine = SegmentationEngine(device="cpu")
-    rgb = torch.from_numpy(real_frames[0].rgb).permute(2, 0, 1)[None].float() / 255
-    with torch.inference_mode():
-        logits = engine.model.i_frame(rgb.contiguous(memory_format=torch.channels_last))[0]
-    logits = torch.cat([logits, logits.flip(-1)])            # a batch of two
-    logits[:, 5, :40] = logits[:, 2, :40] = 1e3               # ties between classes 2 and 5
-    want = logits.argmax(1).numpy()
-    assert len(np.unique(want)) >= 5 and (want[:, :40] == 2).all()
-    for layout in (torch.contiguous_format, torch.channels_last):
-        ids = class_ids(logits.contiguous(memory_format=layout))
-        assert ids.dtype == np.uint8 and ids.shape == (2, 360, 480) and np.array_equal(ids, want), layout
-    assert np.array_equal(class_ids(logits.bfloat16()), logits.bfloat16().argmax(1).numpy())
-    on_device = _class_ids_on_device(logits)
-    assert on_device.dtype == torch.uint8 and np.array_equal(on_device.numpy(), want)
-
-
-def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winners(real_units):
-    """P-frame masks: the shipped model's H/4 logits of real P-frames resized bilinearly to the
-    frame, then the arg-max. Where a pixel's four bilinear cells rank the same class first it is
-    that class (the nearest resize of the ids); elsewhere the best of the cells' first classes by
-    the interpolated logits, exactly; nearly everywhere the full arg-max of the resized logits. The
-    GPU's tensor formulation gives the full arg-max. The engine's P-frame masks are these ids."""
-    import torch.nn.functional as F
-    from cvseg_ros.engine.pipeline import _bilinear_taps, _upsampled_class_ids_on_device, upsampled_class_ids
-    engine = SegmentationEngine(device="cpu")
-    captured = []
-    run_p = engine.model.p_frame
-
-    def p_frame(**inputs):
-        logits, state = run_p(**inputs)
-        captured.append(logits)
-        return logits, state
-    engine.model.p_frame = p_frame
-    results = [r for i, unit in enumerate(real_units[:4]) for r in engine.process([("cam", unit, i)])]
-    assert len(captured) == 3 and [r.network for r in results] == ["i_frame"] + ["p_frame"] * 3
-
-    def best_of_the_cells_winners(logits, height, width):
-        """Reference: the resized logits, each pixel's arg-max among its four cells' first classes."""
-        resized = F.interpolate(logits.contiguous(), size=(height, width), mode="bilinear", align_corners=False)[0]
-        ids = logits[0].argmax(0)
-        (rows, rows2), (cols, cols2) = ([torch.from_numpy(t) for t in _bilinear_taps(n, m)[:2]]
-                                        for n, m in ((height, logits.shape[2]), (width, logits.shape[3])))
-        winners = torch.stack([ids[r][:, c] for r in (rows, rows2) for c in (cols, cols2)])   # [4,H,W]
-        among = torch.full_like(resized, -torch.inf).scatter_(0, winners.long(), resized.gather(0, winners.long()))
-        return among.argmax(0).numpy(), (winners == winners[0]).all(0).numpy(), resized
-
-    for logits, result in zip(captured, results[1:]):
-        logits = logits.float()
-        assert logits.shape[-2:] == (90, 120) and result.mask.shape == (360, 480)
-        got = upsampled_class_ids(logits, 360, 480)
-        assert np.array_equal(result.mask, got)
-        want, agree, resized = best_of_the_cells_winners(logits, 360, 480)
-        nearest = logits[0].argmax(0)[torch.arange(360) // 4][:, torch.arange(480) // 4].numpy()
-        assert 0.02 < 1 - agree.mean() < 0.3            # outlines are a small share of pixels
-        assert np.array_equal(got[agree], nearest[agree]) and np.array_equal(got, want)
-        full = resized.argmax(0).numpy()
-        assert (got != full).mean() < 1e-3 and (got != nearest).mean() > 5e-3
-        on_device = _upsampled_class_ids_on_device(logits, 360, 480)
-        assert on_device.dtype == torch.uint8 and np.array_equal(on_device[0].numpy(), full)
-        # shrinking (a frame a little smaller than the work size) and odd factors
-        for size in ((85, 113), (250, 333)):
-            assert np.array_equal(upsampled_class_ids(logits, *size), best_of_the_cells_winners(logits, *size)[0])
-
-
-def test_engine_start_prepares_the_compiled_loops():
-    """A fresh process: creating a compressed-mode engine compiles (or loads) every Numba loop the
-    frames will need, for the block layout PyAV exports, so no first frame waits for it."""
-    import subprocess
-    import sys
-    code = ("from cvseg_ros.engine import pipeline as engine\nfrom cvseg_ros.codec import motion_vectors as mv\n"
-            "from cvseg_ros.model import enet, luma_matching as lm, segmenter as sg\n"
-            "loops = (mv._paint_blocks, mv._window_means, engine._arg_max_planes,\n"
-            "         engine._arg_max_last_kernel(11), lm._refine, sg._warp_channels_last,\n"
-            "         engine._mend_upsampled_ids, sg._correction_kernel(11, 3, 16), engine._fill_taps,\n"
-            "         enet._add_prelu_channels_last_)\n"
-            "before = [len(f.signatures) for f in loops]\n"
-            "engine.SegmentationEngine(device='cpu')\n"
-            "print(before, [len(f.signatures) for f in loops])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.split("\n")[-2] == "[0, 0, 0, 0, 0, 0, 0, 0, 0, 0] [1, 1, 1, 1, 1, 1, 2, 1, 1, 1]", \
-        out.stdout + out.stderr
-
-
 def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
     """Channels-last maps are warped by a compiled loop on the CPU: the same as grid_sample
     (bilinear, border) along a real P-frame's vectors, at H/4 and at H/16, vectors pointing out of
     the frame included; with a gradient to keep (training) grid_sample runs."""
     import torch.nn.functional as F
-    from cvseg_ros.model import segmenter
+    from cvseg_ros.model import warping
     mv = torch.from_numpy(real_frames[1].motion_vectors)[None]
     out_of_frame = mv * 4 + torch.tensor([200.0, -150.0]).view(1, 2, 1, 1)
     mv = torch.cat([mv, out_of_frame])     # the second stream's vectors leave the frame
@@ -483,19 +387,19 @@ def test_compiled_warp_is_grid_samples_on_real_motion(real_frames):
     for size, channels in (((90, 120), 11), ((23, 30), 48)):
         x = torch.randn(2, channels, *size, generator=generator).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            got = segmenter.warp(x, mv)
+            got = warping.warp(x, mv)
             pooled = F.adaptive_avg_pool2d(mv, size)
-            saved, segmenter.COMPILED_WARP_CHANNELS = segmenter.COMPILED_WARP_CHANNELS, 10 ** 6
+            saved, warping.COMPILED_WARP_CHANNELS = warping.COMPILED_WARP_CHANNELS, 10 ** 6
             try:
-                want = segmenter.warp(x, mv)   # the grid_sample path
+                want = warping.warp(x, mv)   # the grid_sample path
             finally:
-                segmenter.COMPILED_WARP_CHANNELS = saved
+                warping.COMPILED_WARP_CHANNELS = saved
         assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == x.shape
         assert (got - want).abs().max() < 1e-4
         px = torch.arange(size[1]).view(1, 1, -1) + pooled[:, 0] * size[1] / 480
         assert ((px < 0) | (px > size[1] - 1)).float().mean() > 0.01   # samples clamped at the border
     trained = torch.randn(1, 11, 90, 120, requires_grad=True)
-    segmenter.warp(trained.contiguous(memory_format=torch.channels_last), mv[:1]).sum().backward()
+    warping.warp(trained.contiguous(memory_format=torch.channels_last), mv[:1]).sum().backward()
     assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
@@ -530,7 +434,7 @@ def test_compiled_head_and_channels_last_conv_lstm_compute_the_trained_layers(re
         planar = lambda t: t.contiguous()   # noqa: E731  (NCHW: the trained layers' path)
         lstm_in = torch.randn(1, fast.conv_lstm.gates.in_channels - h.shape[1], *h.shape[-2:],
                               generator=torch.Generator().manual_seed(0))
-        h1, cell = h[:1].contiguous(memory_format=torch.channels_last), state[1]
+        h1, cell = h[:1].contiguous(memory_format=torch.channels_last), state.cell
         for autocast in (False, True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 got = fast.head(h, seg, guides, motion)

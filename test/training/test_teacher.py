@@ -59,7 +59,7 @@ def frame():
 def torch_labels20(frame):
     import torch
 
-    from cvseg_ros.model.enet import enet_from_torch7
+    from cvseg_ros.model.enet_torch7 import enet_from_torch7
 
     model = enet_from_torch7(TEACHER)
     x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255.0
@@ -93,7 +93,7 @@ def test_torch_enet_matches_opencv_teacher(frame, torch_labels20):
 def test_remapped_camvid_head_follows_teacher_mapping(torch_labels20):
     import torch
 
-    from cvseg_ros.model.enet import enet_from_torch7
+    from cvseg_ros.model.enet_torch7 import enet_from_torch7
 
     labels20, x = torch_labels20
     model11 = enet_from_torch7(TEACHER, num_classes=11, class_map=camvid_class_map())
