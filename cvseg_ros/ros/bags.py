@@ -1,15 +1,12 @@
-"""rosbag2 files (mcap or sqlite3, via `rosbags`): make them from videos, replay them, evaluate them.
+"""rosbag2 files (mcap or sqlite3, via `rosbags`): make them from videos, read them.
 
 - ``cvseg bag from-video VIDEO [VIDEO...] OUT --topic T [--topic T2 ...]``: real clips re-encoded
   to H.264 I/P at a fixed GOP, one ``sensor_msgs/msg/CompressedImage`` per access unit (format
   ``h264``, Annex B), header stamp = start time + frame time, frame_id = camera name.
 - ``cvseg bag info BAG``: topics, types, counts, time span.
-- ``cvseg replay BAG [--rate R] [--loop]``: publishes a bag over DDS with its timing (rclpy).
-- ``cvseg eval-bag BAG [--record OUT]``: runs :class:`~cvseg_ros.engine.pipeline.SegmentationEngine` over
-  every CompressedImage topic offline; throughput and per-frame latency; optionally the masks
-  (``mono8`` Image on ``/<camera>/semantic/mask``) to a bag.
 
-Only :func:`replay` needs rclpy (imported there); the rest is ROS-free.
+Replaying a bag over DDS is :mod:`cvseg_ros.ros.replay`; running one through the node's message
+path offline is :mod:`cvseg_ros.ros.eval_bag`. This module is ROS-free.
 """
 from __future__ import annotations
 
@@ -18,11 +15,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from cvseg_ros.common import stats
 
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
@@ -185,203 +181,9 @@ def bag_info(bag: str | Path) -> dict:
                 if reader.connections else 0.0, "topics": topics}
 
 
-# -- replay (rclpy) ------------------------------------------------------------------------------
-
-@dataclass
-class ReplayEvent:
-    topic: str
-    msgtype: str
-    log_ns: int
-    raw: bytes
-    sent_ns: int       # time.monotonic_ns() right after publish
-    loop: int
-
-
-def _ros_message_class(msgtype: str):
-    import importlib
-    pkg, kind, name = msgtype.split("/")
-    return getattr(importlib.import_module(f"{pkg}.{kind}"), name)
-
-
-def replay(bag: str | Path, *, rate: float = 1.0, loop: bool = False, reliability: str = "reliable",
-           depth: int = 100, topics: Sequence[str] | None = None, wait_for_subscribers: float = 0.0,
-           context=None, node=None, on_publish: Callable[[ReplayEvent], None] | None = None,
-           should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = print) -> int:
-    """Publish a bag's messages over DDS with their recorded timing (scaled by ``rate``).
-
-    Messages go out serialized as stored (no re-serialisation). ``wait_for_subscribers``: wait up
-    to that many seconds for every topic to have a subscriber before starting. With ``node``
-    (and its ``context``) the caller's node publishes; otherwise a node ``cvseg_replay`` is made
-    in a fresh context (ROS_DOMAIN_ID from the environment). Returns the messages published.
-    """
-    import rclpy
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-
-    if rate <= 0:
-        raise ValueError("--rate must be > 0")
-    if reliability not in ("reliable", "best_effort"):
-        raise ValueError(f"unknown reliability {reliability!r}: reliable or best_effort")
-    own = node is None
-    if own:
-        context = rclpy.context.Context()
-        rclpy.init(context=context)
-        node = rclpy.create_node("cvseg_replay", context=context)
-    context = context or node.context
-    qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, durability=DurabilityPolicy.VOLATILE,
-                     reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable"
-                     else ReliabilityPolicy.BEST_EFFORT)
-    published = 0
-    pubs = {}
-    try:
-        with _reader(bag) as reader:
-            conns = []
-            for c in reader.connections:
-                if topics is not None and c.topic not in topics:
-                    continue
-                try:
-                    cls = _ros_message_class(c.msgtype)
-                except (ImportError, AttributeError, ValueError):
-                    log(f"replay: skipping {c.topic}: message type {c.msgtype} is not importable here")
-                    continue
-                if c.topic not in pubs:
-                    pubs[c.topic] = node.create_publisher(cls, c.topic, qos)
-                conns.append(c)
-            if not conns:
-                raise ValueError(f"{bag}: nothing to replay (topics {topics or 'all'})")
-            if wait_for_subscribers > 0:
-                deadline = time.monotonic() + wait_for_subscribers
-                while time.monotonic() < deadline and context.ok() and \
-                        not all(p.get_subscription_count() > 0 for p in pubs.values()):
-                    time.sleep(0.05)
-                missing = [t for t, p in pubs.items() if p.get_subscription_count() == 0]
-                if missing:
-                    log(f"replay: no subscriber after {wait_for_subscribers:.0f} s on {', '.join(missing)}")
-                time.sleep(0.5)   # let the reliable handshake finish on both sides
-            duration = max(reader.end_time - reader.start_time, 0)
-            first = reader.start_time
-            t0 = time.monotonic()
-            loop_index = 0
-            while True:
-                offset = loop_index * (duration + 1e8)   # 0.1 s between loops
-                for conn, log_ns, raw in reader.messages(connections=conns):
-                    if not context.ok() or (should_stop is not None and should_stop()):
-                        return published
-                    target = t0 + (log_ns - first + offset) / 1e9 / rate
-                    delay = target - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    pubs[conn.topic].publish(bytes(raw))
-                    published += 1
-                    if on_publish is not None:
-                        on_publish(ReplayEvent(conn.topic, conn.msgtype, int(log_ns), bytes(raw),
-                                               time.monotonic_ns(), loop_index))
-                loop_index += 1
-                if not loop:
-                    return published
-    except KeyboardInterrupt:
-        if not own:
-            raise
-        log(f"replay: interrupted after {published} messages")
-        return published
-    finally:
-        if own:
-            node.destroy_node()
-            rclpy.try_shutdown(context=context)
-
-
-# -- eval-bag ------------------------------------------------------------------------------------
-
-def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str = "auto",
-             checkpoint: str | None = None, storage: str = "mcap", max_frames: int | None = None,
-             threads: int | None = None, engine=None) -> dict:
-    """Run every ``CompressedImage`` topic of ``bag`` (log-time order) through the node's message
-    path (:class:`~cvseg_ros.ros.message_path.MessagePath`: the same checks, drop policies, batching
-    and counters as ``cvseg_node``), without DDS and without ever falling behind: a camera's
-    queued frame is segmented before its next one is taken.
-
-    Latency of a frame = read from the bag -> mask (includes waiting for the other cameras' frames
-    of its batch)."""
-    from cvseg_ros.ros.message_path import DROP_REASONS, MessagePath, make_message
-    if engine is None:
-        from cvseg_ros.engine.pipeline import SegmentationEngine
-        engine = SegmentationEngine(checkpoint=checkpoint or None, device=device, threads=threads)
-    ts = typestore()
-    Image = ts.types[IMAGE]
-    cameras: dict[str, str] = {}       # topic -> camera
-    for topic, info in bag_info(bag)["topics"].items():
-        if info["type"] == COMPRESSED_IMAGE:
-            name = camera_from_topic(topic)
-            cameras[topic] = topic.strip("/").replace("/", "_") if name in cameras.values() else name
-    if not cameras:
-        raise ValueError(f"{bag}: no {COMPRESSED_IMAGE} topic")
-    path = MessagePath(engine, cameras.values(), topics={c: t for t, c in cameras.items()})
-    latencies: list[float] = []
-    busy_s = 0.0
-    log_ns_of: dict[tuple[str, int], int] = {}
-    writer = _open_writer(record, storage) if record else None
-    out_conns: dict[str, Any] = {}
-
-    def publish(out) -> None:
-        latencies.append((time.monotonic_ns() - out.received_ns) / 1e6)
-        log_ns = log_ns_of.pop((out.camera, out.stamp_ns))
-        if writer is None:
-            return
-        topic = f"/{out.camera}/semantic/mask"
-        if topic not in out_conns:
-            out_conns[topic] = writer.add_connection(topic, IMAGE, typestore=ts)
-        mask = np.ascontiguousarray(out.mask, dtype=np.uint8)
-        msg = Image(header=_header(ts, out.stamp_ns, out.header.frame_id), height=mask.shape[0],
-                    width=mask.shape[1], encoding="mono8", is_bigendian=0, step=mask.shape[1],
-                    data=mask.reshape(-1))
-        writer.write(out_conns[topic], log_ns, ts.serialize_cdr(msg, IMAGE))
-
-    def drain() -> None:
-        nonlocal busy_s
-        start = time.perf_counter()
-        path.drain(publish)
-        busy_s += time.perf_counter() - start
-
-    total = 0
-    wall0 = time.perf_counter()
-    try:
-        if writer is not None:
-            writer.open()
-        for m in iter_compressed(bag, list(cameras)):
-            cam = cameras[m.topic]
-            if len(path.cameras[cam].queue):     # this camera's last frame first: never behind
-                drain()
-            log_ns_of[(cam, m.stamp_ns)] = m.log_ns
-            path.receive(cam, make_message(m.data, m.stamp_ns, m.format, m.frame_id))
-            total += 1
-            if max_frames is not None and total >= max_frames:
-                break
-        drain()
-    finally:
-        if writer is not None:
-            writer.close()
-    wall = time.perf_counter() - wall0
-    per_camera = {}
-    for topic, cam in cameras.items():
-        c, st = path.cameras[cam].counts, engine.stats(cam)
-        per_camera[cam] = {"topic": topic, "frames_in": c["received"], "masks_out": c["published"],
-                           "i_frames": st.get("i_frames"), "p_frames": st.get("p_frames"),
-                           "decode_errors": st.get("corrupt"),
-                           **{k: c[k] for k in DROP_REASONS if k != "decode_errors"}}
-    masks_out = sum(pc["masks_out"] for pc in per_camera.values())
-    return {
-        "bag": str(bag), "device": str(engine.device),
-        "frames_in": sum(pc["frames_in"] for pc in per_camera.values()), "masks_out": masks_out,
-        "wall_s": round(wall, 3),
-        "fps": round(masks_out / wall, 2) if wall > 0 else None,
-        "engine_fps": round(masks_out / busy_s, 2) if busy_s > 0 else None,
-        "latency_ms_p50": stats.percentile(latencies, 50, 3), "latency_ms_p99": stats.percentile(latencies, 99, 3),
-        "cameras": per_camera, "record": str(record) if record else None,
-    }
-
-
 # -- CLI ------------------------------------------------------------------------------------------
 
-def _write_json(path: str | None, result: dict) -> None:
+def write_json(path: str | None, result: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2))
@@ -410,28 +212,6 @@ def register(sub) -> None:
     info.set_defaults(func=_info_main)
     bag.set_defaults(func=lambda args: (bag.print_help(), 2)[1])
 
-    rp = sub.add_parser("replay", help="publish a bag over DDS with its timing (like `ros2 bag play`)")
-    rp.add_argument("bag")
-    rp.add_argument("--rate", type=float, default=1.0)
-    rp.add_argument("--loop", action="store_true")
-    rp.add_argument("--qos", choices=("reliable", "best_effort"), default="reliable")
-    rp.add_argument("--topic", action="append", default=None, help="only these topics (repeat)")
-    rp.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="S",
-                    help="wait up to S seconds for a subscriber on every topic before starting")
-    rp.set_defaults(func=_replay_main)
-
-    ev = sub.add_parser("eval-bag", help="run the segmentation engine offline over a bag's H.264 topics")
-    ev.add_argument("bag")
-    ev.add_argument("--record", default=None, help="write the masks (mono8 Image) to this new bag")
-    ev.add_argument("--storage", choices=STORAGES, default="mcap", help="storage of --record")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--checkpoint", default=None)
-    ev.add_argument("--max-frames", type=int, default=None)
-    ev.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's); 1 is much faster on a busy machine")
-    ev.add_argument("--json", dest="json_out")
-    ev.set_defaults(func=_eval_main)
-
 
 def _from_video_main(args) -> int:
     if len(args.paths) < 2:
@@ -444,30 +224,11 @@ def _from_video_main(args) -> int:
         print(f"{t['topic']}: {t.get('messages', 0)} H.264 messages ({t.get('width')}x{t.get('height')}, "
               f"{t.get('fps', 0):.2f} fps, GOP {args.gop}) from {t.get('video')}")
     print(f"wrote {out} ({args.storage})")
-    _write_json(args.json_out, result)
+    write_json(args.json_out, result)
     return 0
 
 
 def _info_main(args) -> int:
     info = bag_info(args.bag)
     print(json.dumps(info, indent=2))
-    return 0
-
-
-def _replay_main(args) -> int:
-    n = replay(args.bag, rate=args.rate, loop=args.loop, reliability=args.qos, topics=args.topic,
-               wait_for_subscribers=args.wait_for_subscribers)
-    print(f"replayed {n} messages")
-    return 0
-
-
-def _eval_main(args) -> int:
-    result = eval_bag(args.bag, record=args.record, device=args.device, checkpoint=args.checkpoint,
-                      storage=args.storage, max_frames=args.max_frames, threads=args.threads)
-    for key, value in result.items():
-        if key != "cameras":
-            print(f"{key:>16}: {value}")
-    for cam, st in result["cameras"].items():
-        print(f"{cam:>16}: {st}")
-    _write_json(args.json_out, result)
     return 0

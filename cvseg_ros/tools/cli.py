@@ -12,9 +12,9 @@ from cvseg_ros.codec.annexb import UnsupportedStreamError
 COMMAND_MODULES = {
     "probe": "cvseg_ros.tools.probe",
     "transcode": "cvseg_ros.tools.transcode",
-    "bag": "cvseg_ros.ros.bags",            # registers `bag`, `replay` and `eval-bag`
-    "replay": "cvseg_ros.ros.bags",
-    "eval-bag": "cvseg_ros.ros.bags",
+    "bag": "cvseg_ros.ros.bags",
+    "replay": "cvseg_ros.ros.replay",
+    "eval-bag": "cvseg_ros.ros.eval_bag",
     "demo": "cvseg_ros.tools.demo",
     "eval": "cvseg_ros.tools.evaluate",
     "train": "cvseg_ros.training.train",

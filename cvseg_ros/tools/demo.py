@@ -159,7 +159,8 @@ class Recorder:
 def run_live(bag: Path, frames: int, out: Path, *, domain_id: int, device: str, checkpoint: str | None,
              rate: float, startup_timeout: float, log) -> dict:
     """Start the node, replay ``bag`` into it, record its outputs. Returns measurements."""
-    from cvseg_ros.ros.bags import COMPRESSED_IMAGE, replay, stamp_ns_of, typestore
+    from cvseg_ros.ros.bags import COMPRESSED_IMAGE, stamp_ns_of, typestore
+    from cvseg_ros.ros.replay import replay
 
     overrides = {"cameras": f"[{CAMERA}]", f"{CAMERA}.topic": TOPIC, "qos_reliability": "reliable",
                  "queue_depth": str(frames + 16), "diagnostics_period": "0.5", "device": device}

@@ -121,8 +121,8 @@ def test_eval_bag_applies_the_node_policies(made, tmp_path):
     dropped and counted as the node would, every other message gets its mask."""
     import numpy as np
 
-    from cvseg_ros.ros.bags import (COMPRESSED_IMAGE, _header, _open_writer, eval_bag, iter_compressed,
-                                typestore)
+    from cvseg_ros.ros.bags import COMPRESSED_IMAGE, _header, _open_writer, iter_compressed, typestore
+    from cvseg_ros.ros.eval_bag import eval_bag
     storage, bag = made
     ts = typestore()
     CompressedImage = ts.types[COMPRESSED_IMAGE]
@@ -157,7 +157,7 @@ def test_replay_publishes_every_message_with_its_timing(made):
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage
 
-    from cvseg_ros.ros.bags import replay
+    from cvseg_ros.ros.replay import replay
     storage, bag = made
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     ctx = rclpy.context.Context()
