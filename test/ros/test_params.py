@@ -6,12 +6,8 @@ its parameters are read back with the standard ``GetParameters`` / ``SetParamete
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +20,10 @@ PAPER = REPO / "cvseg_ros" / "checkpoints" / "cvseg_paper.safetensors"   # shipp
 DOMAIN = random.SystemRandom().randint(161, 200)   # this module's own ROS domain
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
 
-from ros_helpers import checkpoint_args, env_for  # noqa: E402
+from ros_helpers import Ros, checkpoint_args, env_for, start_node, stop_node  # noqa: E402
+from ros_helpers import node_cmd as helpers_node_cmd  # noqa: E402
+
+from cvseg_ros.ros import process  # noqa: E402
 
 
 def file_params() -> dict:
@@ -47,7 +46,8 @@ def env() -> dict:
 
 
 def node_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file", str(PARAMS), *args]
+    """The node's command line with the params file alone (its own ``threads``) and ``args``."""
+    return helpers_node_cmd(*args, threads=None)
 
 
 def test_params_file_lists_every_parameter():
@@ -65,31 +65,14 @@ def running(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("params")
     log = tmp / "node.log"
     ck = checkpoint_args(tmp)
-    proc = subprocess.Popen(node_cmd("-p", "cameras:=[front, rear]", "-p", "rear.topic:=/rear/cam/h264",
-                                     "-p", "batch_window_ms:=7", *ck),
-                            env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    from rclpy.executors import SingleThreadedExecutor
-    ctx = rclpy.context.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN)
-    node = rclpy.create_node("cvseg_params_test", context=ctx)
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
+    proc = start_node(log, ["-p", "cameras:=[front, rear]", "-p", "rear.topic:=/rear/cam/h264",
+                            "-p", "batch_window_ms:=7", *ck], DOMAIN, threads=None)
+    ros = Ros("cvseg_params_test", DOMAIN)
     try:
-        yield proc, node, log, ck
+        yield proc, ros.node, log, ck
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        executor.shutdown(timeout_sec=5)
-        spin.join(5)
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
+        ros.close()
+        code = stop_node(proc)
         assert code == 0, log.read_text()[-3000:]
 
 
@@ -176,8 +159,7 @@ def test_bad_parameters_fail_at_start_up_with_one_clear_message(args, needle):
 
 
 def test_missing_params_file_fails_clearly():
-    proc = subprocess.run([sys.executable, "-m", "cvseg_ros.ros.node", "--ros-args", "--params-file",
-                           "/nonexistent/cvseg.yaml"], env=env(), capture_output=True, text=True,
+    proc = subprocess.run(process.node_command(params="/nonexistent/cvseg.yaml"), env=env(), capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
