@@ -18,7 +18,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cvseg_ros.common.paths import shared_data_dir
 from cvseg_ros.model.classes import CAMVID_VOID
 from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import encode_frames, read_frames

@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cvseg_ros.common.paths import REPO_ROOT, shared_data_dir
+from cvseg_ros.training.distributed import Dist, load_train_state, save_train_state
+from cvseg_ros.training.loss import GroupLoss, class_weights
 from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE, camvid_class_map
 from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, IGNORE, RESIDUAL_STRIDE, Group, camvid_pairs, clip_groups, files_digest,
@@ -133,73 +135,10 @@ def _size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-# -- distributed ---------------------------------------------------------------------------------
-class Dist:
-    """torchrun's environment, or a single process."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, module: nn.Module) -> nn.Module:
-        if self.world == 1:
-            return module
-        return nn.parallel.DistributedDataParallel(module)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.world > 1:
-            torch.distributed.destroy_process_group()
-
-
-# -- resumable training state (safetensors, no pickle) ------------------------------------------
-def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for key, value in st.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"opt.{idx}.{key}"] = t.detach().cpu().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"step": step, "param_groups": opt["param_groups"]}))
-
-
-def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    tensors = load_file(str(path))
-    meta = json.loads(path.with_suffix(".json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["step"])
-
-
 def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def class_weights(labels: np.ndarray) -> torch.Tensor:
-    """~ 1/sqrt(frequency), normalised to mean 1."""
-    counts = np.bincount(labels[labels != IGNORE].ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES].astype(np.float64)
-    w = 1.0 / np.sqrt(np.maximum(counts / counts.sum(), 1e-4))
-    return torch.tensor(w / w.mean(), dtype=torch.float32)
 
 
 class Trainer:
@@ -429,29 +368,6 @@ class Trainer:
                 self.dist.barrier()
         self.dist.close()
         return exported
-
-
-class GroupLoss(nn.Module):
-    """Eq. 1 over a batch of groups: mean cross-entropy of the P-frame predictions (the I-frame
-    network is frozen in this stage, so its term is a constant and left out of the sum)."""
-
-    def __init__(self, model: CompressedSegmenter, weights: torch.Tensor) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("weights", weights)
-
-    def forward(self, z, seg, mvs, residuals, labels, intra, luma):
-        uses_luma = self.model.config.uses_luma
-        state = self.model.state_from_i_frame(z, seg, luma[:, 0] if uses_luma else None)
-        total = 0.0
-        steps = mvs.shape[1]
-        size = labels.shape[-2:]
-        for t in range(steps):
-            logits, state = self.model.p_frame(mvs[:, t], residuals[:, t], state, intra=intra[:, t],
-                                               luma=luma[:, t + 1] if uses_luma else None)
-            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-            total = total + F.cross_entropy(logits, labels[:, t + 1], weight=self.weights, ignore_index=IGNORE)
-        return total / steps
 
 
 def collate(groups: list[Group], i_out, flip: bool, device: torch.device):

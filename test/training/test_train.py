@@ -30,7 +30,8 @@ def _env():
 def test_short_training_run_lowers_the_loss():
     """A few optimiser steps of Eq. 1's P-frame terms on real H.264 groups lower the loss."""
     from cvseg_ros.training.data import load_camvid, still_groups
-    from cvseg_ros.training.train import GroupLoss, class_weights, collate
+    from cvseg_ros.training.loss import GroupLoss, class_weights
+    from cvseg_ros.training.train import collate
     require(SHARED_DATA / "camvid" / "train", "CamVid train stills")
     torch.manual_seed(0)
     images, labels = load_camvid(SHARED_DATA / "camvid" / "train", SHARED_DATA / "camvid" / "trainannot", limit=2)
