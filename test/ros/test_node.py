@@ -82,7 +82,7 @@ def _bag_frames(bag):
 
 
 def test_two_cameras_every_frame_one_mask_and_one_color(live, two_camera_bag):
-    from cvseg_ros.ros.bags import replay
+    from cvseg_ros.ros.replay import replay
     from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, read_metadata
     proc, ros, outputs, _ = live
     inputs = _bag_frames(two_camera_bag)
@@ -163,7 +163,7 @@ def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camer
     published, or counted (queue drop, skipped before a keyframe, decode error, ...); a frame
     decoded without its mask restarts the camera's state."""
     from cvseg_ros.ros.message_path import DROP_REASONS
-    from cvseg_ros.ros.bags import replay
+    from cvseg_ros.ros.replay import replay
     log = tmp_path / "node.log"
     proc = start_node(log, ["-p", "cameras:=[front]", "-p", "qos_reliability:=reliable",
                             "-p", "queue_depth:=1", "-p", "diagnostics_period:=0.25",
