@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "config" / "cvseg.yaml"
@@ -20,25 +19,11 @@ PAPER = REPO / "cvseg_ros" / "checkpoints" / "cvseg_paper.safetensors"   # shipp
 DOMAIN = random.SystemRandom().randint(161, 200)   # this module's own ROS domain
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
 
+from test_param_table import file_params  # noqa: E402
 from ros_helpers import Ros, checkpoint_args, env_for, start_node, stop_node  # noqa: E402
 from ros_helpers import node_cmd as helpers_node_cmd  # noqa: E402
 
 from cvseg_ros.ros import process  # noqa: E402
-
-
-def file_params() -> dict:
-    """The params file's values, flattened the way ROS names them (``front.topic``)."""
-    doc = yaml.safe_load(PARAMS.read_text())
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = value
-    walk("", doc["cvseg_node"]["ros__parameters"])
-    return flat
 
 
 def env() -> dict:
