@@ -52,7 +52,7 @@ def soak(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, width: i
          sample_period: float = 0.5, threads: int | None = 1, checkpoint: str | None = None,
          videos: Sequence[str | Path] = (), engine=None, progress=None) -> dict:
     """Run the soak; returns the report (see the module doc)."""
-    from cvseg_ros.tools.fuzz import default_videos, encoded_source
+    from cvseg_ros.tools.mutations import default_videos, encoded_source
     from cvseg_ros.ros.message_path import MessagePath
 
     if cameras < 1 or seconds <= 0 or fps <= 0:
@@ -182,7 +182,7 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
     from sensor_msgs.msg import CompressedImage
 
     from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, random_domain
-    from cvseg_ros.tools.fuzz import default_videos, encoded_source
+    from cvseg_ros.tools.mutations import default_videos, encoded_source
 
     warmup = min(30.0, max(3.0, 0.25 * seconds)) if warmup is None else warmup
     if cameras < 1 or seconds <= warmup or fps <= 0:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import CLIPS_DIR, require
+from conftest import FUZZ_CLIP, SMALL1_CLIP, require
 from cvseg_ros.codec.motion_vectors import GRID, dense_field, field_shape, fill_intra
 from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import encode_frames, read_access_units
@@ -81,11 +81,11 @@ def test_static_scene_has_zero_vectors_and_residual(camvid_image):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("name", ["udacity_solidWhiteRight.mp4", "udacity_test_small1.mp4"])
-def test_residual_energy_on_real_video(name, stride):
+@pytest.mark.parametrize("clip", [FUZZ_CLIP, SMALL1_CLIP], ids=lambda p: p.name)
+def test_residual_energy_on_real_video(clip, stride):
     """The rebuilt residual (at full size, and at half size as the models take it) is far smaller
     than the frame difference: the vectors predict the frame."""
-    clip = require(CLIPS_DIR / name, "real clip")
+    require(clip, "real clip")
     units = [u.data for u in itertools.islice(read_access_units(clip), 60)]
     decoder = H264StreamDecoder(residual_size=lambda h, w: (h // stride, w // stride))
     plain = av.CodecContext.create("h264", "r")   # independent decode for the frame difference
@@ -176,7 +176,7 @@ def filled_by_box_filters(field: np.ndarray, intra: np.ndarray, sizes=(5, 23)) -
 def test_field_and_intra_fill_match_plain_references_on_real_video():
     """The compiled block painting and intra fill against the plain references above, on the
     exported blocks of real P-frames (all block sizes, blocks along every border)."""
-    clip = require(CLIPS_DIR / "udacity_solidWhiteRight.mp4", "real clip")
+    clip = require(FUZZ_CLIP, "real clip")
     checked = sizes = 0
     with av.open(str(clip)) as container:
         stream = container.streams.video[0]
@@ -201,7 +201,7 @@ def test_filled_vectors_predict_real_video_better(monkeypatch):
     residual) than zero motion would."""
     import cvseg_ros.codec.decoder as stream
 
-    clip = require(CLIPS_DIR / "udacity_solidWhiteRight.mp4", "real clip")
+    clip = require(FUZZ_CLIP, "real clip")
     units = [u.data for u in itertools.islice(read_access_units(clip), 48)]
 
     def residual_energy():
@@ -221,7 +221,7 @@ def test_skipping_the_p_frames_deblocking_keeps_vectors_and_i_frames():
     """``deblock_p_frames=False`` (what the shipped models take): the same vectors and intra cells
     (they come from the bitstream), I-frames decoded exactly, P-frame pixels close to the exact
     decode, and a residual still far smaller than the frame difference."""
-    clip = require(CLIPS_DIR / "udacity_solidWhiteRight.mp4", "real clip")
+    clip = require(FUZZ_CLIP, "real clip")
     units = [u.data for u in itertools.islice(read_access_units(clip), 30)]
     exact = H264StreamDecoder(rgb_for_p_frames=True)
     fast = H264StreamDecoder(rgb_for_p_frames=True, deblock_p_frames=False)

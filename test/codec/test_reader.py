@@ -9,8 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from conftest import (CLIPS_DIR, MPEG4_CLIP, REPO, SMALL_CLIP, clip_params, pyav_frame_count,
-                      require)
+from conftest import (CLIPS_DIR, MPEG4_CLIP, REPO, SMALL1_CLIP, SMALL_CLIP, clip_params,
+                      pyav_frame_count, require)
 from cvseg_ros.tools.probe import probe
 from cvseg_ros.codec.annexb import UnsupportedStreamError
 from cvseg_ros.codec.decoder import PICT_I, H264StreamDecoder
@@ -44,7 +44,7 @@ def test_probe_counts_equal_pyav(clip):
 
 def test_presented_frames_match_pyav(clips):
     """Frame by frame: kinds, times and I-frame pixels equal PyAV's, edit-list pre-roll left out."""
-    clip = next((c for c in clips if c.name == "udacity_test_small1.mp4"), clips[0])
+    clip = next((c for c in clips if c == SMALL1_CLIP), clips[0])
     with av.open(str(clip)) as container:
         ref = [(int(f.pict_type), round(f.time, 6), f.to_ndarray(format="rgb24") if
                 int(f.pict_type) == PICT_I else None) for f in container.decode(video=0)]

@@ -11,26 +11,7 @@ from cvseg_ros.codec.video import encode_frames
 from cvseg_ros.engine.pipeline import SegmentationEngine
 from cvseg_ros.model.classes import CAMVID_CLASSES
 
-from conftest import CAMVID_TRAIN, require
-
-
-@pytest.fixture(scope="module")
-def real_units():
-    """A real CamVid still seen by a moving camera, encoded with GOP 4."""
-    from cvseg_ros.training.data import read_label, read_rgb, synthetic_sequence
-    require(CAMVID_TRAIN, "CamVid train stills")
-    image = sorted(CAMVID_TRAIN.glob("*.png"))[0]
-    label = CAMVID_TRAIN.parent / "trainannot" / image.name
-    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(1), 6)
-    return encode_frames(frames, gop=4)
-
-
-@pytest.fixture(scope="module")
-def real_frames(real_units):
-    """``real_units`` decoded by our reader (the residual at half size, as the configurations take it)."""
-    from cvseg_ros.training.data import RESIDUAL_STRIDE
-    decoder = H264StreamDecoder("test", residual_size=lambda h, w: (h // RESIDUAL_STRIDE, w // RESIDUAL_STRIDE))
-    return [f for u in real_units for f in decoder.feed(u)]
+from conftest import CAMVID_TRAIN, moving_still, require
 
 
 def test_shipped_checkpoint_loads_and_segments():
@@ -55,12 +36,7 @@ def test_shipped_checkpoint_loads_and_segments():
 def test_engine_gives_the_model_the_intra_cells():
     """The shipped improved model takes the intra-coded cells as an input; the engine hands it the
     reader's intra map of each P-frame (real H.264 of a CamVid still seen by a moving camera)."""
-    from cvseg_ros.training.data import read_label, read_rgb, synthetic_sequence
-    require(CAMVID_TRAIN, "CamVid train stills")
-    image = sorted(CAMVID_TRAIN.glob("*.png"))[1]
-    label = CAMVID_TRAIN.parent / "trainannot" / image.name
-    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(2), 4)
-    units = encode_frames(frames, gop=4)
+    units = moving_still(1, 2, 4)
     engine = SegmentationEngine(device="cpu")
     assert engine.model.config.intra
     seen, p_frame = [], engine.model.p_frame
@@ -154,7 +130,7 @@ def test_upsampled_class_ids_are_the_resized_logits_arg_max_among_the_cells_winn
         assert 0.02 < 1 - agree.mean() < 0.3            # outlines are a small share of pixels
         assert np.array_equal(got[agree], nearest[agree]) and np.array_equal(got, want)
         full = resized.argmax(0).numpy()
-        assert (got != full).mean() < 1e-3 and (got != nearest).mean() > 5e-3
+        assert (got != full).mean() < 2e-3 and (got != nearest).mean() > 5e-3   # CamVid: ~2e-4
         on_device = _upsampled_class_ids_on_device(logits, 360, 480)
         assert on_device.dtype == torch.uint8 and np.array_equal(on_device[0].numpy(), full)
         # shrinking (a frame a little smaller than the work size) and odd factors
@@ -213,11 +189,7 @@ def test_model_inputs_bring_the_frames_to_the_work_size(real_frames):
 def test_cameras_in_one_call_run_as_one_batch_with_the_masks_they_get_alone(real_units):
     """Two cameras' frames in one :meth:`process` call run as one batch per kind (their states
     concatenated, then split back) and get the masks each camera gets alone."""
-    from cvseg_ros.training.data import read_label, read_rgb, synthetic_sequence
-    image = sorted(CAMVID_TRAIN.glob("*.png"))[3]
-    label = CAMVID_TRAIN.parent / "trainannot" / image.name
-    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(5), 6)
-    other = encode_frames(frames, gop=4)
+    other = moving_still(3, 5, 6)
     alone = {}
     for camera, units in (("a", real_units), ("b", other)):
         engine = SegmentationEngine(device="cpu")

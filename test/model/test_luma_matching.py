@@ -1,4 +1,4 @@
-"""Luma matching on real H.264: the CamVid val sequence, read by our reader."""
+"""Luma matching on real H.264: the CamVid val sequence (or the fallback clip), read by our reader."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,18 +13,14 @@ from cvseg_ros.model.warping import warp
 from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import encode_frames
 
-from conftest import SHARED_DATA, require
-
-CAMVID_VAL = SHARED_DATA / "camvid" / "val"
+from conftest import street_frames
 
 
 @pytest.fixture(scope="module")
 def val_gop():
     """The first GOP (an I-frame and 11 P-frames) of the CamVid val sequence (a street with
     cyclists and cars), encoded as the evaluation does and read back with the shipped settings."""
-    from cvseg_ros.training.data import read_rgb
-    require(CAMVID_VAL, "CamVid val sequence")
-    frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
+    frames = street_frames(12)
     decoder = H264StreamDecoder("val", residual_size=lambda h, w: (h // 2, w // 2), deblock_p_frames=False)
     return [f for u in encode_frames(frames, fps=15, gop=12) for f in decoder.feed(u)]
 
@@ -88,7 +84,7 @@ def test_compiled_loop_and_tensor_operations_decide_alike(val_gop):
                               - 2 * raw).abs().sum(dim=1) for di, dj in luma_matching.BENDS], dim=1)[0]
         near_tie = ((bends - luma_matching.SPREAD).abs() < 1e-4).any(dim=0).numpy()
         differ = marked != luma_matching.outlines(raw)[0].numpy()
-        assert marked.sum() > 1000 and not (differ & ~near_tie).any() and differ.sum() <= 2
+        assert marked.sum() > 500 and not (differ & ~near_tie).any() and differ.sum() <= 2
         # ... and the same corrections
         compiled = luma_matching.refine_accumulated_motion(raw, luma, ref)
         tensors = luma_matching._refine_tensors(raw, luma, ref, 1.0 / luma_matching.CELL)
@@ -149,13 +145,12 @@ def test_model_carries_the_i_frame_luma_and_corrects_its_motion(val_gop):
 def test_engine_gives_the_shipped_model_the_decoders_luma(val_gop):
     """The shipped improved model matches luma; the engine hands it the reader's luma cells of
     the I-frame (kept in the state) and of each P-frame."""
-    from cvseg_ros.training.data import read_rgb
     from cvseg_ros.engine.pipeline import SegmentationEngine
     engine = SegmentationEngine(device="cpu")
     assert engine.model.config.luma_matching
     seen, p_frame = [], engine.model.p_frame
     engine.model.p_frame = lambda *a, **k: seen.append(k["luma"]) or p_frame(*a, **k)
-    frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
+    frames = street_frames(12)
     results = [r for i, u in enumerate(encode_frames(frames, fps=15, gop=12)) for r in engine.process([("cam", u, i)])]
     assert [r.network for r in results] == ["i_frame"] + ["p_frame"] * 11
     assert torch.equal(engine._cameras["cam"].state.i_frame_luma[0, 0], torch.from_numpy(val_gop[0].luma_cells).float())
@@ -166,9 +161,8 @@ def test_engine_gives_the_shipped_model_the_decoders_luma(val_gop):
 def test_engine_can_leave_the_matching_off(val_gop):
     """``luma_matching=False`` (the node's parameter): the model gets no luma and uses the
     accumulated motion as it is; the masks differ from the default engine's."""
-    from cvseg_ros.training.data import read_rgb
     from cvseg_ros.engine.pipeline import SegmentationEngine
-    frames = [read_rgb(p) for p in sorted(CAMVID_VAL.glob("*.png"))[:12]]
+    frames = street_frames(12)
     units = encode_frames(frames, fps=15, gop=12)
     masks = {}
     for on in (True, False):

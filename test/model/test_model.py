@@ -17,32 +17,8 @@ from cvseg_ros.model.segmenter import CompressedSegmenter, ModelConfig, make_con
 from cvseg_ros.model.state import PFrameState
 from cvseg_ros.codec.residual import residual_stats
 from cvseg_ros.codec.decoder import H264StreamDecoder
-from cvseg_ros.codec.video import encode_frames
 
-from conftest import CAMVID_TRAIN, require
-
-
-@pytest.fixture(scope="module")
-def real_units():
-    """A real CamVid still seen by a moving camera, encoded with GOP 4."""
-    from cvseg_ros.training.data import read_label, read_rgb, synthetic_sequence
-    require(CAMVID_TRAIN, "CamVid train stills")
-    image = sorted(CAMVID_TRAIN.glob("*.png"))[0]
-    label = CAMVID_TRAIN.parent / "trainannot" / image.name
-    frames, _ = synthetic_sequence(read_rgb(image), read_label(label), np.random.default_rng(1), 6)
-    return encode_frames(frames, gop=4)
-
-
-def decode(units, residual_stride: int):
-    decoder = H264StreamDecoder("test", residual_size=lambda h, w: (h // residual_stride, w // residual_stride))
-    return [f for u in units for f in decoder.feed(u)]
-
-
-@pytest.fixture(scope="module")
-def real_frames(real_units):
-    """``real_units`` decoded by our reader (the residual at half size, as the configurations take it)."""
-    from cvseg_ros.training.data import RESIDUAL_STRIDE
-    return decode(real_units, RESIDUAL_STRIDE)
+from conftest import CAMVID_TRAIN, decode, require
 
 
 @pytest.mark.parametrize("name", ["paper", "improved"])
@@ -176,6 +152,8 @@ def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
     """The engine's inference copy (batch norms folded, the P-frame CNNs fused, the convolutions
     packed, channels-last) computes what the shipped model computes, on real reader output."""
+    # flat image areas make ties in ENet's max-pooling; the bound below is measured on CamVid
+    require(CAMVID_TRAIN, "CamVid train stills (the rounding bound is measured on them)")
     from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR
     from cvseg_ros.model.inference import PackedConv2d, inference_copy
     model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / f"cvseg_{name}.safetensors")

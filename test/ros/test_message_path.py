@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FUZZ_CLIP, SMALL_CLIP, CLIPS_DIR, read_rgb, require
+from conftest import FUZZ_CLIP, SHARED_CLIPS, SMALL1_CLIP, SMALL_CLIP, read_rgb, require
 from cvseg_ros.codec.annexb import nal_units
 from cvseg_ros.codec.h264_syntax import FrameNumTracker, parse_sps
 from cvseg_ros.ros.message_path import DROP_REASONS, MessagePath, make_message
@@ -101,6 +101,7 @@ def test_reader_recovers_when_damage_makes_the_decoder_hold_pictures_back(clip_u
     """Found by ``cvseg fuzz``: a damaged P-frame can make FFmpeg grow its reorder buffer for good;
     every later picture then came out one unit late, under the next unit's stamp and size (a stale,
     wrong-size mask), even after clean IDRs. The reader now notices and reopens the decoder."""
+    require(SHARED_CLIPS, "the camera's own stream (picture order counts coded, not derived as in x264's I/P streams)")
     import av
 
     from cvseg_ros.codec.decoder import H264StreamDecoder
@@ -164,8 +165,8 @@ def test_drop_one_message_in_twenty(make_engine, camera_units):
 
 def test_camera_restart_with_new_parameter_sets(make_engine, gop12_units):
     """The camera restarts mid-GOP: a new encoder session (other SPS/PPS), stamps from zero."""
-    require(CLIPS_DIR / "udacity_test_small1.mp4", "real clip")
-    restarted = encode(CLIPS_DIR / "udacity_test_small1.mp4", 24, (320, 180), gop=12, preset="ultrafast", crf=30)
+    require(SMALL1_CLIP, "real clip")
+    restarted = encode(SMALL1_CLIP, 24, (320, 180), gop=12, preset="ultrafast", crf=30)
     assert sps_of(restarted[0]) != sps_of(gop12_units[0])
     cam = Camera(make_engine())
     for i, unit in enumerate(gop12_units[:17]):
@@ -182,8 +183,8 @@ def test_camera_restart_with_new_parameter_sets(make_engine, gop12_units):
 
 def test_camera_restart_whose_first_frames_are_lost(make_engine, gop12_units):
     """The new session's IDR is lost: its P-frames would be decoded against the old stream."""
-    require(CLIPS_DIR / "udacity_test_small1.mp4", "real clip")
-    restarted = encode(CLIPS_DIR / "udacity_test_small1.mp4", 24, (320, 180), gop=12, preset="ultrafast", crf=30)
+    require(SMALL1_CLIP, "real clip")
+    restarted = encode(SMALL1_CLIP, 24, (320, 180), gop=12, preset="ultrafast", crf=30)
     cam = Camera(make_engine())
     for i, unit in enumerate(gop12_units[:17]):
         cam.send(unit, T0 + i * PERIOD)
@@ -347,7 +348,7 @@ def test_queue_backlog_limit_waits_for_an_idr(make_engine, gop12_units):
 
 @pytest.fixture(scope="module")
 def fuzz_sources(gop12_units, clip_units):
-    from cvseg_ros.tools.fuzz import Source
+    from cvseg_ros.tools.mutations import Source
     require(SMALL_CLIP, "real clip")
     other = encode(SMALL_CLIP, 16, (240, 136), gop=6, preset="ultrafast", crf=30)
     return [Source("gop12", list(gop12_units), 320, 180), Source("ultrafast", other, 240, 136),
@@ -377,7 +378,7 @@ def test_fuzz_command(tmp_path, capsys):
     require(SMALL_CLIP, "real clip")
     out = tmp_path / "fuzz.json"
     code = main(["fuzz", "--iterations", "250", "--seed", "7", "--frames", "24", "--no-native",
-                 "--video", str(SMALL_CLIP), "--video", str(CLIPS_DIR / "udacity_test_small1.mp4"),
+                 "--video", str(SMALL_CLIP), "--video", str(SMALL1_CLIP),
                  "--json", str(out)])
     report = json.loads(out.read_text())
     assert code == 0, report["failures"][:3]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CLIPS_DIR, MPEG4_CLIP, SMALL_CLIP, require
+from conftest import MPEG4_CLIP, SMALL1_CLIP, SMALL_CLIP, require
 
 DOMAIN = random.SystemRandom().randint(1, 50)      # this module's own ROS domains:
 OVERFLOW_DOMAIN, DEMO_DOMAIN = DOMAIN + 50, DOMAIN + 100   # one per node run alive at a time
@@ -204,9 +204,9 @@ def test_demo_command_on_a_real_clip(tmp_path):
     import json
 
     from cvseg_ros.tools.cli import main
-    require(CLIPS_DIR / "udacity_test_small1.mp4", "real clip")
+    require(SMALL1_CLIP, "real clip")
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--video", str(CLIPS_DIR / "udacity_test_small1.mp4"),
+    args = ["demo", "--out", str(out), "--video", str(SMALL1_CLIP),
             "--max-frames", "30", "--width", "320", "--rate", "2", "--json", str(tmp_path / "s.json"),
             "--domain-id", str(DEMO_DOMAIN)]
     ck = checkpoint_args(tmp_path)

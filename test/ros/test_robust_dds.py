@@ -76,7 +76,7 @@ def settled(outputs, camera: str, frames_in: int):
 
 
 def test_two_cameras_one_broken_the_other_keeps_its_rate(live, gop12_units):
-    from cvseg_ros.tools.fuzz import Msg, Source, mutate
+    from cvseg_ros.tools.mutations import Msg, Source, mutate
     proc, ros, outputs, pubs, log = live
     require(SMALL_CLIP, "real clip")
     from cvseg_ros.codec.video import encode_frames

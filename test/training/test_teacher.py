@@ -1,8 +1,6 @@
 """ENet teacher: Torch7 -> PyTorch conversion against OpenCV DNN, CamVid remap."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
