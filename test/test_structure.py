@@ -18,6 +18,7 @@ LAYER_RANKS = {"common": 0, "codec": 1, "model": 2, "engine": 3, "ros": 4, "trai
 #: modules allowed past :data:`MODULE_LINES`, with the reason
 LONG_MODULES: dict[str, str] = {}
 MODULE_LINES = 450
+CLASS_LINES = 320
 
 #: words that speak of how the project was developed, not of what the software does
 HISTORY_WORDS = re.compile(
@@ -95,6 +96,13 @@ def test_modules_stay_readable():
     long = {module: n for module, path in _modules()
             if (n := len(path.read_text().splitlines())) > MODULE_LINES and module not in LONG_MODULES}
     assert not long, f"modules over {MODULE_LINES} lines (split them, or give the reason in LONG_MODULES): {long}"
+
+
+def test_classes_stay_readable():
+    long = [f"{module}.{node.name}: {node.end_lineno - node.lineno + 1}" for module, path in _modules()
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > CLASS_LINES]
+    assert not long, f"classes over {CLASS_LINES} lines: {long}"
 
 
 def markdown_tables(text: str) -> list[tuple[int, list[str]]]:
