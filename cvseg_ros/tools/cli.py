@@ -17,6 +17,7 @@ COMMAND_MODULES = {
     "eval-bag": "cvseg_ros.ros.eval_bag",
     "demo": "cvseg_ros.tools.demo",
     "eval": "cvseg_ros.tools.evaluate",
+    "heldout": "cvseg_ros.tools.heldout",
     "train": "cvseg_ros.training.train",
     "fuzz": "cvseg_ros.tools.fuzz",
     "soak": "cvseg_ros.tools.soak",

@@ -27,7 +27,12 @@ def markdown_table(result: dict) -> str:
         row += ["-" if by_kind.get(kind) is None else f"{by_kind[kind]:.2f}" for kind in ("I", "P")]
         row += [_pct(m["per_class_iou"].get(c)) for c in classes]
         lines.append("| " + " | ".join(row) + " |")
-    title = (f"CamVid {result['first_frame']} .. {result['last_frame']}: {result['frames']} frames "
+    if "video" in result:
+        what = (f"`{Path(result['video']).name}` (frame step {result['frame_step']}) against the teachers' "
+                f"ensemble ({', '.join(result['reference'])}; {100 * result['reference_void_share']:.0f} % void)")
+    else:
+        what = f"CamVid {result['first_frame']} .. {result['last_frame']}"
+    title = (f"{what}: {result['frames']} frames "
              f"{result['width']}x{result['height']}, GOP {result['gop']}, {result['fps']:g} fps, "
              f"CRF {result['crf']} ({result['stream_kbit_s']:g} kbit/s), device {result['device']} "
              f"({result['threads']['torch']} torch threads), checkpoint `{Path(result['checkpoint']).name}`"

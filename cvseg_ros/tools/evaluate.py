@@ -32,6 +32,7 @@ from cvseg_ros.common import stats, timing
 from cvseg_ros.common.timing import MS_PER_FRAME_IS
 from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, PACKAGE_CHECKPOINT_DIR
 from cvseg_ros.model.classes import CAMVID_CLASSES, NO_CLASS
+from cvseg_ros.tools.eval_data import load_labelled_frames
 from cvseg_ros.tools.metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
 
 PAPER_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors"
@@ -50,49 +51,6 @@ TIMING = ("per-access-unit wall time (time.perf_counter) of one call that takes 
           "median over the passes of each kind's median; ms_per_frame_median and ms_per_frame_mean are "
           "the plain median and mean over all timed frames")
 CAMERA = "cam"
-
-
-# -- data -----------------------------------------------------------------------------------------
-def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_frames: int | None = None
-                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Sorted RGB PNG frames and their label PNGs (same file names). Returns (rgb, labels, names)."""
-    import cv2
-
-    from cvseg_ros.codec.video import even_size
-
-    frames_dir, labels_dir = Path(frames_dir), Path(labels_dir)
-    for d in (frames_dir, labels_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"no such directory: {d}")
-    files = sorted(frames_dir.glob("*.png"))
-    if max_frames is not None:
-        if max_frames < 1:
-            raise ValueError(f"--max-frames must be >= 1, got {max_frames}")
-        files = files[:max_frames]
-    if not files:
-        raise FileNotFoundError(f"no PNG frames in {frames_dir}")
-    frames, labels = [], []
-    for f in files:
-        label_path = labels_dir / f.name
-        if not label_path.is_file():
-            raise FileNotFoundError(f"frame {f.name} has no label {label_path}")
-        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
-        lab = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
-        if bgr is None or lab is None:
-            raise ValueError(f"cannot read {f if bgr is None else label_path}")
-        if lab.ndim != 2 or lab.dtype != np.uint8:
-            raise ValueError(f"{label_path}: expected a single-channel 8-bit label image, "
-                             f"got shape {lab.shape} {lab.dtype}")
-        if lab.shape != bgr.shape[:2]:
-            raise ValueError(f"{label_path} is {lab.shape[1]}x{lab.shape[0]}, "
-                             f"frame {f.name} is {bgr.shape[1]}x{bgr.shape[0]}")
-        rgb = even_size(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))   # yuv420p needs even sizes
-        frames.append(np.ascontiguousarray(rgb))
-        labels.append(np.ascontiguousarray(lab[: rgb.shape[0], : rgb.shape[1]]))
-        if rgb.shape != frames[0].shape:
-            raise ValueError(f"{f.name} is {rgb.shape[1]}x{rgb.shape[0]}, the first frame "
-                             f"{frames[0].shape[1]}x{frames[0].shape[0]}: one stream needs one size")
-    return frames, labels, [f.name for f in files]
 
 
 # -- running one method ---------------------------------------------------------------------------
@@ -204,14 +162,42 @@ def teacher_segmenter(teacher, warmup: Sequence[bytes] = ()) -> Segmenter:
 
 
 # -- the evaluation -------------------------------------------------------------------------------
-def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.0, gop: int = 12,
-             checkpoint: str | Path | None = None, paper_checkpoint: str | Path | None = None,
-             teacher: str | Path | None = None, methods: Sequence[str] | None = None,
-             device: str = "auto", max_frames: int | None = None, precision: str = "auto",
-             threads: int | None = None, crf: int = 23, progress: bool = True, timing_passes: int = 3,
-             log: Callable[[str], None] = print) -> dict:
-    """Run the methods over the same access units; returns the JSON-ready result (NaN -> None).
-    ``timing_passes``: passes over the stream timed per engine method (see :data:`TIMING`)."""
+def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, max_frames: int | None = None,
+             **options) -> dict:
+    """:func:`evaluate_frames` on labelled stills (PNG or JPEG frames, CamVid label PNGs)."""
+    frames, labels, names = load_labelled_frames(frames_dir, labels_dir, max_frames)
+    return evaluate_frames(frames, labels, source={"frames_dir": str(frames_dir), "labels_dir": str(labels_dir),
+                                                   "first_frame": names[0], "last_frame": names[-1]}, **options)
+
+
+def evaluate_video(video: str | Path, *, frame_step: int = 2, start: int = 0, max_frames: int | None = None,
+                   width: int = 0, fps: float | None = None, confidence: float = 0.5,
+                   teachers: Sequence | None = None, **options) -> dict:
+    """:func:`evaluate_frames` on an unlabelled video file at its own size (or ``width``), scored
+    against the Cityscapes teachers' ensemble on its clean frames (:mod:`cvseg_ros.tools.reference`)."""
+    from cvseg_ros.tools.eval_data import video_frames
+    from cvseg_ros.tools.reference import default_teachers, reference_labels
+
+    frames, video_fps = video_frames(video, step=frame_step, start=start, max_frames=max_frames, width=width)
+    teachers = default_teachers(options.get("threads"), options.get("log", print)) if teachers is None else teachers
+    labels = reference_labels(frames, teachers, confidence=confidence, progress=options.get("progress", True))
+    void = float(np.mean([np.mean(lab == len(CAMVID_CLASSES)) for lab in labels]))
+    source = {"video": str(video), "frame_step": frame_step, "start_frame": start,
+              "reference": [t.name for t in teachers], "reference_confidence": confidence,
+              "reference_void_share": round(void, 4)}
+    return evaluate_frames(frames, labels, source=source, fps=fps or video_fps, **options)
+
+
+def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, source: dict,
+                    fps: float = 15.0, gop: int = 12, checkpoint: str | Path | None = None,
+                    paper_checkpoint: str | Path | None = None, teacher: str | Path | None = None,
+                    methods: Sequence[str] | None = None, device: str = "auto", precision: str = "auto",
+                    threads: int | None = None, crf: int = 23, progress: bool = True, timing_passes: int = 3,
+                    log: Callable[[str], None] = print) -> dict:
+    """Run the methods over the same access units (``frames`` encoded once) and score them against
+    ``labels`` (void 11); returns the JSON-ready result (NaN -> None), ``source`` (where the frames
+    and labels came from) included. ``timing_passes``: passes over the stream timed per engine
+    method (see :data:`TIMING`). ``frames`` is emptied once encoded."""
     from cvseg_ros.model.checkpoint import load_checkpoint
     from cvseg_ros.engine.pipeline import SegmentationEngine, resolve_device, resolve_precision
     from cvseg_ros.codec.video import encode_frames
@@ -244,12 +230,11 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
         teacher_model = Teacher(teacher, threads=threads)
 
     dev = resolve_device(device)
-    frames, labels, names = load_labelled_frames(frames_dir, labels_dir, max_frames)
     units = encode_frames(frames, fps, gop, crf=crf)
     if len(units) != len(frames):
         raise RuntimeError(f"encoder returned {len(units)} access units for {len(frames)} frames")
     height, width = frames[0].shape[:2]
-    del frames
+    frames.clear()
     log(f"{len(units)} frames {width}x{height}, GOP {gop}, {fps:g} fps, "
         f"{sum(map(len, units)) * 8 * fps / len(units) / 1000:.0f} kbit/s; device {dev}")
 
@@ -314,10 +299,7 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, fps: float = 15.
             m in runs for m in ("compressed", "per_frame", "iframe_copy")) else None,
         "paper_checkpoint": str(paper_checkpoint) if "compressed_paper" in runs else None,
         "teacher": str(teacher_model.path) if teacher_model is not None else None,
-        "frames_dir": str(frames_dir),
-        "labels_dir": str(labels_dir),
-        "first_frame": names[0],
-        "last_frame": names[-1],
+        **source,
         "stream_kbit_s": round(sum(map(len, units)) * 8 * fps / len(units) / 1000, 1),
         "classes": list(CAMVID_CLASSES),
         "void_label": 11,
@@ -362,9 +344,14 @@ def derived_figures(methods: dict) -> dict:
 def register(sub) -> None:
     p = sub.add_parser("eval", help="mIoU / pixel accuracy / ms per frame of the compressed model and baselines "
                                     "on labelled frames encoded to H.264")
-    p.add_argument("--frames", required=True, help="directory of RGB PNG frames (sorted = temporal order)")
-    p.add_argument("--labels", required=True, help="directory of CamVid label PNGs with the same names")
-    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--frames", help="directory of RGB PNG or JPEG frames (sorted = temporal order)")
+    p.add_argument("--labels", help="directory of CamVid label PNGs with the frames' names")
+    p.add_argument("--video", help="an unlabelled video file instead of --frames/--labels, scored against "
+                                   "the Cityscapes teachers' ensemble (labels cached; see cvseg_ros.tools.reference)")
+    p.add_argument("--frame-step", type=int, default=2, help="--video: every N-th frame (25 fps -> 12.5)")
+    p.add_argument("--width", type=int, default=0, help="--video: resize to this width (0: its own size)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the encoded stream (default: 15 for "
+                                                           "frames, the video's rate / --frame-step)")
     p.add_argument("--gop", type=int, default=12)
     p.add_argument("--json", dest="json_out", required=True, help="result JSON path")
     p.add_argument("--out-dir", default=None, help="where eval.md and miou_by_gop.png go (default: beside --json)")
@@ -390,11 +377,19 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    result = evaluate(args.frames, args.labels, fps=args.fps, gop=args.gop, checkpoint=args.checkpoint,
-                      paper_checkpoint=args.paper_checkpoint, teacher=args.teacher, methods=args.methods,
-                      device=args.device, max_frames=args.max_frames, precision=args.precision,
-                      threads=args.threads, crf=args.crf, progress=not args.no_progress,
-                      timing_passes=args.timing_passes)
+    options = dict(gop=args.gop, checkpoint=args.checkpoint, paper_checkpoint=args.paper_checkpoint,
+                   teacher=args.teacher, methods=args.methods, device=args.device, precision=args.precision,
+                   threads=args.threads, crf=args.crf, progress=not args.no_progress,
+                   timing_passes=args.timing_passes)
+    if args.video:
+        if args.frames or args.labels:
+            raise SystemExit("cvseg eval: give --video or --frames and --labels, not both")
+        result = evaluate_video(args.video, frame_step=args.frame_step, max_frames=args.max_frames,
+                                width=args.width, fps=args.fps, **options)
+    elif args.frames and args.labels:
+        result = evaluate(args.frames, args.labels, max_frames=args.max_frames, fps=args.fps or 15.0, **options)
+    else:
+        raise SystemExit("cvseg eval: give --frames and --labels (labelled stills) or --video (an unlabelled clip)")
     from cvseg_ros.tools.eval_report import markdown_table, write_outputs
 
     paths = write_outputs(result, args.json_out, args.out_dir)

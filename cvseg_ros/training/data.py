@@ -23,6 +23,8 @@ from cvseg_ros.codec.decoder import H264StreamDecoder
 from cvseg_ros.codec.video import encode_frames, read_frames
 
 IGNORE = 255
+#: dashcam clips that training leaves out by default: ``cvseg heldout`` scores on them
+HELD_OUT_CLIPS = ("udacity_solidWhiteRight.mp4", "udacity_test_small2.mp4")
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -37,8 +37,9 @@ from cvseg_ros.training.distributed import Dist, load_train_state, save_train_st
 from cvseg_ros.training.loss import GroupLoss, class_weights
 from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE, camvid_class_map
-from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, IGNORE, RESIDUAL_STRIDE, Group, camvid_pairs, clip_groups, files_digest,
-                   h264_round_trip, load_camvid, random_crop, still_groups)
+from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, HELD_OUT_CLIPS, IGNORE, RESIDUAL_STRIDE, Group,
+                                     camvid_pairs, clip_groups, files_digest, h264_round_trip, load_camvid,
+                                     random_crop, still_groups)
 from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
 
 NUM_CLASSES = len(CAMVID_CLASSES)
@@ -84,6 +85,7 @@ class TrainConfig:
     clip_stride: int = 6                     # source frames between group starts
     clip_confidence: float = 0.5             # pseudo-labels below this softmax score are ignored
     use_clips: bool = True
+    held_out_clips: str = ",".join(HELD_OUT_CLIPS)   # clips left out of training (``cvseg heldout``)
     save_every: int = 100
 
 
@@ -232,7 +234,7 @@ class Trainer:
     # -- stage 2 ---------------------------------------------------------------------------------
     def build_groups(self) -> list[Group]:
         cfg = self.cfg
-        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.clip_labels}_"
+        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.held_out_clips}_{cfg.clip_labels}_"
                f"{cfg.clip_groups_per_clip}_{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
         cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if cache.exists():
@@ -244,7 +246,9 @@ class Trainer:
             images, labels = images[: cfg.p_limit], labels[: cfg.p_limit]
         groups = still_groups(images, labels, cfg.group_length, seed=cfg.seed, progress=self.dist.main)
         if cfg.use_clips:
-            clips = sorted((self.data / "clips").glob("*.mp4"))   # MPEG-4 Part 2 ones are decoded and re-encoded too
+            held_out = {c.strip() for c in cfg.held_out_clips.split(",")}
+            clips = sorted(c for c in (self.data / "clips").glob("*.mp4")   # MPEG-4 Part 2 ones too (re-encoded)
+                           if c.name not in held_out)
             groups += clip_groups(clips, self.clip_labeller(), cfg.group_length, _size(cfg.input_size),
                                   frame_step=cfg.clip_frame_step, stride=cfg.clip_stride,
                                   max_groups_per_clip=cfg.clip_groups_per_clip, progress=self.dist.main)
