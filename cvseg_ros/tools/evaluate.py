@@ -176,7 +176,8 @@ def evaluate_video(video: str | Path, *, frame_step: int = 2, start: int = 0, ma
     """:func:`evaluate_frames` on an unlabelled video file at its own size (or ``width``), scored
     against the Cityscapes teachers' ensemble on its clean frames (:mod:`cvseg_ros.tools.reference`)."""
     from cvseg_ros.tools.eval_data import video_frames
-    from cvseg_ros.tools.reference import default_teachers, reference_labels
+    from cvseg_ros.tools.reference import reference_labels
+    from cvseg_ros.training.ensemble import default_teachers
 
     frames, video_fps = video_frames(video, step=frame_step, start=start, max_frames=max_frames, width=width)
     teachers = default_teachers(options.get("threads"), options.get("log", print)) if teachers is None else teachers

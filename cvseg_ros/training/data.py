@@ -75,24 +75,33 @@ def files_digest(paths) -> str:
 
 # -- stills: augmentation for the I-frame network --------------------------------------------------
 def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, size: tuple[int, int],
-                scale: tuple[float, float] = (0.5, 1.75)) -> tuple[np.ndarray, np.ndarray]:
-    """Random scale, crop (padded with ignore) and horizontal flip."""
+                scale: tuple[float, float] = (0.5, 1.75), soft: np.ndarray | None = None):
+    """Random scale, crop (padded with ignore) and horizontal flip of a frame and its labels;
+    ``soft`` (HxWxC float32 targets at the frame's size, padded with zeros) goes along when given.
+    Returns (image, label) or (image, label, soft)."""
     s = rng.uniform(*scale)
     h, w = label.shape
     nh, nw = max(8, int(h * s)), max(8, int(w * s))
     image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
     label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    if soft is not None:
+        soft = cv2.resize(soft, (nw, nh), interpolation=cv2.INTER_LINEAR)
     ch, cw = size
     if nh < ch or nw < cw:
         ph, pw = max(0, ch - nh), max(0, cw - nw)
         image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
         label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE)
+        if soft is not None:
+            soft = np.pad(soft, ((0, ph), (0, pw), (0, 0)))
         nh, nw = label.shape
     y, x = rng.integers(0, nh - ch + 1), rng.integers(0, nw - cw + 1)
     image, label = image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+    soft = None if soft is None else soft[y:y + ch, x:x + cw]
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        soft = None if soft is None else soft[:, ::-1]
+    out = np.ascontiguousarray(image), np.ascontiguousarray(label)
+    return out if soft is None else (*out, np.ascontiguousarray(soft))
 
 
 def h264_round_trip(images: np.ndarray, crfs: tuple[int, ...] = (18, 23, 28), seed: int = 0,

@@ -28,18 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cvseg_ros.common.paths import REPO_ROOT, shared_data_dir
 from cvseg_ros.training.distributed import Dist, load_train_state, save_train_state
 from cvseg_ros.training.loss import GroupLoss, class_weights
 from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
-from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE, camvid_class_map
+from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, HELD_OUT_CLIPS, IGNORE, RESIDUAL_STRIDE, Group,
-                                     camvid_pairs, clip_groups, files_digest, h264_round_trip, load_camvid,
-                                     random_crop, still_groups)
+                                     camvid_pairs, clip_groups, files_digest, load_camvid,
+                                     still_groups)
 from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
 
 NUM_CLASSES = len(CAMVID_CLASSES)
@@ -69,6 +68,9 @@ class TrainConfig:
     i_limit: int = 0                         # use only the first N stills (0 = all)
     i_compressed: float = 0.7                # share of samples taken from H.264-decoded copies
     teacher_init: bool = True                # initialise from the converted ENet teacher
+    distill: float = 1.0                     # weight of the teachers' distillation term (0 = labels only)
+    distill_batch: int = 4                   # unlabelled driving frames per step (distillation only)
+    distill_frame_step: int = 2              # every N-th frame of the training clips
     # stage 2: P-frame branch
     accumulate: bool = True                  # improved model: warp along the accumulated motion
     improved_config: str = ""                # more improved-model settings, "key=value,key=value"
@@ -185,51 +187,17 @@ class Trainer:
             save_train_state(state_path, module, optimizer, step)
 
     # -- stage 1 ---------------------------------------------------------------------------------
+    def training_clips(self) -> list[Path]:
+        """The dashcam clips of the data but the held-out ones (MPEG-4 Part 2 ones too: re-encoded)."""
+        held_out = {c.strip() for c in self.cfg.held_out_clips.split(",")}
+        return sorted(c for c in (self.data / "clips").glob("*.mp4") if c.name not in held_out)
+
     def i_frame_path(self) -> Path:
         return self.out / "iframe_net.safetensors"
 
     def train_iframe(self) -> None:
-        from tqdm import tqdm
-        from cvseg_ros.model.enet_torch7 import enet_from_torch7
-        from cvseg_ros.model.i_frame import IFrameNet
-        cfg = self.cfg
-        net = IFrameNet(NUM_CLASSES)
-        if cfg.teacher_init:
-            enet = enet_from_torch7(self.teacher_path, num_classes=NUM_CLASSES, class_map=camvid_class_map())
-            net.enet.load_state_dict(enet.state_dict())
-        net.to(self.device).train()
-        model = self.dist.wrap(net.enet)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.i_lr, weight_decay=1e-4)
-        state_path = self.out / "iframe_state.safetensors"
-        step = load_train_state(state_path, net, optimizer) if state_path.exists() else 0
-        images, labels = self.images, self.labels
-        if cfg.i_limit:
-            images, labels = images[: cfg.i_limit], labels[: cfg.i_limit]
-        decoded = h264_round_trip(images, seed=cfg.seed, progress=self.dist.main) if cfg.i_compressed else images
-        crop = _size(cfg.i_crop)
-        bar = tqdm(total=cfg.i_steps, initial=step, desc="stage 1: I-frame network", disable=not self.dist.main)
-        losses = []
-        while step < cfg.i_steps:
-            idx = self.rng.integers(0, len(images), cfg.i_batch)
-            pairs = [random_crop(decoded[i] if self.rng.random() < cfg.i_compressed else images[i],
-                                 labels[i], self.rng, crop) for i in idx]
-            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(self.device).permute(0, 3, 1, 2).float() / 255
-            y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(self.device).long()
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(step, cfg.i_steps, cfg.i_lr)
-            with self.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=self.weights, ignore_index=IGNORE)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            self.after_step(step, cfg.i_steps, loss, losses, bar, "iframe", state_path, net, optimizer)
-        bar.close()
-        if self.dist.main:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(self.i_frame_path()))
-        self.dist.barrier()
-        self.i_losses = losses
+        from cvseg_ros.training.i_frame_stage import train_i_frame
+        self.i_losses = train_i_frame(self)
 
     # -- stage 2 ---------------------------------------------------------------------------------
     def build_groups(self) -> list[Group]:
@@ -246,10 +214,7 @@ class Trainer:
             images, labels = images[: cfg.p_limit], labels[: cfg.p_limit]
         groups = still_groups(images, labels, cfg.group_length, seed=cfg.seed, progress=self.dist.main)
         if cfg.use_clips:
-            held_out = {c.strip() for c in cfg.held_out_clips.split(",")}
-            clips = sorted(c for c in (self.data / "clips").glob("*.mp4")   # MPEG-4 Part 2 ones too (re-encoded)
-                           if c.name not in held_out)
-            groups += clip_groups(clips, self.clip_labeller(), cfg.group_length, _size(cfg.input_size),
+            groups += clip_groups(self.training_clips(), self.clip_labeller(), cfg.group_length, _size(cfg.input_size),
                                   frame_step=cfg.clip_frame_step, stride=cfg.clip_stride,
                                   max_groups_per_clip=cfg.clip_groups_per_clip, progress=self.dist.main)
         arrays = {"n": np.array(len(groups))}
@@ -335,10 +300,15 @@ class Trainer:
         self.p_losses = losses
         return model.eval()
 
+    def _distilled_from(self) -> list[str]:
+        from cvseg_ros.training.i_frame_stage import TEACHERS_FILE
+        path = self.out / TEACHERS_FILE
+        return json.loads(path.read_text()) if path.is_file() and self.cfg.distill else []
+
     def export(self, model: CompressedSegmenter, name: str) -> Path | None:
         if not self.cfg.export_dir or not self.dist.main:
             return None
-        clips = sorted((self.data / "clips").glob("*.mp4"))
+        clips = self.training_clips()
         meta = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": "cvseg train " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "train")
@@ -350,6 +320,7 @@ class Trainer:
                 "clips": files_digest(clips),
                 "teacher_sha256": file_sha256(self.teacher_path) if self.teacher_path.exists() else None,
             },
+            "distilled_from": self._distilled_from(),
             "git_commit": _git_commit(),
             "torch": torch.__version__,
         }

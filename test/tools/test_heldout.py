@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED_DATA, SMALL_CLIP, require
 from cvseg_ros.model.classes import CAMVID_CLASSES
 from cvseg_ros.tools import reference
+from cvseg_ros.training import ensemble
 from cvseg_ros.tools.cli import main
 
 TEACHER = SHARED_DATA / "teacher" / "enet-cityscapes.net"
@@ -29,9 +30,9 @@ def test_ensemble_labels_void_where_unsure_or_in_disagreement():
     unsure = sure.copy()
     unsure[3, 0, 3] = 0.0
     unsure[3, 0, 3], unsure[5, 0, 3] = 0.45, 0.44   # pixel 3 (with the first: mean road 0.675 ...)
-    labels = reference.ensemble_labels([sure, other], confidence=0.5)
+    labels = ensemble.ensemble_labels([sure, other], confidence=0.5)
     assert labels.tolist() == [[3, 11, 11, 3]]
-    assert reference.ensemble_labels([sure, unsure], confidence=0.7).tolist() == [[3, 3, 3, 11]]
+    assert ensemble.ensemble_labels([sure, unsure], confidence=0.7).tolist() == [[3, 3, 3, 11]]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,9 @@ def clip_frames():
 def test_reference_labels_follow_the_teacher_and_are_cached(clip_frames, monkeypatch, tmp_path):
     require(TEACHER, "the ENet teacher")
     from cvseg_ros.training.teacher import Teacher
-    enet = reference.enet_probabilities(TEACHER, threads=1)
+    enet = ensemble.enet_probabilities(TEACHER, threads=1)
     calls = []
-    counted = reference.CamvidProbabilities(enet.name, enet.path, lambda rgb: calls.append(1) or enet(rgb))
+    counted = ensemble.CamvidProbabilities(enet.name, enet.path, lambda rgb: calls.append(1) or enet(rgb))
     monkeypatch.setattr(reference, "cache_dir", lambda: tmp_path)
     labels = reference.reference_labels(clip_frames, [counted], progress=False)
     assert len(calls) == 3

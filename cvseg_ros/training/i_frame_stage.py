@@ -1,0 +1,101 @@
+"""Stage 1 of ``cvseg train``: the I-frame network on CamVid stills, and what the Cityscapes
+teachers know (:mod:`cvseg_ros.training.distill`).
+
+Each step takes ``i_batch`` stills (cross-entropy with the human labels, plus ``distill`` times the
+distillation term) and ``distill_batch`` unlabelled driving frames of the training clips
+(distillation only), crops of H.264-decoded copies (share ``i_compressed``) or of the clean frames.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from cvseg_ros.model.classes import camvid_class_map
+from cvseg_ros.training.data import IGNORE, h264_round_trip, random_crop
+from cvseg_ros.training.distill import distillation_loss, driving_frames, full_size, soft_targets
+from cvseg_ros.training.distributed import load_train_state
+
+TEACHERS_FILE = "iframe_teachers.json"   # beside the I-frame network: the teachers it learnt from
+
+
+def _round_trip(frames: list[np.ndarray], seed: int, progress: bool) -> list[np.ndarray]:
+    if len({f.shape for f in frames}) == 1:
+        return list(h264_round_trip(np.stack(frames), seed=seed, progress=progress))
+    return [h264_round_trip(f[None], seed=seed + i, progress=False)[0] for i, f in enumerate(frames)]
+
+
+def train_i_frame(trainer) -> list[float]:
+    """Train (or resume) the I-frame network of ``trainer`` (a :class:`~cvseg_ros.training.train.Trainer`)
+    and save it to its ``i_frame_path()``; returns the loss of every step."""
+    from tqdm import tqdm
+
+    from cvseg_ros.model.enet_torch7 import enet_from_torch7
+    from cvseg_ros.model.i_frame import IFrameNet
+    from cvseg_ros.training.train import cosine_lr
+    cfg, rng, device = trainer.cfg, trainer.rng, trainer.device
+    num_classes = trainer.weights.numel()
+    net = IFrameNet(num_classes)
+    if cfg.teacher_init:
+        enet = enet_from_torch7(trainer.teacher_path, num_classes=num_classes, class_map=camvid_class_map())
+        net.enet.load_state_dict(enet.state_dict())
+    net.to(device).train()
+    model = trainer.dist.wrap(net.enet)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.i_lr, weight_decay=1e-4)
+    state_path = trainer.out / "iframe_state.safetensors"
+    step = load_train_state(state_path, net, optimizer) if state_path.exists() else 0
+    images, labels = trainer.images, trainer.labels
+    if cfg.i_limit:
+        images, labels = images[: cfg.i_limit], labels[: cfg.i_limit]
+    progress = trainer.dist.main
+    decoded = h264_round_trip(images, seed=cfg.seed, progress=progress) if cfg.i_compressed else images
+    still_soft, driving, driving_decoded, driving_soft = None, [], [], []
+    if cfg.distill:
+        from cvseg_ros.training.ensemble import default_teachers
+        teachers = default_teachers(log=trainer.note)
+        trainer.note(f"distillation from {', '.join(t.name for t in teachers)}")
+        if trainer.dist.main:   # the export names them in the checkpoint's metadata
+            (trainer.out / TEACHERS_FILE).write_text(json.dumps([t.name for t in teachers]))
+        still_soft = soft_targets(list(images), teachers, trainer.out, progress)
+        if cfg.distill_batch:
+            driving = driving_frames(trainer.training_clips(), cfg.distill_frame_step, images.shape[1])
+            driving_soft = soft_targets(driving, teachers, trainer.out, progress)
+            driving_decoded = _round_trip(driving, cfg.seed, progress) if cfg.i_compressed else driving
+    crop = tuple(int(v) for v in cfg.i_crop.lower().split("x"))
+    bar = tqdm(total=cfg.i_steps, initial=step, desc="stage 1: I-frame network", disable=not progress)
+    losses = []
+    while step < cfg.i_steps:
+        idx = rng.integers(0, len(images), cfg.i_batch)
+        if still_soft is None:
+            crops = [random_crop(decoded[i] if rng.random() < cfg.i_compressed else images[i], labels[i], rng, crop)
+                     for i in idx]
+        else:
+            crops = [random_crop(decoded[i] if rng.random() < cfg.i_compressed else images[i], labels[i], rng, crop,
+                                 soft=full_size(still_soft[i], *labels[i].shape)) for i in idx]
+            for j in (rng.integers(0, len(driving), cfg.distill_batch) if driving else ()):
+                frame = driving_decoded[j] if rng.random() < cfg.i_compressed else driving[j]
+                unlabelled = np.full(frame.shape[:2], IGNORE, np.uint8)
+                crops.append(random_crop(frame, unlabelled, rng, crop, soft=full_size(driving_soft[j], *frame.shape[:2])))
+        x = torch.from_numpy(np.stack([c[0] for c in crops])).to(device).permute(0, 3, 1, 2).float() / 255
+        y = torch.from_numpy(np.stack([c[1] for c in crops])).to(device).long()
+        for g in optimizer.param_groups:
+            g["lr"] = cosine_lr(step, cfg.i_steps, cfg.i_lr)
+        with trainer.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=trainer.weights, ignore_index=IGNORE)
+        if still_soft is not None:
+            target = torch.from_numpy(np.stack([c[2] for c in crops])).to(device).permute(0, 3, 1, 2)
+            loss = loss + cfg.distill * distillation_loss(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        trainer.after_step(step, cfg.i_steps, loss, losses, bar, "iframe", state_path, net, optimizer)
+    bar.close()
+    if trainer.dist.main:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(trainer.i_frame_path()))
+    trainer.dist.barrier()
+    return losses
