@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from cvseg_ros.common.jit import compiled
+from cvseg_ros.common.kernels import cpu_kernels
 from cvseg_ros.model.warping import resize_tap
 
 
@@ -46,6 +47,11 @@ def _arg_max_last_kernel(classes: int):
     return compiled(arg_max_last)
 
 
+def to_host(ids: torch.Tensor) -> np.ndarray:
+    """The one device-to-host copy of a group's class ids (uint8)."""
+    return ids.cpu().numpy()
+
+
 def _class_ids_on_device(logits: torch.Tensor) -> torch.Tensor:
     """:func:`class_ids` as tensor operations (for a GPU): the class maximum, then the lowest
     class index reaching it."""
@@ -62,8 +68,8 @@ def class_ids(logits: torch.Tensor) -> np.ndarray:
     (NCHW or channels-last), far cheaper there than ``argmax(1)`` or the tensor formulation. On a
     GPU the tensor formulation, and only the ids come to the host."""
     logits = logits.detach()
-    if logits.device.type != "cpu":
-        return _class_ids_on_device(logits).cpu().numpy()
+    if not cpu_kernels(logits):
+        return to_host(_class_ids_on_device(logits))
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()   # NumPy has no bfloat16
     out = np.empty((logits.shape[0], *logits.shape[2:]), np.uint8)
@@ -153,8 +159,8 @@ def upsampled_class_ids(logits: torch.Tensor, height: int, width: int, ids: np.n
     on about 0.02 % of the pixels, where a fifth class wins). On a GPU the exact arg-max
     (:func:`_upsampled_class_ids_on_device`), and only the ids come to the host."""
     logits = logits.detach()
-    if logits.device.type != "cpu":
-        return _upsampled_class_ids_on_device(logits, height, width)[0].cpu().numpy()
+    if not cpu_kernels(logits):
+        return to_host(_upsampled_class_ids_on_device(logits, height, width)[0])
     if ids is None:
         ids = class_ids(logits)[0]
     rows, cols = _bilinear_taps(height, logits.shape[2]), _bilinear_taps(width, logits.shape[3])
@@ -182,7 +188,30 @@ def _upsampled_class_ids_on_device(logits: torch.Tensor, height: int, width: int
 
 def frame_masks(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """[B,C,h,w] logits -> per frame the class ids at its ``(height, width)``: the arg-max, and
-    where the size differs that of the bilinearly resized logits (:func:`upsampled_class_ids`)."""
+    where the size differs that of the bilinearly resized logits (:func:`upsampled_class_ids`).
+    On a GPU the ids of the whole batch come to the host in one copy."""
+    sizes = [tuple(size) for size in sizes]
+    if not cpu_kernels(logits):
+        return _frame_masks_on_device(logits.detach(), sizes)
     ids = class_ids(logits)
-    return [small if small.shape == tuple(size) else upsampled_class_ids(logits[i: i + 1], *size, ids=small)
+    return [small if small.shape == size else upsampled_class_ids(logits[i: i + 1], *size, ids=small)
             for i, (small, size) in enumerate(zip(ids, sizes))]
+
+
+def _frame_masks_on_device(logits: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """:func:`frame_masks` as tensor operations: the frames of one size at once, every id in one
+    copy to the host."""
+    parts: list[torch.Tensor | None] = [None] * len(sizes)
+    for size in dict.fromkeys(sizes):
+        index = [i for i, s in enumerate(sizes) if s == size]
+        group = logits if len(index) == len(sizes) else logits[index]
+        ids = (_class_ids_on_device(group) if size == tuple(logits.shape[2:])
+               else _upsampled_class_ids_on_device(group, *size))
+        for i, frame_ids in zip(index, ids):
+            parts[i] = frame_ids.flatten()
+    flat = to_host(parts[0] if len(parts) == 1 else torch.cat(parts))
+    out, start = [], 0
+    for h, w in sizes:
+        out.append(flat[start: start + h * w].reshape(h, w))
+        start += h * w
+    return out

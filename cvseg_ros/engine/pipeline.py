@@ -16,6 +16,7 @@ masks from logits); this module keeps the cameras, batches their frames and runs
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from cvseg_ros.codec.decoder import CompressedFrame, H264StreamDecoder
 from cvseg_ros.common.sizes import round8 as _round8
 from cvseg_ros.engine.inputs import ModelInputs
 from cvseg_ros.engine.labels import frame_masks
-from cvseg_ros.engine.runtime import (PRECISIONS, resolve_device, resolve_precision, set_threads, tune_allocator,
+from cvseg_ros.engine.runtime import (PRECISIONS, autocast_dtypes, resolve_device, resolve_precision, set_threads, tune_allocator,
                                       warm_up_compiled)
 from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from cvseg_ros.model.inference import inference_copy
@@ -116,12 +117,13 @@ class SegmentationEngine:
             p_frame_branch=p_frame_branch)
         self._deblock_p_frames = bool(getattr(config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
-        self._i_dtype = torch.bfloat16 if self.precision == "bf16" else None
-        self._p_dtype = torch.bfloat16 if self.precision in ("bf16", "mixed") else None
+        self._i_dtype, self._p_dtype = autocast_dtypes(self.precision)
         self._cameras: dict[str, _Camera] = {}
         warm_up_compiled(motion=mode == "compressed", model=self.model)
         self._color_lut = np.zeros((256, 3), np.uint8)
         self._color_lut[: len(self.palette)] = self.palette
+        if self.device.type == "cuda":
+            self.warm_up_device()
 
     # -- cameras --------------------------------------------------------------------------------
     def add_camera(self, camera: str) -> None:
@@ -168,6 +170,36 @@ class SegmentationEngine:
         if mask.ndim == 2 and mask.dtype == np.uint8:   # OpenCV table look-up: ~8x numpy's fancy indexing
             return cv2.LUT(cv2.merge([mask, mask, mask]), self._color_lut.reshape(256, 1, 3))
         return self._color_lut[mask]
+
+    @torch.inference_mode()
+    def warm_up_device(self, size: tuple[int, int] | None = None) -> None:
+        """One I-frame and two P-frames of zeros through the model as the cameras' frames go (at
+        ``size``, default the checkpoint's height at 16:9), so that no camera's first frames pay
+        for the device's start-up (CUDA context, cuDNN's choice of kernels). Run at start-up on
+        CUDA; touches no camera."""
+        h, w = size or (self.reference_height, _round8(self.reference_height * 16 / 9))
+        zeros = functools.partial(torch.zeros, device=self.device)
+        cells = (h // 4, w // 4)
+        luma = zeros(1, 1, *cells) if self._inputs.luma else None
+        with self._autocast(self._i_dtype):
+            rgb = zeros(1, h, w, 3).permute(0, 3, 1, 2)   # channels-last, as ModelInputs.rgb
+            if self.mode == "compressed":
+                logits, state = self.model.i_frame(rgb, luma=luma)
+            else:
+                logits, state = self.model.i_frame_net(rgb)[1], None
+        frame_masks(logits, [(h, w)])
+        if state is None:
+            return
+        branch = self._inputs.p_frame_branch
+        for _ in range(2):
+            inputs = {"motion_vectors": zeros(1, 2, *cells), "residual": None, "luma": luma,
+                      "residual_stats": zeros(1, 2, *cells) if branch else None,
+                      "intra": zeros(1, 1, *cells) if branch and self._inputs.intra else None}
+            with self._autocast(self._p_dtype):
+                logits, state = self.model.p_frame(state=state, branch=branch, **inputs)
+            frame_masks(logits, [(h, w)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- the pipeline -----------------------------------------------------------------------------
     def work_size(self, height: int, width: int) -> tuple[int, int]:

@@ -10,10 +10,17 @@ from cvseg_ros.model import enet, luma_matching
 from cvseg_ros.model.segmenter import CompressedSegmenter
 from cvseg_ros.model.warping import warm_up_warp
 
-#: ``fp32``; ``bf16``: both networks under bf16 autocast; ``mixed``: the I-frame network in fp32,
-#: the P-frame branch in bf16; ``auto``: ``mixed`` on a CPU with native bf16 (AVX512-BF16 or AMX),
-#: else ``fp32``.
-PRECISIONS = ("auto", "fp32", "bf16", "mixed")
+#: ``fp32``; ``bf16``: both networks under bf16 autocast; ``fp16``: both under fp16 autocast (for
+#: a GPU; on a CPU it runs, slowly); ``mixed``: the I-frame network in fp32, the P-frame branch in
+#: bf16; ``auto``: ``mixed`` on a CPU with native bf16 (AVX512-BF16 or AMX), else ``fp32``.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "mixed")
+
+
+def autocast_dtypes(precision: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(the I-frame network's, the P-frame step's) autocast dtype for a resolved ``precision``;
+    None: fp32."""
+    return {"fp32": (None, None), "bf16": (torch.bfloat16, torch.bfloat16),
+            "fp16": (torch.float16, torch.float16), "mixed": (None, torch.bfloat16)}[precision]
 
 
 def native_bf16_cpu() -> bool:

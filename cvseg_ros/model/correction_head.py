@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvseg_ros.common.jit import compiled
+from cvseg_ros.common.kernels import cpu_kernels
 from cvseg_ros.model.warping import bilinear_cell, resize_tap, warp
 
 
@@ -33,7 +34,7 @@ class CorrectionHead(nn.Module):
     def forward(self, h: torch.Tensor, seg: torch.Tensor, guides: list[torch.Tensor],
                 motion: torch.Tensor | None = None) -> torch.Tensor:
         """The corrected logits, in seg's dtype (from the CPU's compiled loop: fp32, NCHW)."""
-        if (seg.device.type == "cpu" and seg.dtype == torch.float32 and seg.permute(0, 2, 3, 1).is_contiguous()
+        if (cpu_kernels(seg) and seg.dtype == torch.float32 and seg.permute(0, 2, 3, 1).is_contiguous()
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, seg, *self.parameters())))):
             return self._compiled(h, seg, guides, motion)
         if motion is not None:

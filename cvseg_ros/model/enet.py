@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvseg_ros.common.jit import compiled
+from cvseg_ros.common.kernels import cpu_kernels
 
 __all__ = ["ENet", "TEACHER_NUM_CLASSES"]
 
@@ -73,7 +74,7 @@ def _add_prelu(y: torch.Tensor, main: torch.Tensor, act: nn.PReLU) -> torch.Tens
     channels-last maps, one compiled pass that writes into ``y`` (the block's own new map), where
     the sum and the PReLU each read and write the whole map: the same values, in less time."""
     channels = y.shape[1]
-    if (y.device.type == "cpu" and y.dtype == main.dtype == torch.float32 and y.shape == main.shape
+    if (cpu_kernels(y) and y.dtype == main.dtype == torch.float32 and y.shape == main.shape
             and act.weight.numel() == channels and y.is_contiguous(memory_format=torch.channels_last)
             and main.is_contiguous(memory_format=torch.channels_last) and y.data_ptr() != main.data_ptr()
             and not (torch.is_grad_enabled() and (y.requires_grad or main.requires_grad or act.weight.requires_grad))):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cvseg_ros.common.kernels import cpu_kernels
 from cvseg_ros.model.enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
 from cvseg_ros.model.p_frame import FusedBranches
 
@@ -100,7 +101,7 @@ class PackedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        dtype = (_cpu_autocast_dtype() or x.dtype) if self.available and x.device.type == "cpu" else None
+        dtype = (_cpu_autocast_dtype() or x.dtype) if self.available and cpu_kernels(x) else None
         if (dtype in (torch.float32, torch.bfloat16) and dtype not in self.refused
                 and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad))):
             try:

@@ -15,11 +15,14 @@ On the CPU a compiled loop (a few thousand cells of a 90x120 map are checked, fe
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cvseg_ros.common.jit import compiled
+from cvseg_ros.common.kernels import cpu_kernels
 
 #: the acc maps are at H/CELL; vectors are in input pixels. A cell tries its 3x3 neighbours'
 #: vectors, each judged on the 3x3 cells around it.
@@ -134,65 +137,79 @@ def _refine(acc, luma, ref, scale, spread, good, margin, same, out):
     return searched
 
 
-def _shifted(x: torch.Tensor, di: int, dj: int) -> torch.Tensor:
-    """x[..., i + di, j + dj] with indices clamped to the map (x: [B,C,h,w])."""
+def neighbourhood(x: torch.Tensor, offsets=NEIGHBOURS) -> torch.Tensor:
+    """[B,C,h,w] -> [B,len(offsets),C,h,w]: ``x[..., i + di, j + dj]`` for each ``(di, dj)`` of
+    ``offsets`` (at most one cell away), indices clamped to the map. One border-replicating pad,
+    views of it and one stack, however many offsets: on a GPU the launches do not grow with them."""
     h, w = x.shape[-2:]
-    rows = (torch.arange(h, device=x.device) + di).clamp_(0, h - 1)
-    cols = (torch.arange(w, device=x.device) + dj).clamp_(0, w - 1)
-    return x[..., rows, :][..., cols]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return torch.stack([padded[..., 1 + di: 1 + di + h, 1 + dj: 1 + dj + w] for di, dj in offsets], dim=1)
 
 
-def outlines(acc: torch.Tensor) -> torch.Tensor:
-    """[B,h,w] bool: where the field ``acc`` [B,2,h,w] bends by more than :data:`SPREAD` (as the
-    compiled loop decides; the map's border cells are not outlines)."""
-    h, w = acc.shape[-2:]
-    bends = torch.stack([(_shifted(acc, di, dj) + _shifted(acc, -di, -dj) - 2 * acc).abs().sum(dim=1)
-                         for di, dj in BENDS], dim=1)
-    outline = (bends > SPREAD).any(dim=1)
-    inside = torch.zeros(h, w, dtype=torch.bool, device=acc.device)
+@functools.lru_cache(maxsize=16)
+def _constants(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per map size and device, made once: the inner cells (the border cells are never outlines),
+    and the normalised x and y coordinates of each patch cell (:data:`NEIGHBOURS` around each
+    cell, clamped to the map) [1,1,9,h,w], as ``grid_sample`` reads them."""
+    inside = torch.zeros(h, w, dtype=torch.bool, device=device)
     inside[1:-1, 1:-1] = True
-    return outline & inside
+    ys = torch.arange(h, dtype=torch.float32, device=device).view(1, h, 1).expand(1, h, w)
+    xs = torch.arange(w, dtype=torch.float32, device=device).view(1, 1, w).expand(1, h, w)
+    cells = neighbourhood(torch.stack([xs, ys], dim=1))[0]                       # [9,2,h,w], clamped
+    gx = (2 * cells[:, 0] + 1) / w - 1
+    gy = (2 * cells[:, 1] + 1) / h - 1
+    return inside, gx[None, None], gy[None, None]
+
+
+def outlines(acc: torch.Tensor, around: torch.Tensor | None = None) -> torch.Tensor:
+    """[B,h,w] bool: where the field ``acc`` [B,2,h,w] bends by more than :data:`SPREAD` (as the
+    compiled loop decides; the map's border cells are not outlines). ``around``:
+    ``neighbourhood(acc)`` when the caller has it."""
+    h, w = acc.shape[-2:]
+    if around is None:
+        around = neighbourhood(acc)
+    # NEIGHBOURS 1..4 are (-1,-1), (-1,0), (-1,1), (0,-1); 8..5 the opposite cells: the four BENDS
+    bends = (around[:, 1:5] + around[:, 5:].flip(1) - 2 * acc[:, None]).abs().sum(dim=2)
+    return (bends > SPREAD).any(dim=1) & _constants(h, w, acc.device)[0]
 
 
 def patch_costs(vectors: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
-    """[B,h,w]: for each cell, the sum over the 3x3 cells around it of |luma - ref sampled at the
-    cell + its vector| (``vectors`` [B,2,h,w] in input pixels, times ``scale`` in cells; bilinear,
-    border-clamped), as tensor operations (one sampling call for all the patch's cells)."""
-    h, w = vectors.shape[-2:]
-    patch = NEIGHBOURS
-    ys = torch.arange(h, device=vectors.device, dtype=torch.float32).view(1, 1, h, 1)
-    xs = torch.arange(w, device=vectors.device, dtype=torch.float32).view(1, 1, 1, w)
-    di = torch.tensor([d[0] for d in patch], device=vectors.device, dtype=torch.float32).view(1, -1, 1, 1)
-    dj = torch.tensor([d[1] for d in patch], device=vectors.device, dtype=torch.float32).view(1, -1, 1, 1)
-    # each patch cell (clamped to the map), displaced by the centre cell's vector: [B,9,h,w]
-    py = (ys + di).clamp(0, h - 1) + vectors[:, 1:2].float() * scale
-    px = (xs + dj).clamp(0, w - 1) + vectors[:, 0:1].float() * scale
-    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1).flatten(1, 2)   # [B,9h,w,2]
+    """For each cell and candidate vector, the sum over the 3x3 cells around it of |luma - ref
+    sampled at the cell + the vector| (``vectors`` [B,K,2,h,w] or [B,2,h,w], in input pixels,
+    times ``scale`` in cells; bilinear, border-clamped) -> [B,K,h,w] or [B,h,w]. Tensor
+    operations: one sampling call for all candidates and patch cells, their count independent of K."""
+    single = vectors.dim() == 4
+    if single:
+        vectors = vectors[:, None]
+    b, k, _, h, w = vectors.shape
+    _, gx0, gy0 = _constants(h, w, vectors.device)
+    v = vectors.float()
+    # each patch cell displaced by the candidate vector (normalised coordinates): [B,K,9,h,w]
+    gx = torch.add(gx0, v[:, :, 0:1], alpha=2 * scale / w)
+    gy = torch.add(gy0, v[:, :, 1:2], alpha=2 * scale / h)
+    grid = torch.stack([gx, gy], dim=-1).view(b, k * len(NEIGHBOURS) * h, w, 2)
     samples = F.grid_sample(ref.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    around = torch.cat([_shifted(luma.float(), a, b) for a, b in patch], dim=1)               # [B,9,h,w]
-    return (around - samples.view(-1, len(patch), h, w)).abs().sum(dim=1)
+    around = neighbourhood(luma.float())[:, None, :, 0]                                    # [B,1,9,h,w]
+    costs = (around - samples.view(b, k, len(NEIGHBOURS), h, w)).abs().sum(dim=2)
+    return costs[:, 0] if single else costs
 
 
 def _refine_tensors(acc: torch.Tensor, luma: torch.Tensor, ref: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`_refine` as tensor operations (any device): the same decisions, all cells at once."""
     b, _, h, w = acc.shape
-    offsets = NEIGHBOURS
-    candidates = torch.stack([_shifted(acc, di, dj) for di, dj in offsets], dim=1)   # [B,9,2,h,w]
-    outline = outlines(acc)
-    n = len(offsets)
-    costs = patch_costs(candidates.flatten(0, 1), luma.repeat_interleave(n, dim=0),
-                        ref.repeat_interleave(n, dim=0), scale).view(b, n, h, w)
-    own = costs[:, 0].clone()
+    candidates = neighbourhood(acc)                                          # [B,9,2,h,w]
+    outline = outlines(acc, candidates)
+    costs = patch_costs(candidates, luma, ref, scale)                        # [B,9,h,w]
+    own = costs[:, 0]
     # the own vector comes first (it wins ties) and needs no margin; a neighbour within SAME of a
     # vector tried before it is not tried
+    close = (candidates[:, :, None] - candidates[:, None]).abs().sum(dim=3) <= SAME   # [B,9,9,h,w]
     tried = [torch.ones_like(own, dtype=torch.bool)]
-    for k in range(1, len(offsets)):
-        close = (candidates[:, :k] - candidates[:, k : k + 1]).abs().sum(dim=2) <= SAME   # [B,k,h,w]
-        seen = (close & torch.stack(tried, dim=1)).any(dim=1)
-        tried.append(~seen)
-        costs[:, k] = costs[:, k].masked_fill(seen, float("inf"))
+    for k in range(1, len(NEIGHBOURS)):
+        tried.append(~(close[:, :k, k] & torch.stack(tried, dim=1)).any(dim=1))
+    costs = torch.where(torch.stack(tried, dim=1), costs, float("inf"))
     costs[:, 0] = own - MARGIN
-    choice = costs.argmin(dim=1, keepdim=True)                                       # first minimum
+    choice = costs.argmin(dim=1, keepdim=True)                               # first minimum
     chosen = candidates.gather(1, choice[:, :, None].expand(b, 1, 2, h, w))[:, 0]
     keep = ~outline | (own <= GOOD)
     return torch.where(keep[:, None], acc, chosen)
@@ -206,7 +223,7 @@ def refine_accumulated_motion(acc: torch.Tensor, luma: torch.Tensor, i_frame_lum
         raise ValueError(f"luma cells {tuple(luma.shape)} and I-frame luma cells {tuple(i_frame_luma.shape)} "
                          f"must cover the motion's {tuple(acc.shape[-2:])} cells")
     scale = 1.0 / CELL
-    if acc.device.type != "cpu":
+    if not cpu_kernels(acc):
         with torch.no_grad():
             return _refine_tensors(acc.float(), luma.float(), i_frame_luma.float(), scale)
     a = acc.detach().float().contiguous().numpy()

@@ -89,7 +89,8 @@ class FusedBranches(nn.Module):
             if geometry != (b.kernel_size, b.stride, b.padding, b.out_channels, relu_b) or a.dilation != (1, 1):
                 raise ValueError(f"the two P-frame CNNs differ at layer {index}")
             group_in = max(a.in_channels, b.in_channels)
-            fused = nn.Conv2d(2 * group_in, 2 * a.out_channels, a.kernel_size, a.stride, a.padding, groups=2)
+            fused = nn.Conv2d(2 * group_in, 2 * a.out_channels, a.kernel_size, a.stride, a.padding, groups=2,
+                              device=a.weight.device, dtype=a.weight.dtype)   # beside the trained layers
             with torch.no_grad():
                 fused.weight.zero_()
                 scale = 1.0 / mv_cnn.scale if index == 0 else 1.0   # the vectors' division, folded in

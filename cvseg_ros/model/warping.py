@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cvseg_ros.common.jit import compiled
+from cvseg_ros.common.kernels import cpu_kernels
 
 _GRIDS: dict = {}
 
@@ -98,7 +99,7 @@ def warp(x: torch.Tensor, motion_vectors: torch.Tensor) -> torch.Tensor:
     if mv.shape[-2:] != (h, w):
         mv = F.adaptive_avg_pool2d(mv, (h, w))
     full_h, full_w = motion_vectors.shape[-2] * 4, motion_vectors.shape[-1] * 4
-    if (x.device.type == "cpu" and channels >= COMPILED_WARP_CHANNELS and x.dtype == torch.float32
+    if (cpu_kernels(x) and channels >= COMPILED_WARP_CHANNELS and x.dtype == torch.float32
             and x.permute(0, 2, 3, 1).is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or mv.requires_grad))):
         out = torch.empty_like(x)   # channels-last, as x

@@ -174,7 +174,7 @@ class CvsegNode(Node):
         try:
             from cvseg_ros.engine.pipeline import SegmentationEngine
             self.engine = SegmentationEngine(checkpoint=cfg["checkpoint"] or None, device=cfg["device"],
-                                             threads=cfg["threads"] or None, luma_matching=cfg["luma_matching"],
+                                             threads=cfg["threads"] or None, precision=cfg["precision"], luma_matching=cfg["luma_matching"],
                                              p_frame_branch=cfg["p_frame_branch"])
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None

@@ -228,6 +228,10 @@ PARAMETERS: tuple[Param, ...] = (
           "run the P-frame branch (CNNs, ConvLSTM, correction head); false: each P-frame's mask is the "
           "I-frame's logits warped along the accumulated motion (less time per P-frame; needs a model "
           "that accumulates the motion since the I-frame, as the shipped one does, not the paper's)"),
+    Param("precision", "string", "auto",
+          "arithmetic of the networks: `fp32`; `bf16` or `fp16` autocast (fp16 is for a GPU); `mixed`: "
+          "the I-frame network in fp32, the P-frame branch in bf16; `auto`: `mixed` on a CPU with native "
+          "bf16, else fp32", choices=("auto", "fp32", "bf16", "fp16", "mixed"), strip=True, lower=True),
     Param("threads", "int", 0, "torch CPU threads of the engine; 0: torch's default (one per core)",
           minimum=0),
     Param("class_names", "string[]", None,

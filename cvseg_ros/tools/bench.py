@@ -273,9 +273,9 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
     if node:
         from cvseg_ros.tools.node_load import NODE_DOC, node_targets_met, run_node_load
         node_result = run_node_load(units, cameras=cameras, fps=fps, gop=gop, seconds=seconds, warmup=warmup,
-                                    device=device, checkpoint=checkpoint, qos=qos, queue_depth=queue_depth,
-                                    node_threads=node_threads, domain_id=domain_id, progress=progress, log=log,
-                                    error=BenchError)
+                                    device=device, precision=precision, checkpoint=checkpoint, qos=qos,
+                                    queue_depth=queue_depth, node_threads=node_threads, domain_id=domain_id,
+                                    progress=progress, log=log, error=BenchError)
         node_result["doc"] = NODE_DOC
     met = {
         "per_frame_over_compressed": None if rat["per_frame_over_compressed"] is None
@@ -345,7 +345,7 @@ def register(sub) -> None:
     p.add_argument("--passes", type=int, default=5, help="interleaved passes (default 5)")
     p.add_argument("--teacher", default=None, help="ENet teacher .net: adds the 'teacher' method")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "mixed"), default="auto",
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "mixed"), default="auto",
                    help="auto (the engine's default: mixed on a CPU with native bf16, else fp32), fp32, bf16, mixed")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenCV threads of the offline part")
     p.add_argument("--no-node", action="store_true", help="skip the node under load")

@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "fuzz": "cvseg_ros.tools.fuzz",
     "soak": "cvseg_ros.tools.soak",
     "bench": "cvseg_ros.tools.bench",
+    "gpu-check": "cvseg_ros.tools.gpu_check",
 }
 
 

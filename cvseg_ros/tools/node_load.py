@@ -67,6 +67,7 @@ class _Arrivals:
 
 def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, seconds: float, warmup: float,
                   device: str = "auto", checkpoint: str | None = None, qos: str = "best_effort",
+                  precision: str = "auto",
                   queue_depth: int | None = None, node_threads: int | None = None, domain_id: int | None = None,
                   startup_timeout: float = 180.0, workdir: Path | None = None, progress: bool = True,
                   log: Callable[[str], None] = print, error: type[Exception] = NodeLoadError) -> dict:
@@ -82,6 +83,7 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
     names = [f"bench{k}" for k in range(cameras)]
     topics = {c: f"/{c}/image_raw/h264" for c in names}
     overrides = {"cameras": "[" + ",".join(names) + "]", "device": device, "qos_reliability": qos,
+                 "precision": precision,
                  "diagnostics_period": "0.5"}
     overrides.update({f"{c}.topic": t for c, t in topics.items()})
     if checkpoint:

@@ -1,11 +1,13 @@
 """Luma matching on real H.264: the CamVid val sequence (or the fallback clip), read by our reader."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvseg_ros.model import luma_matching
 from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
@@ -59,7 +61,7 @@ def test_matching_moves_only_outline_cells_to_a_better_matching_neighbour_vector
         if not changed.any():
             continue
         # every new vector is one of the cell's 3x3 neighbours' vectors ...
-        neighbours = torch.stack([luma_matching._shifted(raw, di, dj) for di, dj in luma_matching.NEIGHBOURS], 1)
+        neighbours = luma_matching.neighbourhood(raw)
         assert ((neighbours == refined[:, None]).all(dim=2)).any(dim=1)[0][changed].all()
         # ... on an outline: along a row, column or diagonal the field bends by more than SPREAD ...
         assert luma_matching.outlines(raw)[0][changed].all()
@@ -80,8 +82,9 @@ def test_compiled_loop_and_tensor_operations_decide_alike(val_gop):
         field = raw[0].contiguous().numpy()
         marked = np.empty(field.shape[1:], np.bool_)
         luma_matching._mark_outlines(field[0], field[1], np.float32(luma_matching.SPREAD), marked)
-        bends = torch.stack([(luma_matching._shifted(raw, di, dj) + luma_matching._shifted(raw, -di, -dj)
-                              - 2 * raw).abs().sum(dim=1) for di, dj in luma_matching.BENDS], dim=1)[0]
+        ahead = luma_matching.neighbourhood(raw, luma_matching.BENDS)
+        behind = luma_matching.neighbourhood(raw, [(-di, -dj) for di, dj in luma_matching.BENDS])
+        bends = (ahead + behind - 2 * raw[:, None]).abs().sum(dim=2)[0]
         near_tie = ((bends - luma_matching.SPREAD).abs() < 1e-4).any(dim=0).numpy()
         differ = marked != luma_matching.outlines(raw)[0].numpy()
         assert marked.sum() > 500 and not (differ & ~near_tie).any() and differ.sum() <= 2
@@ -177,3 +180,37 @@ def test_engine_can_leave_the_matching_off(val_gop):
     per_frame.process([("cam", units[0], 0)])
     assert per_frame._cameras["cam"].state is None                   # (nor any model state)
     assert any(not np.array_equal(a, b) for a, b in zip(masks[True][1:], masks[False][1:]))
+
+
+class _CountOps(TorchDispatchMode):
+    """The tensor operations dispatched in the block (views excluded: they launch nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func.overloadpacket).removeprefix("aten.")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_tensor_formulation_launches_a_fixed_number_of_operations(val_gop):
+    """On a GPU each operation is a kernel launch: the shifted maps come from one padded copy
+    (no index tensors per shift), and the count depends on neither the map nor the batch."""
+    field = torch.zeros(1, 2, 9, 12)
+    with _CountOps() as few, torch.no_grad():
+        luma_matching.neighbourhood(field, luma_matching.BENDS)
+    with _CountOps() as all_nine, torch.no_grad():
+        luma_matching.neighbourhood(field)
+    assert sum(few.ops.values()) == sum(all_nine.ops.values()) == 2       # a pad and a stack
+    raw, luma, ref = accumulated_motions(val_gop)[5]
+    counts = []
+    for batch, cells in ((1, slice(None)), (3, slice(None)), (2, slice(0, 45))):
+        args = [t[..., cells, :].repeat(batch, 1, 1, 1) for t in (raw, luma, ref)]
+        luma_matching._refine_tensors(*args, 1.0 / luma_matching.CELL)   # the per-size constants, made once
+        with _CountOps() as count, torch.no_grad():
+            luma_matching._refine_tensors(*args, 1.0 / luma_matching.CELL)
+        assert not {"arange", "index", "clamp_", "clamp"} & set(count.ops), count.ops
+        counts.append(sum(count.ops.values()))
+    assert counts[0] == counts[1] == counts[2] <= 80, counts        # 351 with index tensors per shift
