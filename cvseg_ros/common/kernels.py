@@ -8,9 +8,12 @@ the same for a whole process.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Iterator
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _forced = os.environ.get("CVSEG_DEVICE_KERNELS", "0") not in ("", "0")
 
@@ -19,10 +22,6 @@ def cpu_kernels(tensor) -> bool:
     """Whether the CPU formulation runs for ``tensor``: it is on the CPU and the GPU formulations
     are not forced."""
     return tensor.device.type == "cpu" and not _forced
-
-
-def device_kernels_forced() -> bool:
-    return _forced
 
 
 @contextlib.contextmanager
@@ -34,3 +33,21 @@ def device_kernels(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _forced = before
+
+
+class OperationCounter(TorchDispatchMode):
+    """Within the block, counts the tensor operations dispatched (``ops``: name -> count), views
+    excluded: on a GPU each of the others is a kernel launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func.overloadpacket).removeprefix("aten.")] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())

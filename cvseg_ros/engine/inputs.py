@@ -45,16 +45,15 @@ class Uploads:
                 self._buffers.pop(next(iter(self._buffers)))
             host = torch.empty((len(arrays), *first.shape), dtype=torch.from_numpy(first[:0]).dtype,
                                pin_memory=self.pinned)
-            entry = (host, None)
+            entry = (host, torch.cuda.Event() if self.pinned else None)
         host, copied = entry
         if copied is not None:
-            copied.synchronize()   # the buffer's previous upload has been read
+            copied.synchronize()   # the buffer's previous upload has been read (at once if never recorded)
         np.stack(arrays, out=host.numpy())
         out = host.to(self.device, non_blocking=self.pinned)
-        if self.pinned:
-            copied = torch.cuda.Event()
+        if copied is not None:
             copied.record()
-        self._buffers[key] = (host, copied)
+        self._buffers[key] = entry
         return out
 
 

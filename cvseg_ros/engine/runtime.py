@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cvseg_ros.codec.decoder import warm_up_motion_analysis
+from cvseg_ros.common.kernels import cpu_kernels
 from cvseg_ros.engine.labels import class_ids, upsampled_class_ids
 from cvseg_ros.model import enet, luma_matching
 from cvseg_ros.model.segmenter import CompressedSegmenter
@@ -88,9 +89,15 @@ def set_threads(threads: int | None) -> None:
 
 def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> None:
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
-    first frame waits for them: the labels' (for ``model``'s
-    number of classes) and ENet's block ends'; with ``motion``, also the motion-vector field's,
-    the luma matching's, the warp's and ``model``'s correction head's (compressed mode)."""
+    first frame waits for them: with ``motion`` the motion-vector field's (the decoder's, on the
+    CPU whatever the device); where the model runs its CPU formulations (:mod:`cvseg_ros.common.kernels`),
+    also the labels' (for ``model``'s number of classes) and ENet's block ends', and with
+    ``motion`` the luma matching's, the warp's and ``model``'s correction head's."""
+    if motion:
+        warm_up_motion_analysis()
+    parameter = next(model.parameters(), None) if model is not None else None
+    if not cpu_kernels(parameter if parameter is not None else torch.zeros(0)):
+        return
     config = getattr(model, "config", None)
     logits = torch.zeros(1, getattr(config, "num_classes", 2), 4, 4)
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -98,9 +105,8 @@ def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> 
         upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)
     enet.warm_up()
     if motion:
-        warm_up_motion_analysis()
         luma_matching.warm_up()
         warm_up_warp()
         head = getattr(model, "head", None)
-        if head is not None and next(head.parameters()).device.type == "cpu":
+        if head is not None:
             head.warm_up()

@@ -92,11 +92,11 @@ def check_masks(clip: Path, device: str, forced: bool, sizes, frames: int, camer
 
 def time_rounds(clip: Path, device: str, forced: bool, rounds, frames: int, precisions) -> dict:
     """Per (cameras, size, precision): the median ms of the I rounds and of the P rounds."""
+    from cvseg_ros.common.kernels import device_kernels
     out = {}
     for cameras, width, height in rounds:
         streams = _cameras(_units(clip, (width, height), frames, gop=12), cameras)
         for precision in precisions:
-            from cvseg_ros.common.kernels import device_kernels
             engine = _engine(device, forced, precision=precision)
             times = collections.defaultdict(list)
             with device_kernels(forced):
@@ -114,28 +114,17 @@ def time_rounds(clip: Path, device: str, forced: bool, rounds, frames: int, prec
 def profile_p_round(clip: Path, device: str, forced: bool, cameras: int = 4) -> dict:
     """One P round of ``cameras`` cameras after an I round: what it dispatches and, on CUDA, launches."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    from cvseg_ros.common.kernels import device_kernels
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops[str(func.overloadpacket)] += 1
-            return func(*args, **(kwargs or {}))
+    from cvseg_ros.common.kernels import OperationCounter, device_kernels
 
     streams = _cameras(_units(clip, (480, 360), 12, gop=12), cameras)
     engine = _engine(device, forced, precision="fp32")
     with device_kernels(forced):
         for i in range(2):
             engine.process([(c, u[i], i) for c, u in streams.items()])
-        with Count() as count:
+        with OperationCounter() as count:
             engine.process([(c, u[2], 2) for c, u in streams.items()])
-        out = {"tensor_operations": sum(count.ops.values()), "most_common": count.ops.most_common(12)}
+        out = {"tensor_operations": count.total, "most_common": count.ops.most_common(12)}
         if engine.device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

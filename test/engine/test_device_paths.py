@@ -69,6 +69,26 @@ def test_the_gpu_formulations_on_cpu_tensors_give_the_cpu_masks(two_cameras, nam
         assert np.mean(differ) < 0.001
 
 
+def test_no_cpu_only_kernel_runs_while_the_gpu_formulations_are_forced(two_cameras, monkeypatch):
+    """Every step that has a CPU formulation asks the switch: with it forced, none of them runs."""
+    from cvseg_ros.model import correction_head, enet, luma_matching, warping
+    from cvseg_ros.model.inference import PackedConv2d
+
+    def cpu_only(*_args, **_kwargs):
+        raise AssertionError("a CPU-only kernel ran")
+    for module, name in ((labels, "_arg_max_planes"), (labels, "_arg_max_last_kernel"), (labels, "_mend_upsampled_ids"),
+                         (luma_matching, "_refine"), (warping, "_warp_channels_last"),
+                         (enet, "_add_prelu_channels_last_"), (correction_head.CorrectionHead, "_compiled"),
+                         (PackedConv2d, "_weights")):
+        monkeypatch.setattr(module, name, cpu_only)
+    with device_kernels():
+        for name, mode in (("improved", "compressed"), ("paper", "compressed"), ("improved", "per_frame")):
+            engine = SegmentationEngine(CHECKPOINTS[name], device="cpu", mode=mode, precision="fp32")
+            assert len(run(engine, {"a": two_cameras["a"][:5]})) == 5
+    with pytest.raises(AssertionError, match="CPU-only"):     # and without the switch, they do run
+        run(SegmentationEngine(CHECKPOINTS["improved"], device="cpu", precision="fp32"), {"a": two_cameras["a"][:2]})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU check runs this on one)")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -97,9 +117,13 @@ def test_the_warm_up_runs_every_path_and_touches_no_camera(two_cameras, setting)
     single = {"a": two_cameras["a"][:3]}
     with device_kernels():
         engine = SegmentationEngine(CHECKPOINTS["improved"], device="cpu", **setting)
+        steps, p_frame = [], engine.model.p_frame
+        engine.model.p_frame = lambda *a, **k: steps.append(k["motion_vectors"].shape) or p_frame(*a, **k)
         engine.warm_up_device((360, 480))
         engine.warm_up_device()
         assert engine.cameras == []
+        uses_p_frames = setting.get("mode", "compressed") == "compressed"
+        assert steps == ([(1, 2, 90, 120)] * 2 + [(1, 2, 90, 160)] * 2 if uses_p_frames else []), steps
         warmed = run(engine, single)
         fresh = run(SegmentationEngine(CHECKPOINTS["improved"], device="cpu", **setting), single)
     assert all(np.array_equal(a, b) for a, b in zip(warmed, fresh))

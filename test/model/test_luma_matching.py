@@ -1,14 +1,13 @@
 """Luma matching on real H.264: the CamVid val sequence (or the fallback clip), read by our reader."""
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from cvseg_ros.common.kernels import OperationCounter
 from cvseg_ros.model import luma_matching
 from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
 from cvseg_ros.model.warping import warp
@@ -182,35 +181,22 @@ def test_engine_can_leave_the_matching_off(val_gop):
     assert any(not np.array_equal(a, b) for a, b in zip(masks[True][1:], masks[False][1:]))
 
 
-class _CountOps(TorchDispatchMode):
-    """The tensor operations dispatched in the block (views excluded: they launch nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops[str(func.overloadpacket).removeprefix("aten.")] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_tensor_formulation_launches_a_fixed_number_of_operations(val_gop):
     """On a GPU each operation is a kernel launch: the shifted maps come from one padded copy
     (no index tensors per shift), and the count depends on neither the map nor the batch."""
     field = torch.zeros(1, 2, 9, 12)
-    with _CountOps() as few, torch.no_grad():
+    with OperationCounter() as few, torch.no_grad():
         luma_matching.neighbourhood(field, luma_matching.BENDS)
-    with _CountOps() as all_nine, torch.no_grad():
+    with OperationCounter() as all_nine, torch.no_grad():
         luma_matching.neighbourhood(field)
-    assert sum(few.ops.values()) == sum(all_nine.ops.values()) == 2       # a pad and a stack
+    assert few.total == all_nine.total == 2       # a pad and a stack
     raw, luma, ref = accumulated_motions(val_gop)[5]
     counts = []
     for batch, cells in ((1, slice(None)), (3, slice(None)), (2, slice(0, 45))):
         args = [t[..., cells, :].repeat(batch, 1, 1, 1) for t in (raw, luma, ref)]
         luma_matching._refine_tensors(*args, 1.0 / luma_matching.CELL)   # the per-size constants, made once
-        with _CountOps() as count, torch.no_grad():
+        with OperationCounter() as count, torch.no_grad():
             luma_matching._refine_tensors(*args, 1.0 / luma_matching.CELL)
         assert not {"arange", "index", "clamp_", "clamp"} & set(count.ops), count.ops
-        counts.append(sum(count.ops.values()))
+        counts.append(count.total)
     assert counts[0] == counts[1] == counts[2] <= 80, counts        # 351 with index tensors per shift
