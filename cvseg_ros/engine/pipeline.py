@@ -30,8 +30,8 @@ from cvseg_ros.codec.decoder import CompressedFrame, H264StreamDecoder
 from cvseg_ros.common.sizes import round8 as _round8
 from cvseg_ros.engine.inputs import ModelInputs
 from cvseg_ros.engine.labels import frame_masks
-from cvseg_ros.engine.runtime import (PRECISIONS, autocast_dtypes, resolve_device, resolve_precision, set_threads, tune_allocator,
-                                      warm_up_compiled)
+from cvseg_ros.engine.runtime import (PRECISIONS, autocast_dtypes, resolve_device, resolve_precision, set_threads,
+                                      tune_allocator, warm_up_compiled)
 from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from cvseg_ros.model.inference import inference_copy
 from cvseg_ros.model.segmenter import CompressedSegmenter

@@ -6,14 +6,12 @@ same reference without running the teachers again.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import numpy as np
 
 from cvseg_ros.common.paths import cache_dir
-from cvseg_ros.model.checkpoint import file_sha256
-from cvseg_ros.training.ensemble import CamvidProbabilities, ensemble_labels
+from cvseg_ros.training.ensemble import CamvidProbabilities, cache_key, ensemble_labels
 
 REFERENCE_FORMAT = 1                # part of the cache key: bump when the labelling rule changes
 
@@ -23,13 +21,8 @@ def reference_labels(frames: Sequence[np.ndarray], teachers: Sequence[CamvidProb
     """:func:`ensemble_labels` of every frame, cached under the user's cache directory."""
     from tqdm import tqdm
 
-    key = hashlib.sha256()
-    key.update(f"v{REFERENCE_FORMAT}|{confidence}|".encode())
-    for teacher in teachers:
-        key.update(f"{teacher.name}:{file_sha256(teacher.path)}|".encode())
-    for rgb in frames:
-        key.update(hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).digest())
-    path = cache_dir() / "reference" / f"{key.hexdigest()[:20]}.npz"
+    key = cache_key(f"v{REFERENCE_FORMAT}|{confidence}|", teachers, frames)
+    path = cache_dir() / "reference" / f"{key[:20]}.npz"
     if cache and path.is_file():
         with np.load(path) as z:
             return list(z["labels"])

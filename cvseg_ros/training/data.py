@@ -77,7 +77,8 @@ def files_digest(paths) -> str:
 def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, size: tuple[int, int],
                 scale: tuple[float, float] = (0.5, 1.75), soft: np.ndarray | None = None):
     """Random scale, crop (padded with ignore) and horizontal flip of a frame and its labels;
-    ``soft`` (HxWxC float32 targets at the frame's size, padded with zeros) goes along when given.
+    ``soft`` (hxwxC float32 targets covering the frame at any resolution, padded with zeros) is
+    resized to the scaled frame and goes along when given.
     Returns (image, label) or (image, label, soft)."""
     s = rng.uniform(*scale)
     h, w = label.shape

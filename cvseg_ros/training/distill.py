@@ -11,7 +11,6 @@ on unlabelled driving frames it is the only term.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cvseg_ros.model.checkpoint import file_sha256
-from cvseg_ros.training.ensemble import CamvidProbabilities
+from cvseg_ros.training.ensemble import CamvidProbabilities, cache_key
 
 SOFT_FORMAT = 1     # part of the cache key: bump when the targets change
 SOFT_STRIDE = 4     # targets at 1/4 of the frame
@@ -32,12 +30,8 @@ def soft_targets(frames: Sequence[np.ndarray], teachers: Sequence[CamvidProbabil
     """Per frame: the teachers' mean CamVid probabilities [11, h/4, w/4] float16 (cached)."""
     from tqdm import tqdm
 
-    key = hashlib.sha256(f"v{SOFT_FORMAT}|{SOFT_STRIDE}|".encode())
-    for teacher in teachers:
-        key.update(f"{teacher.name}:{file_sha256(teacher.path)}|".encode())
-    for rgb in frames:
-        key.update(hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).digest())
-    path = Path(cache_dir) / f"soft_targets_{key.hexdigest()[:16]}.npz"
+    key = cache_key(f"v{SOFT_FORMAT}|{SOFT_STRIDE}|", teachers, frames)
+    path = Path(cache_dir) / f"soft_targets_{key[:16]}.npz"
     if path.is_file():
         with np.load(path) as z:
             return [z[f"t{i}"] for i in range(len(frames))]
@@ -52,6 +46,12 @@ def soft_targets(frames: Sequence[np.ndarray], teachers: Sequence[CamvidProbabil
     np.savez(tmp, **{f"t{i}": t for i, t in enumerate(targets)})
     tmp.replace(path)
     return targets
+
+
+def planes_last(target: np.ndarray) -> np.ndarray:
+    """A cached [11, h, w] target as hxwx11 float32, the layout :func:`~cvseg_ros.training.data.random_crop`
+    resizes with its frame (straight from the quarter size to the crop's scale)."""
+    return np.ascontiguousarray(target.astype(np.float32).transpose(1, 2, 0))
 
 
 def full_size(target: np.ndarray, height: int, width: int) -> np.ndarray:

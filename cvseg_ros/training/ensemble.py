@@ -97,6 +97,20 @@ def default_teachers(threads: int | None = None, log: Callable[[str], None] = pr
     return teachers
 
 
+def cache_key(header: str, teachers: Sequence[CamvidProbabilities], frames: Sequence[np.ndarray]) -> str:
+    """Hex digest of what the teachers' outputs on ``frames`` depend on: ``header`` (the format and
+    settings of what is cached), each teacher's name and weights file, each frame's pixels."""
+    import hashlib
+
+    from cvseg_ros.model.checkpoint import file_sha256
+    key = hashlib.sha256(header.encode())
+    for teacher in teachers:
+        key.update(f"{teacher.name}:{file_sha256(teacher.path)}|".encode())
+    for rgb in frames:
+        key.update(hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).digest())
+    return key.hexdigest()
+
+
 def ensemble_labels(probabilities: Sequence[np.ndarray], confidence: float = 0.5) -> np.ndarray:
     """CamVid ids HxW uint8 from each teacher's [11, H, W] probabilities (see the module doc)."""
     mean = np.mean(probabilities, axis=0)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from cvseg_ros.model.classes import camvid_class_map
 from cvseg_ros.training.data import IGNORE, h264_round_trip, random_crop
-from cvseg_ros.training.distill import distillation_loss, driving_frames, full_size, soft_targets
+from cvseg_ros.training.distill import distillation_loss, driving_frames, planes_last, soft_targets
 from cvseg_ros.training.distributed import load_train_state
 
 TEACHERS_FILE = "iframe_teachers.json"   # beside the I-frame network: the teachers it learnt from
@@ -74,11 +74,11 @@ def train_i_frame(trainer) -> list[float]:
                      for i in idx]
         else:
             crops = [random_crop(decoded[i] if rng.random() < cfg.i_compressed else images[i], labels[i], rng, crop,
-                                 soft=full_size(still_soft[i], *labels[i].shape)) for i in idx]
+                                 soft=planes_last(still_soft[i])) for i in idx]
             for j in (rng.integers(0, len(driving), cfg.distill_batch) if driving else ()):
                 frame = driving_decoded[j] if rng.random() < cfg.i_compressed else driving[j]
                 unlabelled = np.full(frame.shape[:2], IGNORE, np.uint8)
-                crops.append(random_crop(frame, unlabelled, rng, crop, soft=full_size(driving_soft[j], *frame.shape[:2])))
+                crops.append(random_crop(frame, unlabelled, rng, crop, soft=planes_last(driving_soft[j])))
         x = torch.from_numpy(np.stack([c[0] for c in crops])).to(device).permute(0, 3, 1, 2).float() / 255
         y = torch.from_numpy(np.stack([c[1] for c in crops])).to(device).long()
         for g in optimizer.param_groups:

@@ -18,7 +18,7 @@ from conftest import REPO, SHARED_DATA, require
 
 TINY = ["--i_steps=2", "--i_batch=2", "--i_crop=128x160", "--i_limit=4", "--p_steps=2", "--p_batch=1",
         "--p_limit=2", "--use_clips=false", "--group_length=4", "--threads=1", "--save_every=1",
-        "--models=improved"]
+        "--models=improved", "--distill_batch=1", "--distill_frame_step=50"]
 
 
 def _env():
@@ -77,6 +77,7 @@ def test_train_command_exports_a_checkpoint_and_resumes(tmp_path):
     model, meta = load_checkpoint(export / "cvseg_improved.safetensors")
     assert meta["command"].startswith("cvseg train") and "--p_steps=2" in meta["command"]
     assert meta["data"]["teacher_sha256"] and meta["data"]["camvid_train"]
+    assert meta["distilled_from"] == ["enet:enet-cityscapes.net"]    # stage 1 learnt from the teacher
     assert json.loads((out / "pframe_improved_state.json").read_text())["step"] == 2
     # resume: a longer schedule continues from the saved step instead of starting over
     done = subprocess.run(cmd + ["--p_steps=3", "--stages=pframe"], capture_output=True, text=True,
