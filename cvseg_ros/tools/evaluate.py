@@ -172,15 +172,17 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, max_frames: int 
 
 def evaluate_video(video: str | Path, *, frame_step: int = 2, start: int = 0, max_frames: int | None = None,
                    width: int = 0, fps: float | None = None, confidence: float = 0.5,
-                   teachers: Sequence | None = None, **options) -> dict:
+                   teachers: Sequence | None = None, reference: Sequence[str] = ("enet",), **options) -> dict:
     """:func:`evaluate_frames` on an unlabelled video file at its own size (or ``width``), scored
-    against the Cityscapes teachers' ensemble on its clean frames (:mod:`cvseg_ros.tools.reference`)."""
+    against the Cityscapes teachers' ensemble on its clean frames (:mod:`cvseg_ros.tools.reference`):
+    ``teachers`` as built, else those named in ``reference``."""
     from cvseg_ros.tools.eval_data import video_frames
     from cvseg_ros.tools.reference import reference_labels
     from cvseg_ros.training.ensemble import default_teachers
 
     frames, video_fps = video_frames(video, step=frame_step, start=start, max_frames=max_frames, width=width)
-    teachers = default_teachers(options.get("threads"), options.get("log", print)) if teachers is None else teachers
+    if teachers is None:
+        teachers = default_teachers(options.get("threads"), options.get("log", print), names=reference)
     labels = reference_labels(frames, teachers, confidence=confidence, progress=options.get("progress", True))
     void = float(np.mean([np.mean(lab == len(CAMVID_CLASSES)) for lab in labels]))
     source = {"video": str(video), "frame_step": frame_step, "start_frame": start,
@@ -349,6 +351,8 @@ def register(sub) -> None:
     p.add_argument("--labels", help="directory of CamVid label PNGs with the frames' names")
     p.add_argument("--video", help="an unlabelled video file instead of --frames/--labels, scored against "
                                    "the Cityscapes teachers' ensemble (labels cached; see cvseg_ros.tools.reference)")
+    p.add_argument("--reference", default="enet",
+                   help="--video: the teachers of the reference, comma-separated: enet, espnetv2 (default enet)")
     p.add_argument("--frame-step", type=int, default=2, help="--video: every N-th frame (25 fps -> 12.5)")
     p.add_argument("--width", type=int, default=0, help="--video: resize to this width (0: its own size)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the encoded stream (default: 15 for "
@@ -382,11 +386,13 @@ def _main(args) -> int:
                    teacher=args.teacher, methods=args.methods, device=args.device, precision=args.precision,
                    threads=args.threads, crf=args.crf, progress=not args.no_progress,
                    timing_passes=args.timing_passes)
+    from cvseg_ros.training.ensemble import teacher_names
     if args.video:
         if args.frames or args.labels:
             raise SystemExit("cvseg eval: give --video or --frames and --labels, not both")
         result = evaluate_video(args.video, frame_step=args.frame_step, max_frames=args.max_frames,
-                                width=args.width, fps=args.fps, **options)
+                                width=args.width, fps=args.fps, reference=teacher_names(args.reference),
+                                **options)
     elif args.frames and args.labels:
         result = evaluate(args.frames, args.labels, max_frames=args.max_frames, fps=args.fps or 15.0, **options)
     else:

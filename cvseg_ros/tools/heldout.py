@@ -52,9 +52,10 @@ def held_out_sets(data: Path | None = None, include_val: bool = True, fetch: boo
 
 def run_heldout(*, checkpoint: str | None = None, methods: Sequence[str] = METHODS, max_frames: int = 96,
                 data: str | None = None, include_val: bool = True, fetch: bool = True, device: str = "auto",
-                threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+                reference: Sequence[str] = ("enet",)) -> dict:
     """Every set through :mod:`cvseg_ros.tools.evaluate` (one timing pass); the per-set mIoU of
-    every method and their mean."""
+    every method and their mean; the videos scored against the teachers named in ``reference``."""
     from cvseg_ros.tools.evaluate import evaluate, evaluate_video
 
     options = dict(checkpoint=checkpoint, methods=list(methods), device=device, threads=threads,
@@ -64,7 +65,7 @@ def run_heldout(*, checkpoint: str | None = None, methods: Sequence[str] = METHO
         log(f"== {s['name']}")
         if "video" in s:
             results[s["name"]] = evaluate_video(s["video"], frame_step=s["frame_step"], max_frames=max_frames,
-                                                **options)
+                                                reference=reference, **options)
         else:
             results[s["name"]] = evaluate(s["frames"], s["labels"], **options)
     if not results:
@@ -97,6 +98,8 @@ def register(sub) -> None:
     p.add_argument("--max-frames", type=int, default=96, help="frames per video set (8 GOPs of 12)")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--no-val", action="store_true", help="leave CamVid val out")
+    p.add_argument("--reference", default="enet",
+                   help="the teachers of the videos' reference, comma-separated: enet, espnetv2 (default enet)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_out", required=True, help="result JSON path (a .md table beside it)")
@@ -106,9 +109,10 @@ def register(sub) -> None:
 
 def _main(args) -> int:
     from cvseg_ros.tools.metrics import nan_to_none
+    from cvseg_ros.training.ensemble import teacher_names
     report = run_heldout(checkpoint=args.checkpoint, methods=args.methods, max_frames=args.max_frames,
                          data=args.data, include_val=not args.no_val, device=args.device, threads=args.threads,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, reference=teacher_names(args.reference))
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(nan_to_none(report), indent=1))

@@ -85,16 +85,31 @@ def espnetv2_probabilities(path: str | Path | None = None) -> CamvidProbabilitie
     return CamvidProbabilities(f"espnetv2:{path.name}", path, probabilities)
 
 
-def default_teachers(threads: int | None = None, log: Callable[[str], None] = print) -> list[CamvidProbabilities]:
-    """Both Cityscapes teachers of the shared data (ESPNetv2 where its file and converter are)."""
-    teachers = [enet_probabilities(threads=threads)]
-    espnet = shared_data_dir() / ESPNETV2_FILE
-    if espnet.is_file():
-        try:
+TEACHERS = ("enet", "espnetv2")   # the Cityscapes teachers of the shared data
+
+
+def default_teachers(threads: int | None = None, log: Callable[[str], None] = print,
+                     names: Sequence[str] = ("enet",)) -> list[CamvidProbabilities]:
+    """The Cityscapes teachers ``names`` (of :data:`TEACHERS`), read from the shared data."""
+    unknown = [n for n in names if n not in TEACHERS]
+    if unknown or not names:
+        raise ValueError(f"teachers {list(names)}: choose one or more of {', '.join(TEACHERS)}")
+    teachers = []
+    for name in names:
+        if name == "enet":
+            teachers.append(enet_probabilities(threads=threads))
+        else:
+            espnet = shared_data_dir() / ESPNETV2_FILE
+            if not espnet.is_file():
+                raise FileNotFoundError(f"ESPNetv2 teacher not found: {espnet}")
             teachers.append(espnetv2_probabilities(espnet))
-        except ImportError as exc:      # a checkout without the converter
-            log(f"note: reference without ESPNetv2 ({exc})")
+    log(f"teachers: {', '.join(t.name for t in teachers)}")
     return teachers
+
+
+def teacher_names(text: str) -> tuple[str, ...]:
+    """``"enet,espnetv2"`` -> ("enet", "espnetv2")."""
+    return tuple(n.strip().lower() for n in text.split(",") if n.strip())
 
 
 def cache_key(header: str, teachers: Sequence[CamvidProbabilities], frames: Sequence[np.ndarray]) -> str:

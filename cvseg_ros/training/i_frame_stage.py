@@ -54,8 +54,8 @@ def train_i_frame(trainer) -> list[float]:
     decoded = h264_round_trip(images, seed=cfg.seed, progress=progress) if cfg.i_compressed else images
     still_soft, driving, driving_decoded, driving_soft = None, [], [], []
     if cfg.distill:
-        from cvseg_ros.training.ensemble import default_teachers
-        teachers = default_teachers(log=trainer.note)
+        from cvseg_ros.training.ensemble import default_teachers, teacher_names
+        teachers = default_teachers(log=trainer.note, names=teacher_names(cfg.teachers))
         trainer.note(f"distillation from {', '.join(t.name for t in teachers)}")
         if trainer.dist.main:   # the export names them in the checkpoint's metadata
             (trainer.out / TEACHERS_FILE).write_text(json.dumps([t.name for t in teachers]))

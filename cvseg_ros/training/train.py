@@ -69,6 +69,7 @@ class TrainConfig:
     i_compressed: float = 0.7                # share of samples taken from H.264-decoded copies
     teacher_init: bool = True                # initialise from the converted ENet teacher
     distill: float = 1.0                     # weight of the teachers' distillation term (0 = labels only)
+    teachers: str = "enet"                   # the Cityscapes teachers distilled: enet, espnetv2 (comma-separated)
     distill_batch: int = 4                   # unlabelled driving frames per step (distillation only)
     distill_frame_step: int = 2              # every N-th frame of the training clips
     # stage 2: P-frame branch
