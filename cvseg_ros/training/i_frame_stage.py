@@ -56,7 +56,6 @@ def train_i_frame(trainer) -> list[float]:
     if cfg.distill:
         from cvseg_ros.training.ensemble import default_teachers, teacher_names
         teachers = default_teachers(log=trainer.note, names=teacher_names(cfg.teachers))
-        trainer.note(f"distillation from {', '.join(t.name for t in teachers)}")
         if trainer.dist.main:   # the export names them in the checkpoint's metadata
             (trainer.out / TEACHERS_FILE).write_text(json.dumps([t.name for t in teachers]))
         still_soft = soft_targets(list(images), teachers, trainer.out, progress)
