@@ -32,7 +32,7 @@ from cvseg_ros.engine.inputs import ModelInputs
 from cvseg_ros.engine.labels import frame_masks
 from cvseg_ros.engine.runtime import (PRECISIONS, autocast_dtypes, resolve_device, resolve_precision, set_threads,
                                       tune_allocator, warm_up_compiled)
-from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from cvseg_ros.model.checkpoint import load_checkpoint
 from cvseg_ros.model.inference import inference_copy
 from cvseg_ros.model.segmenter import CompressedSegmenter
 from cvseg_ros.model.state import PFrameState
@@ -96,7 +96,7 @@ class SegmentationEngine:
         tune_allocator()
         set_threads(threads)
         if model is None:
-            model, metadata = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT, self.device)
+            model, metadata = load_checkpoint(checkpoint, self.device)
         model = model.to(self.device).eval()
         self.model = inference_copy(model) if optimize else model
         self.metadata = metadata or {}

@@ -26,6 +26,39 @@ FORMAT = "cvseg_ros/1"
 MAX_CLASSES = 255
 
 
+#: names the tools and the node take instead of a checkpoint path -> the shipped file they mean
+CHECKPOINT_ALIASES = {"fast": "cvseg_improved", "accurate": "cvseg_improved_espnetv2"}
+
+
+CHECKPOINT_HELP = ("fast (ENet I-frame network), accurate (ESPNetv2), auto (accurate on CUDA, fast on the "
+                   "CPU; the default) or a .safetensors path")
+
+
+def resolve_checkpoint(spec: str | Path | None = None, device: str | torch.device = "cpu") -> Path:
+    """The checkpoint file ``spec`` names: ``fast`` (ENet I-frame network), ``accurate`` (ESPNetv2),
+    ``auto``, empty or None (``accurate`` on CUDA, ``fast`` on a CPU), or a path (``./fast`` for a
+    file of that name)."""
+    text = str(spec).strip() if spec else "auto"
+    if text == "auto":
+        text = "accurate" if torch.device(device).type == "cuda" else "fast"
+    if text in CHECKPOINT_ALIASES:
+        return PACKAGE_CHECKPOINT_DIR / f"{CHECKPOINT_ALIASES[text]}.safetensors"
+    return Path(text)
+
+
+def checkpoint_argument(spec: str | Path) -> str:
+    """``spec`` as another process (a node) takes it: a name of :func:`resolve_checkpoint` as it
+    is, a path made absolute."""
+    text = str(spec).strip()
+    return text if text in ("auto", *CHECKPOINT_ALIASES) else str(Path(text).expanduser().resolve())
+
+
+def checkpoint_name(model: str, i_frame_network: str = "enet") -> str:
+    """The file name (without suffix) ``cvseg train`` exports a model configuration as:
+    ``cvseg_<model>`` with the ENet I-frame network, ``cvseg_<model>_<network>`` with another."""
+    return f"cvseg_{model}" if i_frame_network == "enet" else f"cvseg_{model}_{i_frame_network}"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
@@ -116,7 +149,7 @@ def _check_metadata(meta, meta_path: Path) -> None:
 
 
 def read_metadata(path: str | Path) -> dict:
-    weights, meta_path = _paths(path)
+    weights, meta_path = _paths(resolve_checkpoint(path))
     if not weights.exists():
         raise CheckpointError(f"checkpoint not found: {weights}")
     if not meta_path.exists():
@@ -131,8 +164,9 @@ def read_metadata(path: str | Path) -> dict:
 
 def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu"
                     ) -> tuple[CompressedSegmenter, dict]:
-    """Build the model its metadata describes and load validated weights. Returns (model, metadata)."""
-    weights, _ = _paths(path or DEFAULT_CHECKPOINT)
+    """Build the model its metadata describes and load validated weights. Returns (model, metadata).
+    ``path``: a file or a name :func:`resolve_checkpoint` takes (None: the device's default)."""
+    weights, _ = _paths(resolve_checkpoint(path, device))
     meta = read_metadata(weights)
     try:
         config = config_of(meta)

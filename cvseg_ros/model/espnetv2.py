@@ -246,12 +246,20 @@ def _bn_prelu(channels: int) -> nn.Sequential:
 class ESPNetv2Seg(nn.Module):
     """ESPNetv2 s=2.0 segmentation network (see the module doc); ``forward(x) -> [B, classes, H, W]``."""
 
-    def __init__(self, classes: int = NUM_CLASSES, dec_base: int = 16):
+    #: channels of the decoder's features at 1/8 (what :meth:`decode` returns)
+    feature_channels = 48
+
+    def __init__(self, classes: int = NUM_CLASSES, dec_base: int = 16, proj: int | None = None):
+        """``proj``: the decoder's pyramid width (default as the Cityscapes network: half the
+        classes, at most ``dec_base``; keep 10 to reuse its weights with another class count)."""
         super().__init__()
         self.base_net = _Encoder()
         enc = (32, 128, 256, 512)
         dec = (4 * dec_base, 3 * dec_base, 2 * dec_base)
-        proj = min(classes // 2, dec_base)
+        if dec[1] != self.feature_channels:
+            raise ValueError(f"dec_base={dec_base}: the 1/8 features have {dec[1]} channels, not "
+                             f"{self.feature_channels}")
+        proj = min(classes // 2, dec_base) if proj is None else proj
         self.bu_dec_l1 = _PyramidPool(enc[3], proj, dec[0])
         self.bu_dec_l2 = _PyramidPool(dec[0], proj, dec[1])
         self.bu_dec_l3 = _PyramidPool(dec[1], proj, dec[2])
@@ -263,18 +271,26 @@ class ESPNetv2Seg(nn.Module):
         self.bu_br_l3 = _bn_prelu(dec[1])
         self.bu_br_l4 = _bn_prelu(dec[2])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the decoder's features at 1/8 [B,48,H/8,W/8], the logits at 1/2 [B,classes,H/2,W/2])."""
         h, w = x.shape[2:]
         if h % 16 or w % 16:
             raise ValueError(f"ESPNetv2 input height and width must be multiples of 16, got {h}x{w}")
         f1, f2, f3, f4 = self.base_net(x)
         y = self.bu_dec_l1(f4)
+        features = None
         for skip, merge, norm, dec in ((f3, self.merge_enc_dec_l2, self.bu_br_l2, self.bu_dec_l2),
                                        (f2, self.merge_enc_dec_l3, self.bu_br_l3, self.bu_dec_l3),
                                        (f1, self.merge_enc_dec_l4, self.bu_br_l4, self.bu_dec_l4)):
             y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
             y = dec(norm(y + merge(skip)))
-        return F.interpolate(y, size=(h, w), mode="bilinear", align_corners=True)
+            if features is None:
+                features = y
+        return features, y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.decode(x)[1]
+        return F.interpolate(half, size=x.shape[2:], mode="bilinear", align_corners=True)
 
 
 def _check_state_dict(net: nn.Module, state: object, path: Path) -> None:

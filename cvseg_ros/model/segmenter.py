@@ -31,7 +31,7 @@ from torch import nn
 
 from cvseg_ros.model.conv_lstm import ConvLSTM
 from cvseg_ros.model.correction_head import CorrectionHead
-from cvseg_ros.model.i_frame import IFrameNet
+from cvseg_ros.model.i_frame import I_FRAME_NETWORKS, IFrameNet
 from cvseg_ros.model.luma_matching import refine_accumulated_motion
 from cvseg_ros.model.p_frame import FusedBranches, MotionVectorCNN, ResidualCNN
 from cvseg_ros.model.state import PFrameState
@@ -42,6 +42,8 @@ from cvseg_ros.model.warping import warp
 class ModelConfig:
     name: str
     num_classes: int = 11
+    i_frame_network: str = "enet"  # the I-frame network (model.i_frame): "enet" (fast) or "espnetv2"
+                                   # (accurate)
     state_stride: int = 8          # ConvLSTM resolution (paper: 32)
     hidden_channels: int = 24      # ConvLSTM channels (paper: num_classes)
     branch_channels: int = 16      # per P-frame CNN output channels
@@ -67,6 +69,9 @@ class ModelConfig:
                                    # (hidden_channels = num_classes); no correction head
 
     def __post_init__(self) -> None:
+        if self.i_frame_network not in I_FRAME_NETWORKS:
+            raise ValueError(f"unknown i_frame_network {self.i_frame_network!r}; choose from "
+                             f"{', '.join(I_FRAME_NETWORKS)}")
         if self.residual_stride not in (1, 2, 4):
             raise ValueError(f"residual_stride must be 1, 2 or 4 (the residual pooled to H/4 cells), "
                              f"got {self.residual_stride}")
@@ -122,7 +127,7 @@ class CompressedSegmenter(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.i_frame_net = IFrameNet(c.num_classes)
+        self.i_frame_net = IFrameNet(c.num_classes, c.i_frame_network)
         self.mv_cnn = MotionVectorCNN(c.branch_channels, out_stride=c.state_stride, width=c.branch_width,
                                       intra=c.intra)
         self.residual_cnn = ResidualCNN(c.branch_channels, out_stride=c.state_stride, width=c.branch_width)
@@ -133,7 +138,7 @@ class CompressedSegmenter(nn.Module):
             self.init_state = None      # h(0) = z(I) = I-frame logits pooled to H / state_stride
             self.head = None
         else:
-            self.init_state = nn.Conv2d(IFrameNet.feature_channels, c.hidden_channels, 1)
+            self.init_state = nn.Conv2d(self.i_frame_net.feature_channels, c.hidden_channels, 1)
             # residual-guided correction of the warped H/4 logits
             self.head = CorrectionHead(c.hidden_channels, c.num_classes, c.head_channels,
                                        guide_channels=2 + int(c.intra) + int(c.match_guide))

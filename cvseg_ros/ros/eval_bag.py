@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.common import stats
 from cvseg_ros.ros.bags import (COMPRESSED_IMAGE, IMAGE, STORAGES, _header, _open_writer, bag_info, write_json,
                                 camera_from_topic, iter_compressed, typestore)
@@ -107,7 +108,7 @@ def register(sub) -> None:
     ev.add_argument("--record", default=None, help="write the masks (mono8 Image) to this new bag")
     ev.add_argument("--storage", choices=STORAGES, default="mcap", help="storage of --record")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--checkpoint", default=None)
+    ev.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     ev.add_argument("--max-frames", type=int, default=None)
     ev.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 is much faster on a busy machine")

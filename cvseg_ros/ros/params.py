@@ -17,8 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from cvseg_ros.model.checkpoint import CHECKPOINT_ALIASES
+
 #: What stands for a camera's name in a template parameter.
 CAMERA = "<camera>"
+CHECKPOINT_NAMES = ("auto", *CHECKPOINT_ALIASES)   # what `checkpoint` takes besides a path
 #: The parameter whose entries instantiate the templates.
 CAMERAS = "cameras"
 TYPES = ("bool", "int", "float", "string", "string[]")
@@ -44,7 +47,7 @@ class Param:
     """One parameter. Ranges: ``minimum`` / ``maximum`` (numbers; ``exclusive_minimum`` excludes the
     bound), ``choices`` (strings), ``pattern`` (a string, or each item of a list: a full match,
     ``pattern_help`` in words), ``nonempty`` / ``unique`` (lists), ``existing_file`` (a string:
-    empty or a file). ``strip`` / ``lower``: how a string is normalised before the checks.
+    empty, one of ``names``, or a file). ``strip`` / ``lower``: how a string is normalised before the checks.
     ``what``: the noun the messages use for a value (``camera``, ``device``)."""
     name: str
     type: str
@@ -59,6 +62,7 @@ class Param:
     nonempty: bool = False
     unique: bool = False
     existing_file: bool = False
+    names: tuple[str, ...] = ()
     strip: bool = False
     lower: bool = False
     what: str = "value"
@@ -130,7 +134,7 @@ class Param:
         if self.pattern and not re.fullmatch(self.pattern, value):
             raise ParameterError(f"parameter '{self.name}': unknown {self.what} {value!r}; "
                                  f"use {self.pattern_help}")
-        if self.existing_file and value:
+        if self.existing_file and value and value not in self.names:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise ParameterError(f"parameter '{self.name}': file not found: {path}")
@@ -166,7 +170,7 @@ class Param:
         if self.pattern_help:
             parts.append(self.pattern_help)
         if self.existing_file:
-            parts.append("empty or an existing file")
+            parts.append(f"empty, {', '.join(self.names)} or an existing file" if self.names else "empty or an existing file")
         if self.set_by_node:
             parts.append("set by the node")
         return "; ".join(parts)
@@ -195,9 +199,10 @@ PARAMETERS: tuple[Param, ...] = (
           "inference device; `auto`: CUDA when available, else the CPU",
           pattern=r"auto|cpu|cuda(:\d+)?", pattern_help="'auto', 'cpu' or 'cuda[:N]'", strip=True,
           lower=True, what="device"),
-    Param("checkpoint", "string", "",
-          "model checkpoint (`.safetensors` with its `.json` beside it); empty: the checkpoint shipped "
-          "with the package", existing_file=True, strip=True),
+    Param("checkpoint", "string", "auto",
+          "model checkpoint: `fast` (ENet I-frame network) or `accurate` (ESPNetv2, about 2.7x its "
+          "compute), both shipped; `auto` or empty: `accurate` on CUDA, `fast` on the CPU; or a "
+          "`.safetensors` path (its `.json` beside it)", existing_file=True, names=CHECKPOINT_NAMES, strip=True),
     Param("publish_mask", "bool", True,
           f"publish `{CAMERA}/semantic/mask` (`mono8` class ids, 255 = unknown)"),
     Param("publish_color", "bool", True,

@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from cvseg_ros.common import procfs, stats, timing
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 
 TARGETS = {
     "per_frame_over_compressed_min": 8.0,       # ms/frame at least 8x lower than per_frame's
@@ -244,7 +245,7 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
     import torch
 
     from cvseg_ros.engine.pipeline import SegmentationEngine, resolve_device
-    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from cvseg_ros.model.checkpoint import load_checkpoint, resolve_checkpoint
 
     if passes < 1:
         raise ValueError("--passes must be >= 1")
@@ -256,7 +257,7 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
         f"{sum(map(len, units)) * 8 * fps / len(units) / 1000:.0f} kbit/s; device {dev}; {passes} passes")
     if threads:
         torch.set_num_threads(threads)
-    model, meta = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT, dev)
+    model, meta = load_checkpoint(checkpoint, dev)
     methods = {"decode_only": decode_only_method()}
     for mode in ("compressed", "per_frame"):
         engine = SegmentationEngine(model=model, metadata=meta, device=str(dev), mode=mode,
@@ -292,7 +293,7 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
         "machine": machine,
         "video": str(video), "width": w, "height": h, "frames": len(units), "gop": gop, "fps": fps,
         "passes": passes, "device": str(dev), "precision": precision, "threads": torch.get_num_threads(),
-        "checkpoint": str(checkpoint or DEFAULT_CHECKPOINT), "checkpoint_note": meta.get("note"),
+        "checkpoint": str(resolve_checkpoint(checkpoint, dev)), "checkpoint_note": meta.get("note"),
         "timing_is": TIMING_IS,
         "methods": results,
         "ratios": rat,
@@ -344,7 +345,7 @@ def register(sub) -> None:
     p.add_argument("--gop", type=int, default=12)
     p.add_argument("--passes", type=int, default=5, help="interleaved passes (default 5)")
     p.add_argument("--teacher", default=None, help="ENet teacher .net: adds the 'teacher' method")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "mixed"), default="auto",
                    help="auto (the engine's default: mixed on a CPU with native bf16, else fp32), fp32, bf16, mixed")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenCV threads of the offline part")

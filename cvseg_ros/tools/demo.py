@@ -29,6 +29,7 @@ from pathlib import Path
 from cvseg_ros.common import stats
 from cvseg_ros.common.paths import cache_dir
 from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, diagnostic_number, random_domain
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, checkpoint_argument
 
 CAMERA = "front"
 TOPIC = f"/{CAMERA}/image_raw/h264"
@@ -165,7 +166,7 @@ def run_live(bag: Path, frames: int, out: Path, *, domain_id: int, device: str, 
     overrides = {"cameras": f"[{CAMERA}]", f"{CAMERA}.topic": TOPIC, "qos_reliability": "reliable",
                  "queue_depth": str(frames + 16), "diagnostics_period": "0.5", "device": device}
     if checkpoint:
-        overrides["checkpoint"] = str(Path(checkpoint).resolve())
+        overrides["checkpoint"] = checkpoint_argument(checkpoint)
     proc = NodeProcess(overrides, log_path=out / "node.log", domain_id=domain_id, error=DemoError)
     log(f"[demo] starting the node (ROS_DOMAIN_ID={domain_id}): {' '.join(proc.command[1:])}")
     record_dir = out / "segmentation"
@@ -286,7 +287,7 @@ def register(sub) -> None:
                    help="your own clip (default: vtest.avi from Debian's opencv-doc, fetched to ~/.cache/cvseg_ros)")
     p.add_argument("--max-frames", type=int, default=150)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--gop", type=int, default=12)
     p.add_argument("--rate", type=float, default=1.0, help="replay speed (1 = the footage's frame rate)")
     p.add_argument("--width", type=int, default=None, help="resize the footage to this width first")

@@ -16,10 +16,10 @@ def frame_files(frames_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
 
 
-def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_frames: int | None = None
-                         ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Sorted RGB frames (PNG or JPEG) and their label PNGs (the frame's name with ``.png``).
-    Returns (rgb, labels, names)."""
+def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_frames: int | None = None,
+                         sequence: str = "") -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Sorted RGB frames (PNG or JPEG) and their label PNGs (the frame's name with ``.png``); only
+    the frames whose names start with ``sequence`` when given. Returns (rgb, labels, names)."""
     import cv2
 
     from cvseg_ros.codec.video import even_size
@@ -28,13 +28,14 @@ def load_labelled_frames(frames_dir: str | Path, labels_dir: str | Path, max_fra
     for d in (frames_dir, labels_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"no such directory: {d}")
-    files = frame_files(frames_dir)
+    files = [f for f in frame_files(frames_dir) if f.name.startswith(sequence)]
     if max_frames is not None:
         if max_frames < 1:
             raise ValueError(f"--max-frames must be >= 1, got {max_frames}")
         files = files[:max_frames]
     if not files:
-        raise FileNotFoundError(f"no PNG or JPEG frames in {frames_dir}")
+        raise FileNotFoundError(f"no PNG or JPEG frames in {frames_dir}"
+                                + (f" whose names start with {sequence!r}" if sequence else ""))
     frames, labels = [], []
     for f in files:
         label_path = labels_dir / f"{f.stem}.png"

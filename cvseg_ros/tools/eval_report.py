@@ -18,7 +18,8 @@ def markdown_table(result: dict) -> str:
     classes = result["classes"]
     header = ["Method", "mIoU %", "Pixel acc %", "ms/frame", "Speed-up", "I ms", "P ms"] + classes
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    pf = result["methods"].get("per_frame")
+    # speed-up against per_frame (of the first checkpoint, where several were evaluated)
+    pf = next((m for name, m in result["methods"].items() if name.partition("@")[0] == "per_frame"), None)
     for name, m in result["methods"].items():
         speed = stats.ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None
         row = [name, _pct(m["miou"]), _pct(m["pixel_acc"]), f"{m['ms_per_frame']:.1f}",
@@ -35,10 +36,10 @@ def markdown_table(result: dict) -> str:
     title = (f"{what}: {result['frames']} frames "
              f"{result['width']}x{result['height']}, GOP {result['gop']}, {result['fps']:g} fps, "
              f"CRF {result['crf']} ({result['stream_kbit_s']:g} kbit/s), device {result['device']} "
-             f"({result['threads']['torch']} torch threads), checkpoint `{Path(result['checkpoint']).name}`"
+             f"({result['threads']['torch']} torch threads), checkpoint `{'`, `'.join(Path(c).name for c in result.get('checkpoints', {'': result['checkpoint']}).values())}`"
              + (f" ({result['checkpoint_note']})" if result.get("checkpoint_note") else ""))
     notes = [f"IoU in %, void ignored, mIoU over {result['miou_over']}; ms/frame: {result['ms_per_frame_is']}."]
-    if result.get("gap_closed") is not None:
+    if result.get("gap_closed") is not None and "per_frame" in result["methods"]:
         gap = result["methods"]["per_frame"]["miou"] - result["methods"]["iframe_copy"]["miou"]
         notes.append(f"compressed closes {100 * result['gap_closed']:.1f} % of the mIoU gap between "
                      f"iframe_copy and per_frame ({100 * gap:.1f} points"

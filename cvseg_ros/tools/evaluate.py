@@ -5,7 +5,9 @@ Labelled frames (sorted PNGs + CamVid label PNGs) are encoded once with :func:`v
 :meth:`SegmentationEngine.process` call per unit (one camera), timed end to end (access unit in,
 mask at frame size out):
 
-* ``compressed``       -- the improved checkpoint, mode ``compressed`` (the paper's method);
+* ``compressed``       -- the improved checkpoint (``--checkpoint``: ``fast``, ``accurate``, a path;
+  several at once give ``compressed@fast``, ``compressed@accurate``, ...), mode ``compressed``
+  (the paper's method);
 * ``compressed_no_matching`` -- the same with its luma matching switched off (the engine's and the
   node's ``luma_matching=False``: less time, less accuracy; only for a checkpoint that matches luma);
 * ``compressed_no_branch`` -- the same without its P-frame branch (the engine's
@@ -30,7 +32,7 @@ import numpy as np
 
 from cvseg_ros.common import stats, timing
 from cvseg_ros.common.timing import MS_PER_FRAME_IS
-from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT, PACKAGE_CHECKPOINT_DIR
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, PACKAGE_CHECKPOINT_DIR
 from cvseg_ros.model.classes import CAMVID_CLASSES, NO_CLASS
 from cvseg_ros.tools.eval_data import load_labelled_frames
 from cvseg_ros.tools.metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
@@ -163,11 +165,13 @@ def teacher_segmenter(teacher, warmup: Sequence[bytes] = ()) -> Segmenter:
 
 # -- the evaluation -------------------------------------------------------------------------------
 def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, max_frames: int | None = None,
-             **options) -> dict:
-    """:func:`evaluate_frames` on labelled stills (PNG or JPEG frames, CamVid label PNGs)."""
-    frames, labels, names = load_labelled_frames(frames_dir, labels_dir, max_frames)
+             sequence: str = "", **options) -> dict:
+    """:func:`evaluate_frames` on labelled stills (PNG or JPEG frames, CamVid label PNGs; those of
+    one ``sequence``, a name prefix, when given)."""
+    frames, labels, names = load_labelled_frames(frames_dir, labels_dir, max_frames, sequence)
     return evaluate_frames(frames, labels, source={"frames_dir": str(frames_dir), "labels_dir": str(labels_dir),
-                                                   "first_frame": names[0], "last_frame": names[-1]}, **options)
+                                                   "first_frame": names[0], "last_frame": names[-1],
+                                                   "sequence": sequence}, **options)
 
 
 def evaluate_video(video: str | Path, *, frame_step: int = 2, start: int = 0, max_frames: int | None = None,
@@ -213,7 +217,6 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
 
-    checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     skipped: dict[str, str] = {}
     if "compressed_paper" in methods:
         if paper_checkpoint:
@@ -233,6 +236,7 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
         teacher_model = Teacher(teacher, threads=threads)
 
     dev = resolve_device(device)
+    checkpoints = checkpoint_labels(checkpoint, dev)
     units = encode_frames(frames, fps, gop, crf=crf)
     if len(units) != len(frames):
         raise RuntimeError(f"encoder returned {len(units)} access units for {len(frames)} frames")
@@ -259,26 +263,29 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
         raise ValueError(f"--timing-passes must be >= 1, got {timing_passes}")
     runs: dict[str, MethodRun] = {}
     engine_segments: dict[str, Segmenter] = {}
-    for name in METHODS:
-        if name not in methods:
-            continue
-        if name == "teacher":   # one pass: ~20 s each
-            segment = teacher_segmenter(teacher_model, units[:WARMUP_UNITS])
-        else:
-            model, meta = model_of(paper_checkpoint if name == "compressed_paper" else checkpoint)
-            if name == "compressed_no_matching" and not getattr(model.config, "luma_matching", False):
-                skipped[name] = f"{checkpoint.name} does not match luma (it would repeat compressed)"
-            if name == "compressed_no_branch" and not getattr(model.config, "accumulate", False):
-                skipped[name] = f"{checkpoint.name} does not accumulate the motion (it has nothing to warp)"
-            if name in skipped:
-                log(f"note: skipping {name}: {skipped[name]}")
+    for label, path in checkpoints.items():
+        for name in METHODS:
+            # the paper checkpoint and the teacher once, with the first checkpoint's methods
+            if name not in methods or (name in ("teacher", "compressed_paper") and label != next(iter(checkpoints))):
                 continue
-            engine = SegmentationEngine(model=model, metadata=meta, device=str(dev), mode=ENGINE_MODES[name],
-                                        precision=precision, threads=threads,
-                                        luma_matching=name != "compressed_no_matching",
-                                        p_frame_branch=name != "compressed_no_branch")
-            segment = engine_segments[name] = engine_segmenter(engine, units[:WARMUP_UNITS])
-        runs[name] = run_method(name, units, labels, gop, segment, progress)
+            key = method_key(name, label, checkpoints)
+            if name == "teacher":   # one pass: ~20 s each
+                segment = teacher_segmenter(teacher_model, units[:WARMUP_UNITS])
+            else:
+                model, meta = model_of(paper_checkpoint if name == "compressed_paper" else path)
+                if name == "compressed_no_matching" and not getattr(model.config, "luma_matching", False):
+                    skipped[key] = f"{path.name} does not match luma (it would repeat compressed)"
+                if name == "compressed_no_branch" and not getattr(model.config, "accumulate", False):
+                    skipped[key] = f"{path.name} does not accumulate the motion (it has nothing to warp)"
+                if key in skipped:
+                    log(f"note: skipping {key}: {skipped[key]}")
+                    continue
+                engine = SegmentationEngine(model=model, metadata=meta, device=str(dev), mode=ENGINE_MODES[name],
+                                            precision=precision, threads=threads,
+                                            luma_matching=name != "compressed_no_matching",
+                                            p_frame_branch=name != "compressed_no_branch")
+                segment = engine_segments[key] = engine_segmenter(engine, units[:WARMUP_UNITS])
+            runs[key] = run_method(key, units, labels, gop, segment, progress)
     order = list(engine_segments)
     if order and timing_passes > 1:
         log(f"timing: {timing_passes - 1} more pass(es) of {', '.join(order)}, interleaved")
@@ -297,9 +304,11 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
         "threads": _threads(),
         "crf": crf,
         "timing_passes": timing_passes,
-        "checkpoint": str(checkpoint),
-        "checkpoint_note": model_of(checkpoint)[1].get("note") if any(
-            m in runs for m in ("compressed", "per_frame", "iframe_copy")) else None,
+        "checkpoint": str(next(iter(checkpoints.values()))),
+        "checkpoints": {label: str(path) for label, path in checkpoints.items()},
+        "checkpoint_note": model_of(next(iter(checkpoints.values())))[1].get("note") if any(
+            method_key(m, next(iter(checkpoints)), checkpoints) in runs
+            for m in ("compressed", "per_frame", "iframe_copy")) else None,
         "paper_checkpoint": str(paper_checkpoint) if "compressed_paper" in runs else None,
         "teacher": str(teacher_model.path) if teacher_model is not None else None,
         **source,
@@ -317,6 +326,28 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
     return nan_to_none(result)
 
 
+def checkpoint_labels(spec, device) -> dict[str, Path]:
+    """``--checkpoint`` (names or paths, comma-separated, or a list) -> {label: file}: the label is
+    the name (``fast``, ``accurate``) or the file's stem."""
+    from cvseg_ros.model.checkpoint import CHECKPOINT_ALIASES, resolve_checkpoint
+    items = spec if isinstance(spec, (list, tuple)) else [s for s in str(spec or "auto").split(",") if s.strip()]
+    out: dict[str, Path] = {}
+    for item in items:
+        path = resolve_checkpoint(item, device)
+        text = str(item).strip()
+        label = text if text in CHECKPOINT_ALIASES else path.stem
+        if label in out:
+            raise ValueError(f"checkpoint {label!r} given twice")
+        out[label] = path
+    return out
+
+
+def method_key(name: str, label: str, checkpoints: dict) -> str:
+    """A method's name in the result: ``compressed``, or ``compressed@accurate`` when several
+    checkpoints are evaluated in one run."""
+    return name if len(checkpoints) == 1 or name == "teacher" else f"{name}@{label}"
+
+
 def _threads() -> dict:
     import cv2
     import torch
@@ -327,16 +358,19 @@ def derived_figures(methods: dict) -> dict:
     """``gap_closed`` = (m - iframe_copy) / (per_frame - iframe_copy) in mIoU and ``speedup`` =
     per_frame ms / m ms, for ``compressed`` (top level) and every compressed method (``derived``)."""
     derived = {}
-    pf, cp = methods.get("per_frame"), methods.get("iframe_copy")
-    for name in ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper"):
-        m = methods.get(name)
-        if m is None:
+    for key, m in methods.items():
+        name, at, label = key.partition("@")
+        if name not in ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper"):
             continue
-        derived[name] = {
+        # against the same checkpoint's baselines (the paper checkpoint: the first one's)
+        suffix = at + label or next((k.partition("@")[1] + k.partition("@")[2] for k in methods
+                                     if k.startswith("per_frame")), "")
+        pf, cp = methods.get("per_frame" + suffix), methods.get("iframe_copy" + suffix)
+        derived[key] = {
             "gap_closed": stats.ratio(m["miou"] - cp["miou"], pf["miou"] - cp["miou"]) if pf and cp else None,
             "speedup": stats.ratio(pf["ms_per_frame"], m["ms_per_frame"]) if pf else None,
         }
-    top = derived.get("compressed", {})
+    top = derived.get("compressed") or next((v for k, v in derived.items() if k.startswith("compressed@")), {})
     return {"gap_closed": top.get("gap_closed"), "speedup": top.get("speedup"),
             "derived": derived,
             "derived_are": "gap_closed = (mIoU - iframe_copy) / (per_frame - iframe_copy); "
@@ -349,6 +383,9 @@ def register(sub) -> None:
                                     "on labelled frames encoded to H.264")
     p.add_argument("--frames", help="directory of RGB PNG or JPEG frames (sorted = temporal order)")
     p.add_argument("--labels", help="directory of CamVid label PNGs with the frames' names")
+    p.add_argument("--sequence", default="",
+                   help="--frames: only the frames whose names start with this (a CamVid sequence such as "
+                        "0006R0, e.g. the one a leave-one-sequence-out training left out)")
     p.add_argument("--video", help="an unlabelled video file instead of --frames/--labels, scored against "
                                    "the Cityscapes teachers' ensemble (labels cached; see cvseg_ros.tools.reference)")
     p.add_argument("--reference", default="enet",
@@ -360,7 +397,9 @@ def register(sub) -> None:
     p.add_argument("--gop", type=int, default=12)
     p.add_argument("--json", dest="json_out", required=True, help="result JSON path")
     p.add_argument("--out-dir", default=None, help="where eval.md and miou_by_gop.png go (default: beside --json)")
-    p.add_argument("--checkpoint", default=None, help=f"improved checkpoint (default {DEFAULT_CHECKPOINT.name})")
+    p.add_argument("--checkpoint", default=None,
+                   help=CHECKPOINT_HELP + "; several, comma-separated (e.g. fast,accurate), run every method "
+                        "of each in one run, named method@checkpoint")
     p.add_argument("--paper-checkpoint", default=None,
                    help=f"paper-configuration checkpoint (default {PAPER_CHECKPOINT.name} if present)")
     p.add_argument("--teacher", default=None, help="ENet teacher .net: adds the 'teacher' method")
@@ -394,7 +433,8 @@ def _main(args) -> int:
                                 width=args.width, fps=args.fps, reference=teacher_names(args.reference),
                                 **options)
     elif args.frames and args.labels:
-        result = evaluate(args.frames, args.labels, max_frames=args.max_frames, fps=args.fps or 15.0, **options)
+        result = evaluate(args.frames, args.labels, max_frames=args.max_frames, fps=args.fps or 15.0,
+                          sequence=args.sequence, **options)
     else:
         raise SystemExit("cvseg eval: give --frames and --labels (labelled stills) or --video (an unlabelled clip)")
     from cvseg_ros.tools.eval_report import markdown_table, write_outputs

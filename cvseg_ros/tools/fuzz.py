@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.tools.mutations import (DEFAULT_CLIPS, FALLBACK_VIDEO, PERIOD_NS, START_NS, Msg, Source,
                                        default_videos, load_sources, mutate)
 
@@ -280,7 +281,7 @@ def register(sub) -> None:
     p.add_argument("--no-native", dest="native", action="store_false",
                    help="leave out the first H.264 clip's own access units (full size, slower)")
     p.add_argument("--queue-depth", type=int, default=3)
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=_main)

@@ -2,10 +2,10 @@
 (``scripts/gpu_check.sh`` installs what is missing and calls it).
 
 1. ``tests``: the CUDA tests (``test/engine/test_device_paths.py`` and the luma matching's);
-2. ``masks``: CUDA masks against CPU masks, every mode and both shipped checkpoints, 4 cameras,
+2. ``masks``: CUDA masks against CPU masks, every mode and each shipped checkpoint, 4 cameras,
    at 480x360, 960x540 and 1280x720 (share of pixels whose class differs);
 3. ``rounds``: ms per I round and per P round (one frame of each camera, as the node batches
-   them) for 1, 4 and 8 cameras at 480x360 and 8 at 1280x720, shipped checkpoint, each precision;
+   them) for 1, 4 and 8 cameras at 480x360 and 8 at 1280x720, the device's default checkpoint, each precision;
 4. ``profile``: one 4-camera P round: tensor operations dispatched, and on CUDA the kernel
    launches, copies and synchronisations the profiler sees;
 5. ``node``: ``cvseg bench --device cuda`` with 8 cameras x 30 fps at 1280x720 into the node.
@@ -74,12 +74,12 @@ def _masks(engine, cameras: dict[str, list[bytes]], forced: bool) -> list[np.nda
 
 def check_masks(clip: Path, device: str, forced: bool, sizes, frames: int, cameras: int) -> dict:
     from cvseg_ros.engine.pipeline import MODES
-    from cvseg_ros.model.checkpoint import DEFAULT_CHECKPOINT
+    from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR
     out = {}
     for width, height in sizes:
         streams = _cameras(_units(clip, (width, height), frames, gop=6), cameras)
-        for name in ("improved", "paper"):
-            checkpoint = DEFAULT_CHECKPOINT.parent / f"cvseg_{name}.safetensors"
+        for name, checkpoint in (("fast", "fast"), ("accurate", "accurate"),
+                                 ("paper", PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors")):
             for mode in MODES:
                 options = {"checkpoint": checkpoint, "mode": mode, "precision": "fp32"}
                 cpu = _masks(_engine("cpu", False, **options), streams, False)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from cvseg_ros.common import stats
 from cvseg_ros.common.paths import cache_dir, shared_data_dir
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.training.data import HELD_OUT_CLIPS
 
 METHODS = ("compressed", "compressed_no_matching", "compressed_no_branch", "per_frame", "iframe_copy")
@@ -70,12 +71,14 @@ def run_heldout(*, checkpoint: str | None = None, methods: Sequence[str] = METHO
             results[s["name"]] = evaluate(s["frames"], s["labels"], **options)
     if not results:
         raise FileNotFoundError("no held-out data: neither vtest.avi nor the shared data's clips and CamVid val")
+    # the methods as the results name them (method@checkpoint where several checkpoints ran)
+    keys = list(dict.fromkeys(k for r in results.values() for k in r["methods"]))
     table = {m: {name: r["methods"][m]["miou"] for name, r in results.items() if m in r["methods"]}
-             for m in methods}
+             for m in keys}
     mean = {m: stats.mean(list(v.values()), 4) if len(v) == len(results) else None for m, v in table.items()}
     ms = {m: {name: r["methods"][m]["ms_per_frame"] for name, r in results.items() if m in r["methods"]}
-          for m in methods}
-    return {"sets": list(results), "checkpoint": checkpoint, "methods": list(methods), "max_frames": max_frames,
+          for m in keys}
+    return {"sets": list(results), "checkpoint": checkpoint, "methods": keys, "max_frames": max_frames,
             "miou": table, "mean_miou": mean, "ms_per_frame": ms,
             "mean_is": "the plain mean of the per-set mIoU; None where a method misses a set",
             "results": results}
@@ -93,7 +96,7 @@ def markdown(report: dict) -> str:
 def register(sub) -> None:
     p = sub.add_parser("heldout", help="mIoU on data no training run uses (demo footage, held-out dashcam "
                                        "clips against the teachers' ensemble) and CamVid val; their mean")
-    p.add_argument("--checkpoint", default=None, help="improved checkpoint (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP + "; several, comma-separated: each one's methods")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--max-frames", type=int, default=96, help="frames per video set (8 GOPs of 12)")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")

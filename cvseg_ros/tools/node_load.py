@@ -18,6 +18,7 @@ from typing import Callable
 
 from cvseg_ros.common import stats
 from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, diagnostic_number, random_domain
+from cvseg_ros.model.checkpoint import checkpoint_argument
 
 NODE_DOC = {
     "rate_hz": "masks received here per second during the measured window (after the warm-up)",
@@ -87,7 +88,7 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
                  "diagnostics_period": "0.5"}
     overrides.update({f"{c}.topic": t for c, t in topics.items()})
     if checkpoint:
-        overrides["checkpoint"] = str(Path(checkpoint).resolve())
+        overrides["checkpoint"] = checkpoint_argument(checkpoint)
     if queue_depth:
         overrides["queue_depth"] = str(queue_depth)
     if node_threads:

@@ -86,10 +86,10 @@ def write_pictures(bag: Path, topic: str, record_dir: Path, out: Path, fps: floa
             container.close()
     result = {"overlay_mp4": str(mp4) if matched else None, "overlay_png": None, "frames_matched": matched}
     if rows:
-        from cvseg_ros.model.checkpoint import read_metadata, DEFAULT_CHECKPOINT
+        from cvseg_ros.model.checkpoint import read_metadata
         strip = np.concatenate(rows, axis=0)
         try:
-            meta = read_metadata(checkpoint or DEFAULT_CHECKPOINT)
+            meta = read_metadata(checkpoint)
             strip = np.concatenate([strip, _legend(strip.shape[1], meta["classes"],
                                                    np.asarray(meta["palette"], np.uint8))], axis=0)
         except Exception:  # noqa: BLE001 - the legend is optional

@@ -28,6 +28,7 @@ import numpy as np
 from cvseg_ros.common.procfs import rss_bytes
 from cvseg_ros.common.stats import median
 from cvseg_ros.ros.message_path import make_message
+from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, checkpoint_argument
 
 
 def paced_feed(names: Sequence[str], sources: dict, fps: float, stop: threading.Event, send) -> None:
@@ -197,7 +198,7 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
                  "queue_depth": str(queue_depth), "diagnostics_period": str(sample_period),
                  "threads": str(threads or 0), "device": device, "publish_color": "true"}
     if checkpoint:
-        overrides["checkpoint"] = str(Path(checkpoint).resolve())
+        overrides["checkpoint"] = checkpoint_argument(checkpoint)
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cvseg_soak_"))
     proc = NodeProcess(overrides, log_path=log_dir / "node.log", domain_id=domain_id)
     ros = LocalNode("cvseg_soak", domain_id)
@@ -263,7 +264,7 @@ def register(sub) -> None:
     p.add_argument("--queue-depth", type=int, default=5)
     p.add_argument("--video", action="append", default=None, help="real clip(s), one per camera in turn")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--node", action="store_true",
                    help="soak the real cvseg_node in its own process over DDS (RSS of that process)")
     p.add_argument("--domain-id", type=int, default=None, help="with --node: ROS_DOMAIN_ID (default random)")

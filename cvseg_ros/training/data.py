@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -56,10 +57,13 @@ def camvid_pairs(frames_dir: str | Path, labels_dir: str | Path) -> list[tuple[P
     return pairs
 
 
-def load_camvid(frames_dir: str | Path, labels_dir: str | Path, limit: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N,H,W,3] uint8 and labels [N,H,W] uint8 (255 = ignore)."""
-    pairs = camvid_pairs(frames_dir, labels_dir)[:limit]
+def load_camvid(frames_dir: str | Path, labels_dir: str | Path, limit: int | None = None,
+                leave_out: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N,H,W,3] uint8 and labels [N,H,W] uint8 (255 = ignore); without the stills of the
+    sequences ``leave_out`` (name prefixes such as ``0006R0``)."""
+    pairs = [p for p in camvid_pairs(frames_dir, labels_dir) if not p[0].name.startswith(tuple(leave_out))][:limit]
+    if not pairs:
+        raise FileNotFoundError(f"no stills in {frames_dir} but those of {list(leave_out)}")
     images = np.stack([read_rgb(i) for i, _ in pairs])
     labels = np.stack([read_label(l) for _, l in pairs])
     return images, labels

@@ -16,6 +16,7 @@ from cvseg_ros.common.paths import shared_data_dir
 from cvseg_ros.model.classes import CAMVID_CLASS_MAP, CAMVID_CLASSES
 
 VOID = len(CAMVID_CLASSES)          # 11: not scored
+ENET_FILE = Path("teacher") / "enet-cityscapes.net"
 ESPNETV2_FILE = Path("teacher") / "espnetv2_s_2.0_city_1024x512.pth"
 
 
@@ -89,17 +90,22 @@ TEACHERS = ("enet", "espnetv2")   # the Cityscapes teachers of the shared data
 
 
 def default_teachers(threads: int | None = None, log: Callable[[str], None] = print,
-                     names: Sequence[str] = ("enet",)) -> list[CamvidProbabilities]:
-    """The Cityscapes teachers ``names`` (of :data:`TEACHERS`), read from the shared data."""
+                     names: Sequence[str] = ("enet",), data: str | Path | None = None) -> list[CamvidProbabilities]:
+    """The Cityscapes teachers ``names`` (of :data:`TEACHERS`), read from ``data``'s ``teacher/``
+    (default: the shared data)."""
     unknown = [n for n in names if n not in TEACHERS]
     if unknown or not names:
         raise ValueError(f"teachers {list(names)}: choose one or more of {', '.join(TEACHERS)}")
+    data = Path(data) if data is not None else shared_data_dir()
     teachers = []
     for name in names:
         if name == "enet":
-            teachers.append(enet_probabilities(threads=threads))
+            enet = data / ENET_FILE
+            if not enet.is_file():
+                raise FileNotFoundError(f"ENet teacher not found: {enet}")
+            teachers.append(enet_probabilities(enet, threads=threads))
         else:
-            espnet = shared_data_dir() / ESPNETV2_FILE
+            espnet = data / ESPNETV2_FILE
             if not espnet.is_file():
                 raise FileNotFoundError(f"ESPNetv2 teacher not found: {espnet}")
             teachers.append(espnetv2_probabilities(espnet))

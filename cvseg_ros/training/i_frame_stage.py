@@ -33,17 +33,17 @@ def train_i_frame(trainer) -> list[float]:
     and save it to its ``i_frame_path()``; returns the loss of every step."""
     from tqdm import tqdm
 
-    from cvseg_ros.model.enet_torch7 import enet_from_torch7
-    from cvseg_ros.model.i_frame import IFrameNet
+    from cvseg_ros.model.i_frame import IFrameNet, i_frame_net_from_teacher
     from cvseg_ros.training.train import cosine_lr
     cfg, rng, device = trainer.cfg, trainer.rng, trainer.device
     num_classes = trainer.weights.numel()
-    net = IFrameNet(num_classes)
     if cfg.teacher_init:
-        enet = enet_from_torch7(trainer.teacher_path, num_classes=num_classes, class_map=camvid_class_map())
-        net.enet.load_state_dict(enet.state_dict())
+        net = i_frame_net_from_teacher(cfg.i_frame_network, num_classes, camvid_class_map(),
+                                       trainer.init_weights_path())
+    else:
+        net = IFrameNet(num_classes, cfg.i_frame_network)
     net.to(device).train()
-    model = trainer.dist.wrap(net.enet)
+    model = trainer.dist.wrap(net.segmentation)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.i_lr, weight_decay=1e-4)
     state_path = trainer.out / "iframe_state.safetensors"
     step = load_train_state(state_path, net, optimizer) if state_path.exists() else 0
@@ -55,7 +55,7 @@ def train_i_frame(trainer) -> list[float]:
     still_soft, driving, driving_decoded, driving_soft = None, [], [], []
     if cfg.distill:
         from cvseg_ros.training.ensemble import default_teachers, teacher_names
-        teachers = default_teachers(log=trainer.note, names=teacher_names(cfg.teachers))
+        teachers = default_teachers(log=trainer.note, names=teacher_names(cfg.teachers), data=trainer.data)
         if trainer.dist.main:   # the export names them in the checkpoint's metadata
             (trainer.out / TEACHERS_FILE).write_text(json.dumps([t.name for t in teachers]))
         still_soft = soft_targets(list(images), teachers, trainer.out, progress)

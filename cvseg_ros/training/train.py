@@ -34,7 +34,7 @@ from torch import nn
 from cvseg_ros.common.paths import REPO_ROOT, shared_data_dir
 from cvseg_ros.training.distributed import Dist, load_train_state, save_train_state
 from cvseg_ros.training.loss import GroupLoss, class_weights
-from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, file_sha256, save_checkpoint
+from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, checkpoint_name, file_sha256, save_checkpoint
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, HELD_OUT_CLIPS, IGNORE, RESIDUAL_STRIDE, Group,
                                      camvid_pairs, clip_groups, files_digest, load_camvid,
@@ -66,8 +66,12 @@ class TrainConfig:
     i_crop: str = "256x320"
     i_lr: float = 1e-3
     i_limit: int = 0                         # use only the first N stills (0 = all)
+    leave_out: str = ""                      # CamVid sequences whose stills no stage uses, comma-separated
+                                             # (e.g. 0006R0: the leave-one-sequence-out check)
     i_compressed: float = 0.7                # share of samples taken from H.264-decoded copies
-    teacher_init: bool = True                # initialise from the converted ENet teacher
+    i_frame_network: str = "enet"            # enet (the fast checkpoints) | espnetv2 (the accurate one);
+                                             # exported as cvseg_<model> / cvseg_<model>_<network>
+    teacher_init: bool = True                # initialise from that network's Cityscapes weights
     distill: float = 1.0                     # weight of the teachers' distillation term (0 = labels only)
     teachers: str = "enet"                   # the Cityscapes teachers distilled: enet, espnetv2 (comma-separated)
     distill_batch: int = 4                   # unlabelled driving frames per step (distillation only)
@@ -161,10 +165,12 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed + 1000 * self.dist.rank)
         torch.manual_seed(config.seed)
         self.use_bf16 = config.precision == "bf16"
-        images, labels = load_camvid(self.data / "camvid" / "train", self.data / "camvid" / "trainannot")
+        images, labels = load_camvid(self.data / "camvid" / "train", self.data / "camvid" / "trainannot",
+                                     leave_out=[s.strip() for s in config.leave_out.split(",") if s.strip()])
         self.images, self.labels = images, labels
         self.weights = class_weights(labels).to(self.device)
-        self.teacher_path = self.data / "teacher" / "enet-cityscapes.net"
+        from cvseg_ros.training.ensemble import ENET_FILE
+        self.teacher_path = self.data / ENET_FILE
         self.log = open(self.out / "log.txt", "a") if self.dist.main else None
 
     def autocast(self):
@@ -193,6 +199,11 @@ class Trainer:
         held_out = {c.strip() for c in self.cfg.held_out_clips.split(",")}
         return sorted(c for c in (self.data / "clips").glob("*.mp4") if c.name not in held_out)
 
+    def init_weights_path(self) -> Path:
+        """The Cityscapes weights the I-frame network starts from (those of its network)."""
+        from cvseg_ros.training.ensemble import ESPNETV2_FILE
+        return self.teacher_path if self.cfg.i_frame_network == "enet" else self.data / ESPNETV2_FILE
+
     def i_frame_path(self) -> Path:
         return self.out / "iframe_net.safetensors"
 
@@ -203,8 +214,10 @@ class Trainer:
     # -- stage 2 ---------------------------------------------------------------------------------
     def build_groups(self) -> list[Group]:
         cfg = self.cfg
-        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.use_clips}_{cfg.held_out_clips}_{cfg.clip_labels}_"
+        key = (f"v{GROUPS_FORMAT}_L{cfg.group_length}_n{cfg.p_limit}_{cfg.leave_out}_{cfg.use_clips}_{cfg.held_out_clips}_{cfg.clip_labels}_"
                f"{cfg.clip_groups_per_clip}_{cfg.clip_frame_step}_{cfg.clip_stride}_{cfg.clip_confidence}_s{cfg.seed}")
+        if cfg.use_clips and cfg.clip_labels == "iframe_net":   # the clips' labels come from stage 1's network
+            key += "_" + file_sha256(self.i_frame_path())
         cache = self.out / f"groups_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
         if cache.exists():
             z = np.load(cache)
@@ -234,7 +247,7 @@ class Trainer:
         if self.cfg.clip_labels != "iframe_net":
             raise ValueError(f"clip_labels must be 'iframe_net' or 'teacher', not {self.cfg.clip_labels!r}")
         from cvseg_ros.model.i_frame import IFrameNet
-        net = IFrameNet(NUM_CLASSES)
+        net = IFrameNet(NUM_CLASSES, self.cfg.i_frame_network)
         net.load_state_dict(load_file(str(self.i_frame_path())))
         net.to(self.device).eval()
 
@@ -265,7 +278,7 @@ class Trainer:
         # (luma matching corrects the accumulated motion: none without it)
         extra = {"accumulate": cfg.accumulate, **({} if cfg.accumulate else {"luma_matching": False}),
                  **_model_overrides(cfg.improved_config)} if name == "improved" else {}
-        config = make_config(name, NUM_CLASSES, **extra)
+        config = make_config(name, NUM_CLASSES, i_frame_network=cfg.i_frame_network, **extra)
         if config.residual_stride != RESIDUAL_STRIDE or config.deblock_p_frames != DEBLOCK_P_FRAMES:
             raise ValueError(f"{name}: residual_stride={config.residual_stride}, deblock_p_frames="
                              f"{config.deblock_p_frames}, but the training groups hold the residual at "
@@ -325,7 +338,7 @@ class Trainer:
             "git_commit": _git_commit(),
             "torch": torch.__version__,
         }
-        path = Path(self.cfg.export_dir) / f"cvseg_{name}.safetensors"
+        path = Path(self.cfg.export_dir) / f"{checkpoint_name(name, self.cfg.i_frame_network)}.safetensors"
         return save_checkpoint(model, path, classes=CAMVID_CLASSES, palette=CAMVID_PALETTE,
                                input_size=_size(self.cfg.input_size), extra=meta)
 

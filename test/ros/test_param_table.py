@@ -113,6 +113,8 @@ def test_the_checks_normalise_as_the_node_uses_the_values(tmp_path):
     ck = tmp_path / "m.safetensors"
     ck.write_bytes(b"")
     assert params.BY_NAME["checkpoint"].check(f"  {ck} ") == str(ck)
+    for name in ("fast", "accurate", "auto", ""):   # the shipped checkpoints by name
+        assert params.BY_NAME["checkpoint"].check(name) == name
     assert params.BY_NAME["qos_reliability"].check(" Reliable") == "reliable"
     assert params.BY_NAME["device"].check("cuda:1") == "cuda:1"
     assert params.BY_NAME["max_stamp_gap_periods"].check(2) == 2.0

@@ -122,3 +122,27 @@ def test_bad_arguments(tmp_path):
                "--json", str(tmp_path / "x.json"), "--no-progress"])
     assert rc == 1
     assert not (tmp_path / "x.json").exists()
+
+
+@needs_val
+def test_both_shipped_checkpoints_in_one_run(tmp_path):
+    """``--checkpoint fast,accurate``: every method of each, named method@checkpoint, each compressed
+    method compared with its own checkpoint's per_frame and iframe_copy."""
+    rc = main(["eval", "--frames", str(VAL), "--labels", str(VALANNOT), "--gop", "6", "--json", str(tmp_path / "e.json"),
+               "--max-frames", "8", "--device", "cpu", "--threads", "1", "--no-progress", "--timing-passes", "1",
+               "--checkpoint", "fast,accurate", "--methods", "compressed", "per_frame", "iframe_copy"])
+    assert rc == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert sorted(result["methods"]) == sorted(f"{m}@{c}" for m in ("compressed", "per_frame", "iframe_copy")
+                                               for c in ("fast", "accurate"))
+    assert [p.rsplit("/", 1)[1] for p in result["checkpoints"].values()] == [
+        "cvseg_improved.safetensors", "cvseg_improved_espnetv2.safetensors"]
+    methods = result["methods"]
+    for c in ("fast", "accurate"):
+        gap = result["derived"][f"compressed@{c}"]["gap_closed"]
+        expected = ((methods[f"compressed@{c}"]["miou"] - methods[f"iframe_copy@{c}"]["miou"])
+                    / (methods[f"per_frame@{c}"]["miou"] - methods[f"iframe_copy@{c}"]["miou"]))
+        assert gap == pytest.approx(expected, abs=1e-3)
+    # the two I-frame networks are different networks: their I-frame masks differ
+    assert methods["per_frame@fast"]["miou"] != methods["per_frame@accurate"]["miou"]
+    assert "compressed@accurate" in (tmp_path / "eval.md").read_text()
