@@ -16,8 +16,10 @@ masks from logits); this module keeps the cameras, batches their frames and runs
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("compressed", "per_frame", "iframe_copy")
 UNKNOWN = 255
+#: the most cameras decoded at once by default (``decode_threads``)
+MAX_DECODE_THREADS = 8
 
 
 @dataclass
@@ -82,8 +86,12 @@ class SegmentationEngine:
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", mode: str = "compressed",
                  model: CompressedSegmenter | None = None, metadata: dict | None = None,
                  precision: str = "auto", threads: int | None = None, optimize: bool = True,
-                 luma_matching: bool = True, p_frame_branch: bool = True) -> None:
-        """``precision``: see :data:`PRECISIONS`. ``optimize``: run an inference copy of the model
+                 luma_matching: bool = True, p_frame_branch: bool = True, decode_threads: int | None = None) -> None:
+        """``checkpoint``: a file or a name (``fast``, ``accurate``, ``auto``; see
+        :func:`~cvseg_ros.model.checkpoint.resolve_checkpoint`). ``precision``: see :data:`PRECISIONS`.
+        ``decode_threads``: how many cameras' access units of one :meth:`process` call are decoded
+        and analysed at once (each camera's in order; decoding and the compiled analysis release the
+        GIL); None: one per core, at most :data:`MAX_DECODE_THREADS`; 1: one after the other. ``optimize``: run an inference copy of the model
         (batch norms folded into the convolutions, channels-last): same outputs up to float
         rounding, less time. ``luma_matching=False``: do not correct the accumulated motion
         against the frames' luma even where the checkpoint's model does (less time per P-frame,
@@ -92,6 +100,10 @@ class SegmentationEngine:
         motion, without the CNNs, the ConvLSTM and the correction head."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        if decode_threads is not None and not 1 <= decode_threads <= 64:
+            raise ValueError(f"decode_threads must be 1..64, got {decode_threads}")
+        self.decode_threads = decode_threads or max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1))
+        self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.device = resolve_device(device)
         tune_allocator()
         set_threads(threads)
@@ -231,9 +243,8 @@ class SegmentationEngine:
         Never raises on bad data: what cannot be decoded is counted in :meth:`stats`.
         """
         decoded: list[_Work] = []
-        for camera, data, stamp in units:
-            self.add_camera(camera)
-            for frame in self._cameras[camera].decoder.feed(data, stamp):
+        for camera, frames in self._decode(units):
+            for frame in frames:
                 decoded.append(_Work(len(decoded), camera, frame, self.work_size(frame.height, frame.width)))
         results: list[SegmentationResult | None] = [None] * len(decoded)
         left = collections.Counter(w.camera for w in decoded)
@@ -258,6 +269,35 @@ class SegmentationEngine:
             self._run_round(this_round, finished)
             pending = later
         return [r for r in results if r is not None]
+
+    def _decode(self, units: Sequence[tuple[str, bytes, Any]]) -> list[tuple[str, list[CompressedFrame]]]:
+        """(camera, frames) of every unit, in input order; the cameras decoded in parallel (each
+        camera's units in order, by one thread) when there are several and ``decode_threads > 1``."""
+        per_camera: dict[str, list[tuple[bytes, Any]]] = {}
+        for camera, data, stamp in units:
+            self.add_camera(camera)
+            per_camera.setdefault(camera, []).append((data, stamp))
+
+        def feed_all(camera: str) -> list[list[CompressedFrame]]:
+            decoder = self._cameras[camera].decoder
+            return [decoder.feed(data, stamp) for data, stamp in per_camera[camera]]
+
+        if len(per_camera) > 1 and self.decode_threads > 1:
+            if self._decode_pool is None:
+                self._decode_pool = concurrent.futures.ThreadPoolExecutor(self.decode_threads,
+                                                                          thread_name_prefix="cvseg-decode")
+            futures = {c: self._decode_pool.submit(feed_all, c) for c in per_camera}
+            frames = {c: iter(f.result()) for c, f in futures.items()}
+        else:
+            frames = {c: iter(feed_all(c)) for c in per_camera}
+        return [(camera, next(frames[camera])) for camera, _, _ in units]
+
+    def close(self) -> None:
+        """Stop the decoding threads (the engine decodes on the calling thread afterwards)."""
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=True)
+            self._decode_pool = None
+        self.decode_threads = 1
 
     @torch.inference_mode()
     def _run_round(self, works: list[_Work], finished: Callable) -> None:

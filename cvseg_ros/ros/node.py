@@ -175,7 +175,8 @@ class CvsegNode(Node):
             from cvseg_ros.engine.pipeline import SegmentationEngine
             self.engine = SegmentationEngine(checkpoint=cfg["checkpoint"] or None, device=cfg["device"],
                                              threads=cfg["threads"] or None, precision=cfg["precision"], luma_matching=cfg["luma_matching"],
-                                             p_frame_branch=cfg["p_frame_branch"])
+                                             p_frame_branch=cfg["p_frame_branch"],
+                                             decode_threads=cfg["decode_threads"] or None)
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
         class_names = list(self.engine.class_names)
@@ -280,6 +281,8 @@ class CvsegNode(Node):
             self.path.wake()
         if self._worker is not None:
             self._worker.join(timeout=10.0)
+        if self.engine is not None and not (self._worker is not None and self._worker.is_alive()):
+            self.engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:

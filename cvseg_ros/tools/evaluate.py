@@ -36,6 +36,7 @@ from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, PACKAGE_CHECKPOINT_DIR
 from cvseg_ros.model.classes import CAMVID_CLASSES, NO_CLASS
 from cvseg_ros.tools.eval_data import load_labelled_frames
 from cvseg_ros.tools.metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
+from cvseg_ros.training.ensemble import REFERENCE
 
 PAPER_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors"
 METHODS = ("compressed", "compressed_no_matching", "compressed_no_branch", "compressed_paper", "per_frame",
@@ -176,7 +177,7 @@ def evaluate(frames_dir: str | Path, labels_dir: str | Path, *, max_frames: int 
 
 def evaluate_video(video: str | Path, *, frame_step: int = 2, start: int = 0, max_frames: int | None = None,
                    width: int = 0, fps: float | None = None, confidence: float = 0.5,
-                   teachers: Sequence | None = None, reference: Sequence[str] = ("enet",), **options) -> dict:
+                   teachers: Sequence | None = None, reference: Sequence[str] = REFERENCE, **options) -> dict:
     """:func:`evaluate_frames` on an unlabelled video file at its own size (or ``width``), scored
     against the Cityscapes teachers' ensemble on its clean frames (:mod:`cvseg_ros.tools.reference`):
     ``teachers`` as built, else those named in ``reference``."""
@@ -388,8 +389,8 @@ def register(sub) -> None:
                         "0006R0, e.g. the one a leave-one-sequence-out training left out)")
     p.add_argument("--video", help="an unlabelled video file instead of --frames/--labels, scored against "
                                    "the Cityscapes teachers' ensemble (labels cached; see cvseg_ros.tools.reference)")
-    p.add_argument("--reference", default="enet",
-                   help="--video: the teachers of the reference, comma-separated: enet, espnetv2 (default enet)")
+    p.add_argument("--reference", default=",".join(REFERENCE),
+                   help="--video: the teachers of the reference, comma-separated (default: both, enet,espnetv2)")
     p.add_argument("--frame-step", type=int, default=2, help="--video: every N-th frame (25 fps -> 12.5)")
     p.add_argument("--width", type=int, default=0, help="--video: resize to this width (0: its own size)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the encoded stream (default: 15 for "

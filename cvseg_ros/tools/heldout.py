@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from cvseg_ros.common import stats
 from cvseg_ros.common.paths import cache_dir, shared_data_dir
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
+from cvseg_ros.training.ensemble import REFERENCE
 from cvseg_ros.training.data import HELD_OUT_CLIPS
 
 METHODS = ("compressed", "compressed_no_matching", "compressed_no_branch", "per_frame", "iframe_copy")
@@ -54,7 +55,7 @@ def held_out_sets(data: Path | None = None, include_val: bool = True, fetch: boo
 def run_heldout(*, checkpoint: str | None = None, methods: Sequence[str] = METHODS, max_frames: int = 96,
                 data: str | None = None, include_val: bool = True, fetch: bool = True, device: str = "auto",
                 threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-                reference: Sequence[str] = ("enet",)) -> dict:
+                reference: Sequence[str] = REFERENCE) -> dict:
     """Every set through :mod:`cvseg_ros.tools.evaluate` (one timing pass); the per-set mIoU of
     every method and their mean; the videos scored against the teachers named in ``reference``."""
     from cvseg_ros.tools.evaluate import evaluate, evaluate_video
@@ -101,8 +102,8 @@ def register(sub) -> None:
     p.add_argument("--max-frames", type=int, default=96, help="frames per video set (8 GOPs of 12)")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--no-val", action="store_true", help="leave CamVid val out")
-    p.add_argument("--reference", default="enet",
-                   help="the teachers of the videos' reference, comma-separated: enet, espnetv2 (default enet)")
+    p.add_argument("--reference", default=",".join(REFERENCE),
+                   help="the teachers of the videos' reference, comma-separated (default: both, enet,espnetv2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_out", required=True, help="result JSON path (a .md table beside it)")

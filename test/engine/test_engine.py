@@ -209,6 +209,29 @@ def test_cameras_in_one_call_run_as_one_batch_with_the_masks_they_get_alone(real
     assert engine._cameras["a"].state.hidden.shape[0] == 1
 
 
+def test_cameras_decoded_in_parallel_give_what_one_thread_gives(real_units):
+    """``decode_threads``: the cameras of one call are decoded by several threads, each camera's
+    units in order; masks, stamps, kinds and the order of the results are those of one thread,
+    with several units of one camera in a call too."""
+    streams = {"a": real_units, "b": moving_still(3, 5, 6), "c": moving_still(1, 2, 6)}
+    runs = {}
+    for threads in (1, 3):
+        engine = SegmentationEngine(device="cpu", decode_threads=threads)
+        out = []
+        for i in range(0, 6, 2):   # two units of each camera per call
+            calls = [(c, u[j], (c, j)) for j in (i, i + 1) for c, u in streams.items()]
+            out += [(r.camera, r.stamp, r.kind, r.mask) for r in engine.process(calls)]
+        runs[threads] = out
+        assert engine._decode_pool is None if threads == 1 else engine._decode_pool is not None
+        engine.close()
+        assert engine._decode_pool is None and engine.decode_threads == 1
+    assert len(runs[1]) == len(runs[3]) == 18
+    for (c1, s1, k1, m1), (c3, s3, k3, m3) in zip(runs[1], runs[3]):
+        assert (c1, s1, k1) == (c3, s3, k3) and np.array_equal(m1, m3)
+    with pytest.raises(ValueError, match="decode_threads"):
+        SegmentationEngine(device="cpu", decode_threads=0)
+
+
 def test_runtime_resolves_devices_and_precisions():
     from cvseg_ros.engine.runtime import PRECISIONS, resolve_device, resolve_precision
     cpu = resolve_device("cpu")
