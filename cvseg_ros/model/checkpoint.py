@@ -24,6 +24,11 @@ DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_improved.safetensors"
 REQUIRED_KEYS = ("format", "classes", "palette", "input_size", "config")
 FORMAT = "cvseg_ros/1"
 MAX_CLASSES = 255
+MAX_METADATA_BYTES = 1 << 20      # a checkpoint's JSON is a few kB
+MAX_WEIGHTS_BYTES = 1 << 30       # the shipped weights are a few MB
+#: the largest magnitude a tensor of a trained model may hold (the shipped ones: below 20); larger
+#: finite values (e.g. 3e38 in a classifier) would make every mask one class
+MAX_MAGNITUDE = 1e4
 
 
 #: names the tools and the node take instead of a checkpoint path -> the shipped file they mean
@@ -129,8 +134,8 @@ def _check_metadata(meta, meta_path: Path) -> None:
         bad(f"{len(classes)} classes but the palette is not {len(classes)} RGB triples of 0..255 "
             f"({len(palette) if isinstance(palette, list) else type(palette).__name__})")
     size = meta["input_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 8 <= v <= 8192 for v in size)):
-        bad(f"'input_size' must be [height, width] in pixels (8..8192), got {size!r}")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 64 <= v <= 8192 for v in size)):
+        bad(f"'input_size' must be [height, width] in pixels (64..8192), got {size!r}")
     config = meta["config"]
     if not isinstance(config, dict) or not isinstance(config.get("name"), str):
         bad("'config' must be an object with a model 'name'")
@@ -148,16 +153,33 @@ def _check_metadata(meta, meta_path: Path) -> None:
         bad(f"'weights_sha256' is not a SHA-256 hex digest: {digest!r}")
 
 
+def _regular_file(path: Path, what: str, limit: int) -> None:
+    """``CheckpointError`` unless ``path`` is a regular file (symlinks followed) of at most ``limit``
+    bytes: no directory, device, FIFO or socket is opened."""
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a regular file")
+    size = path.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{what} {path} is {size} bytes: more than the {limit} a checkpoint's can be")
+
+
 def read_metadata(path: str | Path) -> dict:
     weights, meta_path = _paths(resolve_checkpoint(path))
-    if not weights.exists():
-        raise CheckpointError(f"checkpoint not found: {weights}")
+    _regular_file(weights, "checkpoint", MAX_WEIGHTS_BYTES)
     if not meta_path.exists():
         raise CheckpointError(f"{weights}: its metadata file {meta_path.name} is missing")
+    _regular_file(meta_path, "metadata file", MAX_METADATA_BYTES)
     try:
-        meta = json.loads(meta_path.read_text())
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read(MAX_METADATA_BYTES + 1).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: JSON nested too deeply") from None
+    except OSError as exc:
+        raise CheckpointError(f"{meta_path}: cannot be read ({exc.strerror or exc})") from None
     _check_metadata(meta, meta_path)
     return meta
 
@@ -202,6 +224,9 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
                     raise CheckpointError(f"{weights}: {name} is {t.dtype}, expected {expected[name].dtype}")
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise CheckpointError(f"{weights}: {name} holds non-finite values")
+                if t.is_floating_point() and t.numel() and t.abs().max() > MAX_MAGNITUDE:
+                    raise CheckpointError(f"{weights}: {name} holds values up to {t.abs().max().item():.3g}, "
+                                          f"beyond the {MAX_MAGNITUDE:g} of a trained model's weights")
                 state[name] = t
     except CheckpointError:
         raise

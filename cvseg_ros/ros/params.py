@@ -11,6 +11,7 @@ README's table follow the table (``test/ros/test_param_table.py``). ROS-free;
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -104,6 +105,8 @@ class Param:
             got = "no value" if value is None else repr(value)
             raise ParameterError(f"parameter '{name}' must be {_TYPE_WORDS[kind]}, got {got}")
         if kind == "float":
+            if not math.isfinite(value):
+                raise ParameterError(f"parameter '{name}' must be a finite number, got {value}")
             self._check_bounds(value)
             return float(value)
         if kind == "int":
@@ -137,7 +140,8 @@ class Param:
         if self.existing_file and value and value not in self.names:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise ParameterError(f"parameter '{self.name}': file not found: {path}")
+                why = "not a regular file" if path.exists() else "file not found"
+                raise ParameterError(f"parameter '{self.name}': {why}: {path}")
             value = str(path)
         return value
 
@@ -214,18 +218,18 @@ PARAMETERS: tuple[Param, ...] = (
     Param("queue_depth", "int", 5,
           "per camera: frames waiting for the engine (the input QoS depth is max(2 x this, 30)); when "
           "the engine falls behind, the oldest waiting frame is decoded only (no mask) or the queue "
-          "jumps to a waiting IDR, counted in `queue_drops`", minimum=1),
+          "jumps to a waiting IDR, counted in `queue_drops`", minimum=1, maximum=1000),
     Param("batch_window_ms", "float", 5.0,
           "how long the worker waits for the other cameras' frames to run them as one batch (ms)",
-          minimum=0.0),
+          minimum=0.0, maximum=1000.0),
     Param("max_stamp_gap_periods", "float", 3.0,
           "a stamp step larger than this many frame periods restarts the camera's model state",
-          minimum=1.0, exclusive_minimum=True),
+          minimum=1.0, exclusive_minimum=True, maximum=1e6),
     Param("diagnostics_period", "float", 1.0, "seconds between `/diagnostics` messages",
-          minimum=0.0, exclusive_minimum=True),
+          minimum=0.05, maximum=3600.0),
     Param("input_timeout_s", "float", 1.0,
           "a camera with no message for this many seconds is reported STALE in `/diagnostics` (and "
-          "gets no mask meanwhile)", minimum=0.0, exclusive_minimum=True),
+          "gets no mask meanwhile)", minimum=0.0, exclusive_minimum=True, maximum=3600.0),
     Param("luma_matching", "bool", True,
           "correct the motion accumulated since the I-frame against the frames' luma where the "
           "checkpoint's model does; false: less time per P-frame, a little less accuracy"),
@@ -238,7 +242,7 @@ PARAMETERS: tuple[Param, ...] = (
           "the I-frame network in fp32, the P-frame branch in bf16; `auto`: `mixed` on a CPU with native "
           "bf16, else fp32", choices=("auto", "fp32", "bf16", "fp16", "mixed"), strip=True, lower=True),
     Param("threads", "int", 0, "torch CPU threads of the engine; 0: torch's default (one per core)",
-          minimum=0),
+          minimum=0, maximum=256),
     Param("decode_threads", "int", 0, "cameras whose messages are decoded at once (each camera's in "
           "order); 0: one per core, at most 8; 1: one after the other", minimum=0, maximum=64),
     Param("class_names", "string[]", None,

@@ -154,6 +154,8 @@ BAD_METADATA = [
     pytest.param({"classes": []}, "'classes' must be", id="no-classes"),
     pytest.param({"palette": [[300, 0, 0]] * 11}, "RGB triples", id="palette-out-of-range"),
     pytest.param({"input_size": [0, 0]}, "input_size", id="input-size"),
+    pytest.param({"input_size": [8, 8]}, "input_size", id="input-size-tiny"),
+    pytest.param("[" * 100000 + "]" * 100000, "nested too deeply", id="deeply-nested"),
     pytest.param({"config": "improved"}, "'config' must be", id="config-not-an-object"),
     pytest.param({"config": {"name": "improved", "num_classes": 11, "hidden_channels": 10**9}},
                  "out of bounds", id="config-memory-bomb"),
@@ -228,3 +230,36 @@ def test_read_metadata_checks_without_building_a_model(good, tmp_path):
     edit_meta(meta_path, input_size=[360])
     with pytest.raises(CheckpointError, match="input_size"):
         read_metadata(weights)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_special_files_are_refused_without_being_read(good, tmp_path, kind):
+    """A checkpoint or metadata path that is a device, a FIFO or a directory gets one message at
+    once: nothing reads /dev/zero until memory runs out, or waits on a FIFO's writer."""
+    import os
+    for target in ("weights", "metadata"):
+        folder = tmp_path / target
+        folder.mkdir()
+        weights, meta_path = copy(good, folder)
+        victim = weights if target == "weights" else meta_path
+        victim.unlink()
+        if kind == "dev-zero":
+            victim.symlink_to("/dev/zero")
+        elif kind == "fifo":
+            os.mkfifo(victim)
+        else:
+            victim.mkdir()
+        message = error_of(weights)
+        assert "is not a regular file" in message and str(victim) in message, message
+
+
+def test_absurd_but_finite_weights_are_refused(good, tmp_path):
+    from safetensors.torch import load_file, save_file
+    weights, meta_path = copy(good, tmp_path)
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("head.out.weight") or k.endswith(".weight"))
+    tensors[name][0] = 3e38
+    save_file(tensors, str(weights))
+    edit_meta(meta_path, weights_sha256=file_sha256(weights))
+    message = error_of(weights)
+    assert name in message and "3e+38" in message, message
