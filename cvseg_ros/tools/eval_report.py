@@ -54,16 +54,22 @@ def plot_miou_by_gop(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    # a colour per method, a line style per checkpoint (method@checkpoint)
+    bases = list(dict.fromkeys(name.partition("@")[0] for name in result["methods"]))
+    labels = list(dict.fromkeys(name.partition("@")[2] for name in result["methods"]))
+    styles = ["-", "--", ":", "-."]
     for name, m in result["methods"].items():
+        base, _, label = name.partition("@")
         ys = [np.nan if v is None else 100 * v for v in m["miou_by_gop_position"]]
-        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name, color=f"C{bases.index(base) % 10}",
+                linestyle=styles[labels.index(label) % len(styles)])
     ax.set_xlabel("GOP position (0 = I-frame)")
     ax.set_ylabel("mIoU (%)")
     ax.set_title(f"mIoU by GOP position ({result['frames']} frames, GOP {result['gop']})")
     ax.set_xticks(range(max(result["gop"], 1)))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -345,8 +345,8 @@ def checkpoint_labels(spec, device) -> dict[str, Path]:
 
 def method_key(name: str, label: str, checkpoints: dict) -> str:
     """A method's name in the result: ``compressed``, or ``compressed@accurate`` when several
-    checkpoints are evaluated in one run."""
-    return name if len(checkpoints) == 1 or name == "teacher" else f"{name}@{label}"
+    checkpoints are evaluated in one run (the teacher and the paper checkpoint run once)."""
+    return name if len(checkpoints) == 1 or name in ("teacher", "compressed_paper") else f"{name}@{label}"
 
 
 def _threads() -> dict:

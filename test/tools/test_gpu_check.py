@@ -22,8 +22,8 @@ def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
     node = steps["node"]["dry_run_command"]
     assert "--device cuda" in node and "--cameras 8" in node and "--width 1280 --height 720" in node
     masks = steps["masks"]["result"]
-    assert len(masks) == 6 and all(m["frames"] == 12 for m in masks.values())
-    assert masks["480x360/improved/compressed"]["max"] <= 0.002
+    assert len(masks) == 9 and all(m["frames"] == 12 for m in masks.values())   # fast, accurate, paper x 3 modes
+    assert masks["480x360/fast/compressed"]["max"] <= 0.002 and masks["480x360/accurate/compressed"]["max"] <= 0.002
     assert all(m["max"] == 0 for key, m in masks.items() if not key.endswith("/compressed"))
     rounds = steps["rounds"]["result"]
     assert set(rounds) == {"1x480x360/fp32", "4x480x360/fp32"}
