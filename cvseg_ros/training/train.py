@@ -7,8 +7,9 @@ a progress bar, resumable training state, and DDP under ``torchrun`` (gloo on CP
 Loss (the paper's Eq. 1): cross-entropy on the I-frame plus on every P-frame of a group. It is
 optimised in two stages over the same model:
 
-1. ``iframe``: the I-frame network (ENet initialised from the converted Cityscapes teacher, the
-   classifier remapped to CamVid) on CamVid train stills with human labels (the I-frame term);
+1. ``iframe``: the I-frame network (``i_frame_network``: ENet or ESPNetv2, initialised from its
+   converted Cityscapes weights, the classifier remapped to CamVid) on CamVid train stills with
+   human labels (the I-frame term) and the Cityscapes teachers' outputs (``teachers``);
 2. ``pframe``: the P-frame branch (both CNNs, the ConvLSTM, the heads) on groups of real H.264
    (CamVid stills given camera motion + teacher-labelled dashcam clips), the I-frame network
    frozen (its term is then constant), for each configuration in ``models``.
@@ -33,6 +34,7 @@ from torch import nn
 
 from cvseg_ros.common.paths import REPO_ROOT, shared_data_dir
 from cvseg_ros.training.distributed import Dist, load_train_state, save_train_state
+from cvseg_ros.training.ensemble import ENET_FILE, ESPNETV2_FILE
 from cvseg_ros.training.loss import GroupLoss, class_weights
 from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, checkpoint_name, file_sha256, save_checkpoint
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
@@ -169,7 +171,6 @@ class Trainer:
                                      leave_out=[s.strip() for s in config.leave_out.split(",") if s.strip()])
         self.images, self.labels = images, labels
         self.weights = class_weights(labels).to(self.device)
-        from cvseg_ros.training.ensemble import ENET_FILE
         self.teacher_path = self.data / ENET_FILE
         self.log = open(self.out / "log.txt", "a") if self.dist.main else None
 
@@ -201,7 +202,6 @@ class Trainer:
 
     def init_weights_path(self) -> Path:
         """The Cityscapes weights the I-frame network starts from (those of its network)."""
-        from cvseg_ros.training.ensemble import ESPNETV2_FILE
         return self.teacher_path if self.cfg.i_frame_network == "enet" else self.data / ESPNETV2_FILE
 
     def i_frame_path(self) -> Path:
