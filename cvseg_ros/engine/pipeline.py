@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("compressed", "per_frame", "iframe_copy")
 UNKNOWN = 255
-#: the most cameras decoded at once by default (``decode_threads``)
+#: the most cameras decoded at once with ``decode_threads=0`` (one thread per core)
 MAX_DECODE_THREADS = 8
 
 
@@ -86,12 +86,13 @@ class SegmentationEngine:
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", mode: str = "compressed",
                  model: CompressedSegmenter | None = None, metadata: dict | None = None,
                  precision: str = "auto", threads: int | None = None, optimize: bool = True,
-                 luma_matching: bool = True, p_frame_branch: bool = True, decode_threads: int | None = None) -> None:
+                 luma_matching: bool = True, p_frame_branch: bool = True, decode_threads: int | None = 1) -> None:
         """``checkpoint``: a file or a name (``fast``, ``accurate``, ``auto``; see
         :func:`~cvseg_ros.model.checkpoint.resolve_checkpoint`). ``precision``: see :data:`PRECISIONS`.
         ``decode_threads``: how many cameras' access units of one :meth:`process` call are decoded
         and analysed at once (each camera's in order; decoding and the compiled analysis release the
-        GIL); None: one per core, at most :data:`MAX_DECODE_THREADS`; 1: one after the other. ``optimize``: run an inference copy of the model
+        GIL); 1 (the default): one after the other; None or 0: one per core, at most
+        :data:`MAX_DECODE_THREADS`. ``optimize``: run an inference copy of the model
         (batch norms folded into the convolutions, channels-last): same outputs up to float
         rounding, less time. ``luma_matching=False``: do not correct the accumulated motion
         against the frames' luma even where the checkpoint's model does (less time per P-frame,
@@ -100,8 +101,8 @@ class SegmentationEngine:
         motion, without the CNNs, the ConvLSTM and the correction head."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-        if decode_threads is not None and not 1 <= decode_threads <= 64:
-            raise ValueError(f"decode_threads must be 1..64, got {decode_threads}")
+        if decode_threads is not None and not 0 <= decode_threads <= 64:
+            raise ValueError(f"decode_threads must be 0..64, got {decode_threads}")
         self.decode_threads = decode_threads or max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1))
         self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.device = resolve_device(device)

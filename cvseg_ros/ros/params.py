@@ -243,8 +243,9 @@ PARAMETERS: tuple[Param, ...] = (
           "bf16, else fp32", choices=("auto", "fp32", "bf16", "fp16", "mixed"), strip=True, lower=True),
     Param("threads", "int", 0, "torch CPU threads of the engine; 0: torch's default (one per core)",
           minimum=0, maximum=256),
-    Param("decode_threads", "int", 0, "cameras whose messages are decoded at once (each camera's in "
-          "order); 0: one per core, at most 8; 1: one after the other", minimum=0, maximum=64),
+    Param("decode_threads", "int", 1, "cameras whose messages are decoded at once (each camera's in "
+          "order); 1: one after the other; 0: one per core, at most 8 (see docs/PERFORMANCE.md)",
+          minimum=0, maximum=64),
     Param("class_names", "string[]", None,
           "class id -> name, from the checkpoint (a value given is ignored)", set_by_node=True),
 )

@@ -229,7 +229,7 @@ def test_cameras_decoded_in_parallel_give_what_one_thread_gives(real_units):
     for (c1, s1, k1, m1), (c3, s3, k3, m3) in zip(runs[1], runs[3]):
         assert (c1, s1, k1) == (c3, s3, k3) and np.array_equal(m1, m3)
     with pytest.raises(ValueError, match="decode_threads"):
-        SegmentationEngine(device="cpu", decode_threads=0)
+        SegmentationEngine(device="cpu", decode_threads=-1)
 
 
 def test_runtime_resolves_devices_and_precisions():
