@@ -6,6 +6,7 @@ same reference without running the teachers again.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ def reference_labels(frames: Sequence[np.ndarray], teachers: Sequence[CamvidProb
               for rgb in tqdm(frames, desc="reference labels", unit="frame", disable=not progress)]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")   # one per process: two runs may share the cache
         np.savez_compressed(tmp, labels=np.stack(labels))
         tmp.replace(path)
     return labels

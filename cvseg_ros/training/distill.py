@@ -11,6 +11,7 @@ on unlabelled driving frames it is the only term.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +43,7 @@ def soft_targets(frames: Sequence[np.ndarray], teachers: Sequence[CamvidProbabil
         small = cv2.resize(np.ascontiguousarray(mean.transpose(1, 2, 0)), (w, h), interpolation=cv2.INTER_AREA)
         targets.append(np.ascontiguousarray(small.transpose(2, 0, 1)).astype(np.float16))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")   # one per process: DDP ranks may both write
     np.savez(tmp, **{f"t{i}": t for i, t in enumerate(targets)})
     tmp.replace(path)
     return targets
