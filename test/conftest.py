@@ -344,6 +344,17 @@ def make_engine(segmenter):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (steadier on a shared 2-core machine); put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def restore_threads():
     """Commands run with `--threads 1` set process-wide torch/OpenCV values: put them back."""
     import cv2

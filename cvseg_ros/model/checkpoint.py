@@ -33,6 +33,8 @@ MAX_MAGNITUDE = 1e4
 
 #: names the tools and the node take instead of a checkpoint path -> the shipped file they mean
 CHECKPOINT_ALIASES = {"fast": "cvseg_improved", "accurate": "cvseg_improved_espnetv2"}
+#: every name :func:`resolve_checkpoint` takes instead of a path
+CHECKPOINT_NAMES = ("auto", *CHECKPOINT_ALIASES)
 
 
 CHECKPOINT_HELP = ("fast (ENet I-frame network), accurate (ESPNetv2), auto (accurate on CUDA, fast on the "
@@ -55,7 +57,7 @@ def checkpoint_argument(spec: str | Path) -> str:
     """``spec`` as another process (a node) takes it: a name of :func:`resolve_checkpoint` as it
     is, a path made absolute."""
     text = str(spec).strip()
-    return text if text in ("auto", *CHECKPOINT_ALIASES) else str(Path(text).expanduser().resolve())
+    return text if text in CHECKPOINT_NAMES else str(Path(text).expanduser().resolve())
 
 
 def checkpoint_name(model: str, i_frame_network: str = "enet") -> str:

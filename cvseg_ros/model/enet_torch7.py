@@ -207,8 +207,11 @@ def remap_classifier(
     class_map: Sequence[Sequence[int]],
     merge: str = "first",
     prefix: str = "classifier",
+    class_dim: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Return a copy of ``state`` whose classifier has ``len(class_map)`` outputs.
+
+    ``class_dim``: the weight's output dimension (1: a ``ConvTranspose2d``, ENet's; 0: a ``Conv2d``).
 
     ``class_map[c]`` lists the teacher ids merged into new class ``c``.
 
@@ -231,7 +234,9 @@ def remap_classifier(
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
-    w = state[f"{prefix}.weight"]  # ConvTranspose2d: [in, out, kh, kw]
+    w = state[f"{prefix}.weight"]  # ConvTranspose2d: [in, out, kh, kw]; Conv2d: [out, in, kh, kw]
+    if class_dim == 0:
+        w = w.transpose(0, 1)
     b = state[f"{prefix}.bias"]
     n_old = w.shape[1]
     new_w = torch.zeros(w.shape[0], len(class_map), *w.shape[2:], dtype=w.dtype)
@@ -249,7 +254,7 @@ def remap_classifier(
             new_w[:, c] = w[:, group].mean(dim=1)
             new_b[c] = b[group].mean() + math.log(len(group))
     out = dict(state)
-    out[f"{prefix}.weight"] = new_w
+    out[f"{prefix}.weight"] = new_w.transpose(0, 1).contiguous() if class_dim == 0 else new_w
     out[f"{prefix}.bias"] = new_b
     return out
 

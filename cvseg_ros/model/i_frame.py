@@ -5,7 +5,7 @@ Two networks, chosen by the model configuration's ``i_frame_network``:
 * ``enet`` (``enet.py``, the *fast* checkpoint): initialised at training time from the Cityscapes
   ENet teacher's weights converted by our own code; z(I) = its encoder features at H/8 (128).
 * ``espnetv2`` (``espnetv2.py``, the *accurate* checkpoint): initialised from the Cityscapes
-  ESPNetv2 weights; about 2.7x ENet's compute; z(I) = its decoder features at H/8 (48). It
+  ESPNetv2 weights; about 2.5x ENet's time per frame on a CPU; z(I) = its decoder features at H/8 (48). It
   takes multiples of 16: frames of multiples of 8 are padded (edge pixels repeated) and the
   outputs cropped.
 
@@ -89,16 +89,6 @@ class IFrameNet(nn.Module):
         return self.segmentation.forward_features(rgb, quarter=quarter)
 
 
-def _remap_rows(state: dict, prefix: str, class_map: Sequence[Sequence[int]]) -> dict:
-    """A 1x1 convolution classifier (``prefix``.weight [K,in,1,1], .bias [K]) -> one output per
-    group of ``class_map``, copying the group's first (dominant) teacher class."""
-    out = dict(state)
-    rows = [int(g[0]) for g in class_map]
-    out[f"{prefix}.weight"] = state[f"{prefix}.weight"][rows].clone()
-    out[f"{prefix}.bias"] = state[f"{prefix}.bias"][rows].clone()
-    return out
-
-
 def i_frame_net_from_teacher(network: str, num_classes: int, class_map: Sequence[Sequence[int]],
                              path: str | Path) -> IFrameNet:
     """An :class:`IFrameNet` initialised from a Cityscapes teacher's weights at ``path`` (the
@@ -109,8 +99,10 @@ def i_frame_net_from_teacher(network: str, num_classes: int, class_map: Sequence
         from cvseg_ros.model.enet_torch7 import enet_from_torch7
         net.enet.load_state_dict(enet_from_torch7(path, num_classes=num_classes, class_map=class_map).state_dict())
         return net
+    from cvseg_ros.model.enet_torch7 import remap_classifier
     from cvseg_ros.model.espnetv2 import espnetv2_cityscapes
     state = espnetv2_cityscapes(path).state_dict()
     espnet_ids = [[t - 1 for t in g] for g in class_map]   # ESPNetv2 has no Unlabeled class first
-    net.espnetv2.net.load_state_dict(_remap_rows(state, "bu_dec_l4.merge_layer.3", espnet_ids))
+    net.espnetv2.net.load_state_dict(remap_classifier(state, espnet_ids, prefix="bu_dec_l4.merge_layer.3",
+                                                      class_dim=0))
     return net

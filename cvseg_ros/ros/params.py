@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cvseg_ros.model.checkpoint import CHECKPOINT_ALIASES
+from cvseg_ros.model.checkpoint import CHECKPOINT_NAMES
 
 #: What stands for a camera's name in a template parameter.
 CAMERA = "<camera>"
-CHECKPOINT_NAMES = ("auto", *CHECKPOINT_ALIASES)   # what `checkpoint` takes besides a path
 #: The parameter whose entries instantiate the templates.
 CAMERAS = "cameras"
 TYPES = ("bool", "int", "float", "string", "string[]")
@@ -204,8 +203,8 @@ PARAMETERS: tuple[Param, ...] = (
           pattern=r"auto|cpu|cuda(:\d+)?", pattern_help="'auto', 'cpu' or 'cuda[:N]'", strip=True,
           lower=True, what="device"),
     Param("checkpoint", "string", "auto",
-          "model checkpoint: `fast` (ENet I-frame network) or `accurate` (ESPNetv2, about 2.7x its "
-          "compute), both shipped; `auto` or empty: `accurate` on CUDA, `fast` on the CPU; or a "
+          "model checkpoint: `fast` (ENet I-frame network) or `accurate` (ESPNetv2, about 2.5x its "
+          "time per frame on a CPU), both shipped; `auto` or empty: `accurate` on CUDA, `fast` on the CPU; or a "
           "`.safetensors` path (its `.json` beside it)", existing_file=True, names=CHECKPOINT_NAMES, strip=True),
     Param("publish_mask", "bool", True,
           f"publish `{CAMERA}/semantic/mask` (`mono8` class ids, 255 = unknown)"),

@@ -22,12 +22,7 @@ STILLS = ["train/0001TP_006690.png", "train/0006R0_f02670.png", "train/0016E5_04
 MIN_AGREEMENT = 0.70
 MIN_ACCURACY = 0.88
 
-pytestmark = pytest.mark.usefixtures("restore_threads")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("restore_threads", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")

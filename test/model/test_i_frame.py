@@ -16,16 +16,11 @@ WEIGHTS = SHARED_DATA / "teacher" / "espnetv2_s_2.0_city_1024x512.pth"
 CAMVID = SHARED_DATA / "camvid"
 STILLS = ["train/0001TP_006690.png", "val/0016E5_07959.png"]
 # Measured: the remapped network at 360x480 agrees with the ESPNetv2 teacher (1024x512, mapped to
-# CamVid) on 0.91-0.92 of the pixels and scores 0.90 CamVid pixel accuracy; with the classifier
-# rows in the wrong order (a broken remap) both fall below 0.3.
+# CamVid) on 0.88 of these two stills' pixels (0.91-0.92 on val frames); with the classifier rows
+# rotated by one (a broken remap): 0.01.
 MIN_AGREEMENT = 0.85
 
-pytestmark = pytest.mark.usefixtures("restore_threads")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("restore_threads", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def test_the_accurate_network_keeps_the_teachers_segmentation_after_the_remap(ac
     for key in ("espnetv2.net.bu_dec_l4.merge_layer.3.weight", "espnetv2.net.bu_dec_l4.merge_layer.3.bias"):
         state[key] = state[key].roll(1, dims=0)
     broken.load_state_dict(state)
-    assert _agreement(broken, stills) < 0.5
+    assert _agreement(broken, stills) < 0.2
 
 
 def test_sizes_that_are_multiples_of_8_are_padded_to_16_and_cropped_back(accurate_net):
