@@ -34,7 +34,7 @@ from cvseg_ros.engine.inputs import ModelInputs
 from cvseg_ros.engine.labels import frame_masks
 from cvseg_ros.engine.runtime import (PRECISIONS, autocast_dtypes, resolve_device, resolve_precision, set_threads,
                                       tune_allocator, warm_up_compiled)
-from cvseg_ros.model.checkpoint import load_checkpoint
+from cvseg_ros.model.checkpoint import inference_defaults, load_checkpoint
 from cvseg_ros.model.inference import inference_copy
 from cvseg_ros.model.segmenter import CompressedSegmenter
 from cvseg_ros.model.state import PFrameState
@@ -86,7 +86,7 @@ class SegmentationEngine:
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto", mode: str = "compressed",
                  model: CompressedSegmenter | None = None, metadata: dict | None = None,
                  precision: str = "auto", threads: int | None = None, optimize: bool = True,
-                 luma_matching: bool = True, p_frame_branch: bool = True, decode_threads: int | None = 1) -> None:
+                 luma_matching: bool = True, p_frame_branch: bool | None = None, decode_threads: int | None = 1) -> None:
         """``checkpoint``: a file or a name (``fast``, ``accurate``, ``auto``; see
         :func:`~cvseg_ros.model.checkpoint.resolve_checkpoint`). ``precision``: see :data:`PRECISIONS`.
         ``decode_threads``: how many cameras' access units of one :meth:`process` call are decoded
@@ -96,9 +96,10 @@ class SegmentationEngine:
         (batch norms folded into the convolutions, channels-last): same outputs up to float
         rounding, less time. ``luma_matching=False``: do not correct the accumulated motion
         against the frames' luma even where the checkpoint's model does (less time per P-frame,
-        less accuracy; see README). ``p_frame_branch=False`` (an ablation, for models that
-        accumulate the motion): P-frames get the I-frame's logits warped along the accumulated
-        motion, without the CNNs, the ConvLSTM and the correction head."""
+        less accuracy; see README). ``p_frame_branch=False`` (for models that accumulate the
+        motion): P-frames get the I-frame's logits warped along the accumulated motion, without the
+        CNNs, the ConvLSTM and the correction head; None: the checkpoint's choice
+        (:func:`~cvseg_ros.model.checkpoint.inference_defaults`)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
         if decode_threads is not None and not 0 <= decode_threads <= 64:
@@ -118,6 +119,8 @@ class SegmentationEngine:
         self.reference_height = int(self.metadata["input_size"][0])
         self.mode = mode
         config = self.model.config
+        if p_frame_branch is None:
+            p_frame_branch = inference_defaults(self.metadata)["p_frame_branch"]
         if not p_frame_branch and not getattr(config, "accumulate", False):
             raise ValueError(f"p_frame_branch=False needs a model that accumulates the motion, not "
                              f"{getattr(config, 'name', '?')!r}")
@@ -128,6 +131,7 @@ class SegmentationEngine:
             # the accumulated motion as it is)
             luma=bool(getattr(config, "uses_luma", False)) and luma_matching and mode == "compressed",
             p_frame_branch=p_frame_branch)
+        self.p_frame_branch = p_frame_branch
         self._deblock_p_frames = bool(getattr(config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
         self._i_dtype, self._p_dtype = autocast_dtypes(self.precision)

@@ -29,6 +29,9 @@ MAX_WEIGHTS_BYTES = 1 << 30       # the shipped weights are a few MB
 #: the largest magnitude a tensor of a trained model may hold (the shipped ones: below 20); larger
 #: finite values (e.g. 3e38 in a classifier) would make every mask one class
 MAX_MAGNITUDE = 1e4
+#: how the engine runs a checkpoint unless told otherwise; a checkpoint's metadata may set them
+#: (``"inference": {...}``), as measured on the held-out check (see :func:`inference_defaults`)
+INFERENCE_DEFAULTS = {"p_frame_branch": True}
 
 
 #: names the tools and the node take instead of a checkpoint path -> the shipped file they mean
@@ -109,6 +112,23 @@ def save_checkpoint(model: CompressedSegmenter, path: str | Path, *, classes: li
     return weights
 
 
+def inference_defaults(meta: dict) -> dict:
+    """How the engine runs this checkpoint unless told otherwise: :data:`INFERENCE_DEFAULTS`
+    updated with the metadata's ``inference`` object (checked by :func:`read_metadata`)."""
+    return {**INFERENCE_DEFAULTS, **(meta.get("inference") or {})}
+
+
+def set_inference_defaults(path: str | Path, **defaults) -> Path:
+    """Record ``defaults`` (names of :data:`INFERENCE_DEFAULTS`) in a checkpoint's metadata, as a
+    held-out measurement decided; the weights are untouched. Returns the .json path."""
+    weights, meta_path = _paths(path)
+    meta = read_metadata(weights)
+    meta["inference"] = {**(meta.get("inference") or {}), **defaults}
+    _check_metadata(meta, meta_path)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return meta_path
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -153,6 +173,10 @@ def _check_metadata(meta, meta_path: Path) -> None:
     digest = meta.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
         bad(f"'weights_sha256' is not a SHA-256 hex digest: {digest!r}")
+    inference = meta.get("inference", {})
+    if not (isinstance(inference, dict) and all(k in INFERENCE_DEFAULTS and isinstance(v, bool)
+                                                for k, v in inference.items())):
+        bad(f"'inference' must be an object of {sorted(INFERENCE_DEFAULTS)} flags, got {inference!r}")
 
 
 def _regular_file(path: Path, what: str, limit: int) -> None:

@@ -95,6 +95,7 @@ class _Outputs:
 _ROS_TYPES = {"bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
               "string": ParameterType.PARAMETER_STRING, "string[]": ParameterType.PARAMETER_STRING_ARRAY}
 _INT64 = (-2 ** 63, 2 ** 63 - 1)
+_BRANCH = {"auto": None, "true": True, "false": False}    # `p_frame_branch` -> the engine's argument
 
 
 def descriptor(param: params.Param) -> ParameterDescriptor:
@@ -102,7 +103,7 @@ def descriptor(param: params.Param) -> ParameterDescriptor:
     (the type's limit where the table gives one bound) and its range in words."""
     d = ParameterDescriptor(description=param.description, read_only=param.read_only,
                             additional_constraints=param.range_text())
-    if param.type == "float":      # integers are accepted too (`-p batch_window_ms:=7`)
+    if param.type == "float" or param.bool_words:  # `-p batch_window_ms:=7`, `-p p_frame_branch:=false`
         d.dynamic_typing = True
     else:
         d.type = _ROS_TYPES[param.type]
@@ -175,7 +176,7 @@ class CvsegNode(Node):
             from cvseg_ros.engine.pipeline import SegmentationEngine
             self.engine = SegmentationEngine(checkpoint=cfg["checkpoint"] or None, device=cfg["device"],
                                              threads=cfg["threads"] or None, precision=cfg["precision"], luma_matching=cfg["luma_matching"],
-                                             p_frame_branch=cfg["p_frame_branch"],
+                                             p_frame_branch=_BRANCH[cfg["p_frame_branch"]],
                                              decode_threads=cfg["decode_threads"] or None)
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
@@ -216,6 +217,7 @@ class CvsegNode(Node):
         self._worker.start()
 
         effective = dict(cfg, class_names=class_names, resolved_device=str(self.engine.device),
+                         resolved_p_frame_branch=self.engine.p_frame_branch,
                          cv_bridge=self._bridge is not None)
         self.get_logger().info("effective parameters: " + json.dumps(effective, sort_keys=True))
         for name, pubs in self._outputs.items():

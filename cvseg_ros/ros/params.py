@@ -47,7 +47,8 @@ class Param:
     """One parameter. Ranges: ``minimum`` / ``maximum`` (numbers; ``exclusive_minimum`` excludes the
     bound), ``choices`` (strings), ``pattern`` (a string, or each item of a list: a full match,
     ``pattern_help`` in words), ``nonempty`` / ``unique`` (lists), ``existing_file`` (a string:
-    empty, one of ``names``, or a file). ``strip`` / ``lower``: how a string is normalised before the checks.
+    empty, one of ``names``, or a file). ``strip`` / ``lower``: how a string is normalised before the checks;
+    ``bool_words``: a string that also takes ``true`` / ``false`` as booleans (read as those words).
     ``what``: the noun the messages use for a value (``camera``, ``device``)."""
     name: str
     type: str
@@ -65,6 +66,7 @@ class Param:
     names: tuple[str, ...] = ()
     strip: bool = False
     lower: bool = False
+    bool_words: bool = False
     what: str = "value"
     read_only: bool = True
     set_by_node: bool = False
@@ -95,6 +97,8 @@ class Param:
         name, kind = self.name, self.type
         if kind == "string[]" and value is None:      # ROS reads `[]` as an unset value
             value = []
+        if self.bool_words and isinstance(value, bool):
+            value = "true" if value else "false"
         ok = {"bool": isinstance(value, bool),
               "int": isinstance(value, int) and not isinstance(value, bool),
               "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -232,10 +236,12 @@ PARAMETERS: tuple[Param, ...] = (
     Param("luma_matching", "bool", True,
           "correct the motion accumulated since the I-frame against the frames' luma where the "
           "checkpoint's model does; false: less time per P-frame, a little less accuracy"),
-    Param("p_frame_branch", "bool", True,
+    Param("p_frame_branch", "string", "auto",
           "run the P-frame branch (CNNs, ConvLSTM, correction head); false: each P-frame's mask is the "
           "I-frame's logits warped along the accumulated motion (less time per P-frame; needs a model "
-          "that accumulates the motion since the I-frame, as the shipped one does, not the paper's)"),
+          "that accumulates the motion since the I-frame, as the shipped ones do, not the paper's); "
+          "`auto`: the checkpoint's choice, measured on the held-out check (`fast`: true, `accurate`: false)",
+          choices=("auto", "true", "false"), bool_words=True, strip=True, lower=True),
     Param("precision", "string", "auto",
           "arithmetic of the networks: `fp32`; `bf16` or `fp16` autocast (fp16 is for a GPU); `mixed`: "
           "the I-frame network in fp32, the P-frame branch in bf16; `auto`: `mixed` on a CPU with native "

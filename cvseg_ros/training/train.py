@@ -55,6 +55,8 @@ class TrainConfig:
     data: str = str(shared_data_dir())       # ../shared/data
     out: str = "runs/train"                  # training state, logs
     export_dir: str = str(PACKAGE_CHECKPOINT_DIR)  # where cvseg_<model>.safetensors go ("" = don't export)
+    p_frame_branch: bool = True              # the exported checkpoints' default (metadata "inference"):
+                                             # false where the held-out check finds warping alone better
     stages: str = "iframe,pframe"
     models: str = "improved,paper"
     seed: int = 0
@@ -339,6 +341,8 @@ class Trainer:
             "torch": torch.__version__,
         }
         path = Path(self.cfg.export_dir) / f"{checkpoint_name(name, self.cfg.i_frame_network)}.safetensors"
+        if not self.cfg.p_frame_branch and model.config.accumulate:   # the paper's model needs its branch
+            meta["inference"] = {"p_frame_branch": False}
         return save_checkpoint(model, path, classes=CAMVID_CLASSES, palette=CAMVID_PALETTE,
                                input_size=_size(self.cfg.input_size), extra=meta)
 

@@ -13,8 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cvseg_ros.model.checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, file_sha256, load_checkpoint,
-                                  read_metadata, save_checkpoint)
+from cvseg_ros.model.checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, file_sha256, inference_defaults,
+                                  load_checkpoint, read_metadata, resolve_checkpoint, save_checkpoint,
+                                  set_inference_defaults)
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.model.segmenter import CompressedSegmenter, make_config
 
@@ -163,6 +164,8 @@ BAD_METADATA = [
                  id="config-unknown-key"),
     pytest.param({"config": {"name": "nope", "num_classes": 11}}, "bad model configuration", id="config-name"),
     pytest.param({"weights_sha256": 5}, "SHA-256", id="digest-type"),
+    pytest.param({"inference": {"p_frame_branch": "no"}}, "'inference' must be", id="inference-not-a-flag"),
+    pytest.param({"inference": {"turbo": True}}, "'inference' must be", id="inference-unknown-key"),
 ]
 
 
@@ -263,3 +266,24 @@ def test_absurd_but_finite_weights_are_refused(good, tmp_path):
     edit_meta(meta_path, weights_sha256=file_sha256(weights))
     message = error_of(weights)
     assert name in message and "3e+38" in message, message
+
+
+def test_inference_defaults_recorded_in_the_metadata_steer_the_engine(good, tmp_path):
+    """``set_inference_defaults`` writes the choice into the JSON (the weights and their digest
+    untouched); the engine follows it unless told otherwise. The shipped checkpoints: the branch
+    on for ``fast``, off for ``accurate`` (the held-out check's choice, README)."""
+    from cvseg_ros.engine.pipeline import SegmentationEngine
+    weights, meta_path = copy(good, tmp_path)
+    assert inference_defaults(read_metadata(weights)) == {"p_frame_branch": True}
+    digest = file_sha256(weights)
+    set_inference_defaults(weights, p_frame_branch=False)
+    assert json.loads(meta_path.read_text())["inference"] == {"p_frame_branch": False}
+    assert file_sha256(weights) == digest
+    model, meta = load_checkpoint(weights)
+    engines = {given: SegmentationEngine(model=model, metadata=meta, device="cpu", p_frame_branch=given)
+               for given in (None, True, False)}
+    assert {given: e.p_frame_branch for given, e in engines.items()} == {None: False, True: True, False: False}
+    with pytest.raises(CheckpointError, match="'inference' must be"):
+        set_inference_defaults(weights, p_frame_branch=1)
+    shipped = {name: inference_defaults(read_metadata(resolve_checkpoint(name))) for name in ("fast", "accurate")}
+    assert shipped == {"fast": {"p_frame_branch": True}, "accurate": {"p_frame_branch": False}}

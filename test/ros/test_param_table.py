@@ -109,6 +109,8 @@ def test_read_instantiates_the_templates_per_camera_in_the_table_order():
     ("checkpoint", "/dev/null", "not a regular file"),
     ("input_timeout_s", 0.0, "'input_timeout_s' must be > 0"),
     ("publish_mask", 1, "must be true or false"),
+    ("p_frame_branch", "sometimes", "unknown value 'sometimes'"),
+    ("p_frame_branch", 0, "must be a string"),
 ])
 def test_bad_values_get_one_clear_message(name, value, needle):
     with pytest.raises(ParameterError) as info:
@@ -125,6 +127,8 @@ def test_the_checks_normalise_as_the_node_uses_the_values(tmp_path):
     assert params.BY_NAME["qos_reliability"].check(" Reliable") == "reliable"
     assert params.BY_NAME["device"].check("cuda:1") == "cuda:1"
     assert params.BY_NAME["max_stamp_gap_periods"].check(2) == 2.0
+    branch = params.BY_NAME["p_frame_branch"]     # a YAML boolean or a word
+    assert [branch.check(v) for v in (True, False, " Auto", "false")] == ["true", "false", "auto", "false"]
 
 
 def test_the_table_needs_no_ros():

@@ -51,7 +51,7 @@ def running(tmp_path_factory):
     log = tmp / "node.log"
     ck = checkpoint_args(tmp)
     proc = start_node(log, ["-p", "cameras:=[front, rear]", "-p", "rear.topic:=/rear/cam/h264",
-                            "-p", "batch_window_ms:=7", *ck], DOMAIN, threads=None)
+                            "-p", "batch_window_ms:=7", "-p", "p_frame_branch:=false", *ck], DOMAIN, threads=None)
     ros = Ros("cvseg_params_test", DOMAIN)
     try:
         yield proc, ros.node, log, ck
@@ -80,7 +80,8 @@ def test_node_reads_every_value_from_the_file_and_the_overrides(running):
     from rclpy.parameter import parameter_value_to_python
     proc, node, log, ck = running
     expected = file_params()
-    expected.update({"cameras": ["front", "rear"], "rear.topic": "/rear/cam/h264", "batch_window_ms": 7})
+    expected.update({"cameras": ["front", "rear"], "rear.topic": "/rear/cam/h264", "batch_window_ms": 7,
+                     "p_frame_branch": False})
     if ck:
         expected["checkpoint"] = ck[1].split(":=", 1)[1]
     names = sorted(expected) + ["class_names"]
@@ -99,6 +100,7 @@ def test_node_reads_every_value_from_the_file_and_the_overrides(running):
     logged = json.loads(line.split("effective parameters:", 1)[1])
     assert logged["cameras"] == ["front", "rear"] and logged["rear.topic"] == "/rear/cam/h264"
     assert logged["class_names"] == got["class_names"]
+    assert logged["p_frame_branch"] == "false" and logged["resolved_p_frame_branch"] is False
 
 
 def test_class_names_and_settings_are_read_only(running):
