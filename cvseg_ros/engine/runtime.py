@@ -8,6 +8,7 @@ from cvseg_ros.codec.decoder import warm_up_motion_analysis
 from cvseg_ros.common.kernels import cpu_kernels
 from cvseg_ros.engine.labels import class_ids, upsampled_class_ids
 from cvseg_ros.model import enet, luma_matching
+from cvseg_ros.model.inference import warm_up_affine_prelu
 from cvseg_ros.model.segmenter import CompressedSegmenter
 from cvseg_ros.model.warping import warm_up_warp
 
@@ -91,7 +92,8 @@ def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> 
     """Compile (or load from Numba's disk cache) the compiled loops now, so that no camera's
     first frame waits for them: with ``motion`` the motion-vector field's (the decoder's, on the
     CPU whatever the device); where the model runs its CPU formulations (:mod:`cvseg_ros.common.kernels`),
-    also the labels' (for ``model``'s number of classes) and ENet's block ends', and with
+    also the labels' (for ``model``'s number of classes), ENet's block ends' and the fused
+    norm-and-PReLU's, and with
     ``motion`` the luma matching's, the warp's and ``model``'s correction head's."""
     if motion:
         warm_up_motion_analysis()
@@ -104,6 +106,7 @@ def warm_up_compiled(motion: bool, model: CompressedSegmenter | None = None) -> 
         class_ids(logits.contiguous(memory_format=layout))
         upsampled_class_ids(logits.contiguous(memory_format=layout), 8, 8)
     enet.warm_up()
+    warm_up_affine_prelu()
     if motion:
         luma_matching.warm_up()
         warm_up_warp()

@@ -208,6 +208,9 @@ class _PyramidPool(nn.Module):
                                          nn.Conv2d(proj, cout, 1, bias=not final_norm))
         if final_norm:
             self.br = _SeqBR(cout)
+        #: the stages' maps are concatenated already in the shuffled order, the merge norm's
+        #: parameters permuted to match (:meth:`interleave_`, for inference)
+        self.interleaved = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.projection_layer(x)
@@ -222,8 +225,31 @@ class _PyramidPool(nn.Module):
             else:
                 y = conv(x)
             outs.append(y)
-        y = self.merge_layer(torch.cat(outs, 1))
+        if self.interleaved:   # channel j * n + i = stage i's channel j: the shuffle's order, one copy
+            b, c = x.shape[:2]
+            slots = x.new_empty(b, h, w, c, len(outs))       # channels-last, stage-minor
+            for i, y in enumerate(outs):
+                slots[..., i].copy_(y.permute(0, 2, 3, 1))
+            y = self.merge_layer(slots.flatten(3).permute(0, 3, 1, 2))
+        else:
+            y = self.merge_layer(torch.cat(outs, 1))
         return self.br(y) if hasattr(self, "br") else y
+
+    @torch.no_grad()
+    def interleave_(self) -> None:
+        """Concatenate the stages' maps in the channel shuffle's order (one copy instead of a
+        concatenation and a shuffle), the norm and PReLU before the shuffle permuted to match."""
+        if self.interleaved:
+            return
+        norm, shuffle = self.merge_layer[0], self.merge_layer[1]
+        n, proj = shuffle.groups, self.stages[0].out_channels
+        order = torch.tensor([i * proj + j for j in range(proj) for i in range(n)])
+        for module in norm.br:
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor.dim() == 1 and tensor.numel() == n * proj:
+                    tensor.copy_(tensor[order].clone())
+        self.merge_layer[1] = nn.Identity()
+        self.interleaved = True
 
 
 class _GatedProjection(nn.Module):

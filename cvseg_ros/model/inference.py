@@ -13,17 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cvseg_ros.common.jit import compiled
 from cvseg_ros.common.kernels import cpu_kernels
 from cvseg_ros.model.enet import Bottleneck, DownsamplingBottleneck, UpsamplingBottleneck
+from cvseg_ros.model.espnetv2 import _NormAct, _PyramidPool, _Unit
 from cvseg_ros.model.p_frame import FusedBranches
 
 log = logging.getLogger(__name__)
 
 # (conv, batch norm) attribute pairs where the norm directly follows the convolution in forward()
-_ENET_PAIRS = {
+_PAIRS = {
     Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
     DownsamplingBottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
     UpsamplingBottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("main_conv", "main_bn")),
+    _Unit: (("conv", "bn"),),      # ESPNetv2's conv [+ norm] [+ PReLU]
 }
 
 
@@ -39,8 +42,8 @@ def fold_batchnorms_(model: nn.Module) -> int:
     Returns the number folded."""
     folded = 0
     for module in model.modules():
-        for conv_name, bn_name in _ENET_PAIRS.get(type(module), ()):
-            bn = getattr(module, bn_name)
+        for conv_name, bn_name in _PAIRS.get(type(module), ()):
+            bn = getattr(module, bn_name, None)
             if isinstance(bn, nn.BatchNorm2d):
                 setattr(module, conv_name, _fold(getattr(module, conv_name), bn))
                 setattr(module, bn_name, nn.Identity())
@@ -52,6 +55,64 @@ def fold_batchnorms_(model: nn.Module) -> int:
                     module[i + 1] = nn.Identity()
                     folded += 1
     return folded
+
+
+@compiled(fastmath=True)
+def _affine_prelu_rows(x, scale, shift, slope, out):
+    """out[p, c] = PReLU_c(x[p, c] * scale[c] + shift[c]) over [pixels, channels] rows."""
+    for p in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            v = x[p, c] * scale[c] + shift[c]
+            out[p, c] = v if v > 0 else v * slope[c]
+
+
+class AffinePReLU(nn.Module):
+    """An eval-mode ``BatchNorm2d`` and the ``PReLU`` after it, in one pass: on the CPU one
+    compiled loop over a channels-last float32 map (PyTorch's eval-mode norm alone takes longer),
+    elsewhere ``addcmul`` and ``prelu``. Same values up to float rounding."""
+
+    def __init__(self, bn: nn.BatchNorm2d, prelu: nn.PReLU) -> None:
+        super().__init__()
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("shift", (bn.bias.detach() - bn.running_mean * scale).clone())
+        self.register_buffer("slope", prelu.weight.detach().expand(scale.numel()).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if (cpu_kernels(x) and x.dim() == 4 and x.dtype == torch.float32 == self.scale.dtype
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.requires_grad):
+            out = torch.empty_like(x, memory_format=torch.channels_last)
+            rows = (lambda t: t.permute(0, 2, 3, 1).reshape(-1, c).numpy())
+            _affine_prelu_rows(rows(x), self.scale.numpy(), self.shift.numpy(), self.slope.numpy(), rows(out))
+            return out
+        view = (1, c, 1, 1)
+        y = torch.addcmul(self.shift.to(x.dtype).view(view), x, self.scale.to(x.dtype).view(view))
+        return F.prelu(y, self.slope.to(x.dtype))
+
+
+def fuse_norm_prelu_(model: nn.Module) -> int:
+    """Replace every eval-mode ``BatchNorm2d`` directly followed by a ``PReLU`` (in a
+    ``Sequential``, or ESPNetv2's norm-and-activation pairs) by :class:`AffinePReLU` (in place).
+    Returns the number replaced."""
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, _NormAct) and isinstance(module.bn, nn.BatchNorm2d):
+            module.bn, module.act = AffinePReLU(module.bn, module.act), nn.Identity()
+            fused += 1
+        elif isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], nn.BatchNorm2d) and isinstance(module[i + 1], nn.PReLU):
+                    module[i], module[i + 1] = AffinePReLU(module[i], module[i + 1]), nn.Identity()
+                    fused += 1
+    return fused
+
+
+def warm_up_affine_prelu() -> None:
+    """Compile (or load from Numba's disk cache) :class:`AffinePReLU`'s loop now."""
+    x = torch.zeros(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        AffinePReLU(nn.BatchNorm2d(2).eval(), nn.PReLU(2))(x)
 
 
 def _packing_available() -> bool:
@@ -178,12 +239,17 @@ def pack_convolutions_(model: nn.Module) -> int:
 
 
 def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """A deep copy in eval mode with batch norms folded, the P-frame CNNs fused (for a
+    """A deep copy in eval mode with batch norms folded (or fused with the PReLU after them),
+    ESPNetv2's pyramid shuffles folded into their concatenations, the P-frame CNNs fused (for a
     :class:`CompressedSegmenter`), the convolutions packed (:func:`pack_convolutions_`) and
     channels-last weights."""
     fast = copy.deepcopy(model).eval()
     with torch.no_grad():
         fold_batchnorms_(fast)
+        for module in fast.modules():
+            if isinstance(module, _PyramidPool):
+                module.interleave_()
+        fuse_norm_prelu_(fast)
         if hasattr(fast, "mv_cnn") and hasattr(fast, "residual_cnn"):
             # both CNNs come from one h4_encoder geometry (ModelConfig): they always fuse
             fast.fused_branches = FusedBranches(fast.mv_cnn, fast.residual_cnn)

@@ -148,14 +148,18 @@ def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
 
 
-@pytest.mark.parametrize("name", ["improved", "paper"])
+@pytest.mark.parametrize("name", ["improved", "paper", "improved_espnetv2"])
 def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
-    """The engine's inference copy (batch norms folded, the P-frame CNNs fused, the convolutions
-    packed, channels-last) computes what the shipped model computes, on real reader output."""
+    """The engine's inference copy (batch norms folded or fused with their PReLU, ESPNetv2's
+    shuffles folded into its concatenations, the P-frame CNNs fused, the convolutions packed,
+    channels-last) computes what the shipped model computes, on real reader output; the
+    fused norms' GPU formulation too."""
     # flat image areas make ties in ENet's max-pooling; the bound below is measured on CamVid
     require(CAMVID_TRAIN, "CamVid train stills (the rounding bound is measured on them)")
     from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR
-    from cvseg_ros.model.inference import PackedConv2d, inference_copy
+    from cvseg_ros.common.kernels import device_kernels
+    from cvseg_ros.model.espnetv2 import _ChannelShuffle
+    from cvseg_ros.model.inference import AffinePReLU, PackedConv2d, inference_copy
     model, _ = load_checkpoint(PACKAGE_CHECKPOINT_DIR / f"cvseg_{name}.safetensors")
     model.eval()
     fast = inference_copy(model)
@@ -164,13 +168,19 @@ def test_inference_copy_gives_the_trained_models_outputs(real_units, name):
     modules = list(fast.i_frame_net.modules())
     convolutions = sum(type(m) is torch.nn.Conv2d for m in modules)
     assert convolutions > 80 and sum(type(m) is PackedConv2d for m in modules) == convolutions
-    # all but the ENet initial block's norm (it follows a concatenation, not one convolution)
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) == 1
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    if name.endswith("espnetv2"):   # every norm folded or fused with its PReLU, no shuffle left
+        assert norms == 0 and sum(isinstance(m, AffinePReLU) for m in modules) == 23
+        assert not any(isinstance(m, _ChannelShuffle) for m in modules)
+    else:   # all but the ENet initial block's norm (it follows a concatenation, not one convolution)
+        assert norms == 1
     frames = decode(real_units, model.config.residual_stride)
     rgb = torch.from_numpy(frames[0].rgb).permute(2, 0, 1)[None].float() / 255
     with torch.inference_mode():
         (want, want_state), (got, got_state) = model.i_frame(rgb), fast.i_frame(rgb.contiguous(memory_format=torch.channels_last))
         assert_same_up_to_rounding(got, want)
+        with device_kernels():
+            assert_same_up_to_rounding(fast.i_frame(rgb.contiguous(memory_format=torch.channels_last))[0], want)
         for f in frames[1:4]:
             args = (torch.from_numpy(f.motion_vectors)[None], torch.from_numpy(f.residual)[None, None].float() / 255)
             intra = torch.from_numpy(f.intra)[None, None].float()
