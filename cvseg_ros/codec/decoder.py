@@ -241,11 +241,14 @@ class H264StreamDecoder:
                 return cv2.resize(_luma(frame, copy=False), (w, h), interpolation=cv2.INTER_AREA)
         return _luma(frame)
 
-    def feed(self, data: bytes, stamp: Any = None, analyse: bool = True) -> list[CompressedFrame]:
+    def feed(self, data: bytes, stamp: Any = None, analyse: bool = True, residual: bool = True
+             ) -> list[CompressedFrame]:
         """Decode one access unit; returns ``[]`` or ``[frame]``. Never raises on bad data.
 
         ``analyse=False``: decode only (keep the reference pictures, count the frame) and skip the
-        image, vectors and residual; the next frame then restarts the model state (``reset``)."""
+        image, vectors and residual; the next frame then restarts the model state (``reset``).
+        ``residual=False``: this frame's vectors and luma without its residual (a frame the model
+        carries its state through without a mask)."""
         st = self.stats
         st.access_units += 1
         if not data:
@@ -266,7 +269,7 @@ class H264StreamDecoder:
             return []
         out = []
         for frame in frames:
-            result = self._convert(frame, stamp, analyse)
+            result = self._convert(frame, stamp, analyse, residual)
             if result is not None:
                 out.append(result)
         return out
@@ -287,7 +290,8 @@ class H264StreamDecoder:
             st.frames_with_mvs += 1
         return arr
 
-    def _convert(self, frame: av.VideoFrame, stamp: Any, analyse: bool = True) -> CompressedFrame | None:
+    def _convert(self, frame: av.VideoFrame, stamp: Any, analyse: bool = True, residual: bool = True
+                 ) -> CompressedFrame | None:
         st = self.stats
         pict = int(frame.pict_type)
         if pict == PICT_B:
@@ -326,7 +330,8 @@ class H264StreamDecoder:
             if self.motion:
                 field, result.intra = dense_field(arr, height, width)
                 result.motion_vectors = fill_intra(field, result.intra)
-                if self.residual and self._previous_luma is not None and self._previous_luma.shape == luma.shape:
+                if (self.residual and residual and self._previous_luma is not None
+                        and self._previous_luma.shape == luma.shape):
                     result.residual = self._residual(luma, result.motion_vectors, height, width)
         if reset:
             st.resets += 1

@@ -107,6 +107,16 @@ class ModelInputs:
             cells.append(c)
         return self._to_device(cells, "luma").unsqueeze(1).float()
 
+    def motion_vectors(self, frames: Sequence[CompressedFrame], size: tuple[int, int]) -> torch.Tensor:
+        """[B,2,h/4,w/4] the frames' motion fields at the work size's cells, in its pixels."""
+        h, w = size
+        mvs = []
+        for f in frames:
+            mv = f.motion_vectors
+            mvs.append(mv if mv.shape[1:] == (h // 4, w // 4) else
+                       resize_field(mv, h // 4, w // 4, w / f.width, h / f.height))
+        return self._to_device(mvs, "motion_vectors")
+
     def p_frame(self, frames: Sequence[CompressedFrame], size: tuple[int, int]) -> dict[str, torch.Tensor | None]:
         """The inputs of :meth:`~cvseg_ros.model.segmenter.CompressedSegmenter.p_frame`
         (``motion_vectors``, ``residual``, ``residual_stats``, ``intra``, with ``luma`` the
@@ -114,13 +124,10 @@ class ModelInputs:
         here (OpenCV, from the int16 residual) and the full-resolution residual tensor is not made."""
         h, w = size
         rh, rw = h // self.residual_stride, w // self.residual_stride
-        mvs, residuals, intras = [], [], []
-        for f in frames:
+        residuals, intras = [], []
+        for f in frames if self.p_frame_branch else ():   # without it: the vectors (and luma) only
             mv = f.motion_vectors
             resized = mv.shape[1:] != (h // 4, w // 4)
-            mvs.append(resize_field(mv, h // 4, w // 4, w / f.width, h / f.height) if resized else mv)
-            if not self.p_frame_branch:   # the warp reads the vectors (and the luma) only
-                continue
             intra = f.intra if f.intra is not None else np.zeros(mv.shape[1:], bool)
             if resized and self.intra:
                 intra = cv2.resize(intra.view(np.uint8), (w // 4, h // 4), interpolation=cv2.INTER_NEAREST) > 0
@@ -128,7 +135,7 @@ class ModelInputs:
             # the reader computes the residual at the model's size already (residual_size)
             res = f.residual if f.residual is not None else np.zeros((rh, rw), np.int16)
             residuals.append(res if res.shape == (rh, rw) else cv2.resize(res, (rw, rh), interpolation=cv2.INTER_AREA))
-        tensors = {"motion_vectors": self._to_device(mvs, "motion_vectors"), "residual": None,
+        tensors = {"motion_vectors": self.motion_vectors(frames, size), "residual": None,
                    "residual_stats": None, "intra": None}
         if self.luma:
             tensors["luma"] = self.luma_cells(frames, size)

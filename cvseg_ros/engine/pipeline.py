@@ -132,6 +132,8 @@ class SegmentationEngine:
             luma=bool(getattr(config, "uses_luma", False)) and luma_matching and mode == "compressed",
             p_frame_branch=p_frame_branch)
         self.p_frame_branch = p_frame_branch
+        #: whether :meth:`skim` carries a camera's state through a frame without a mask
+        self._carries = mode == "compressed" and bool(getattr(config, "accumulate", False))
         self._deblock_p_frames = bool(getattr(config, "deblock_p_frames", True))
         self.precision = resolve_precision(precision, self.device)
         self._i_dtype, self._p_dtype = autocast_dtypes(self.precision)
@@ -172,6 +174,29 @@ class SegmentationEngine:
         self.add_camera(camera)
         # no image, vectors or residual for a frame that gets no mask (the next one restarts)
         return len(self._cameras[camera].decoder.feed(data, stamp, analyse=False))
+
+    def skim(self, camera: str, data: bytes, stamp: Any = None) -> bool:
+        """Decode an access unit that gets no mask (the caller is behind). Where the model can
+        (the ``compressed`` mode, a model that accumulates the motion, a P-frame that continues the
+        camera's state) the state is carried through it (:meth:`CompressedSegmenter.carry`: a few
+        percent of a P-frame's model time beyond decoding) and True is returned: the next frame
+        needs no restart. Otherwise the unit is decoded only (:meth:`decode_only`) and False is
+        returned: the caller marks a discontinuity. Never raises on bad data."""
+        self.add_camera(camera)
+        cam = self._cameras[camera]
+        if not self._carries or cam.state is None:
+            self.decode_only(camera, data, stamp)
+            return False
+        frames = cam.decoder.feed(data, stamp, residual=False)
+        for f in frames:
+            if f.kind != "P" or f.reset or f.motion_vectors is None:
+                cam.state = None        # an I-frame or a broken chain: the next frame restarts
+                cam.decoder.mark_discontinuity("a frame without a mask could not carry the state")
+                return False
+            with torch.inference_mode(), self._autocast(self._p_dtype):
+                cam.state = self.model.carry(self._inputs.motion_vectors([f], self.work_size(f.height, f.width)),
+                                             cam.state)
+        return bool(frames)
 
     def stats(self, camera: str) -> dict:
         self.add_camera(camera)

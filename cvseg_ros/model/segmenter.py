@@ -225,6 +225,21 @@ class CompressedSegmenter(nn.Module):
             return out, state.replace(hidden=h, cell=cell, motion=acc)
         return out, state.replace(hidden=h, cell=cell, logits=out)
 
+    def carry(self, motion_vectors: torch.Tensor, state: PFrameState) -> PFrameState:
+        """A P-frame that gets no mask (the caller is behind; configurations that accumulate the
+        motion): its vectors are added to the motion accumulated since the I-frame and the
+        ConvLSTM state is warped along them; nothing else runs. The next P-frame's luma matching
+        corrects the accumulated motion against its own luma, as it would have here."""
+        c = self.config
+        if not c.accumulate:
+            raise ValueError(f"carry needs a configuration that accumulates the motion, not {c.name!r}")
+        h, cell = state.hidden, state.cell
+        if c.warp:
+            hc = warp(torch.cat([h, cell], dim=1), motion_vectors)
+            h, cell = hc[:, : h.shape[1]], hc[:, h.shape[1]:]
+        acc = motion_vectors + warp(state.motion, motion_vectors)
+        return state.replace(hidden=h, cell=cell, motion=acc)
+
     def _accumulated_motion(self, motion_vectors: torch.Tensor, state: PFrameState, luma: torch.Tensor | None
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the motion accumulated since the I-frame: content at p came from p + acc(p) in the

@@ -216,14 +216,28 @@ class MessagePath:
         units, work = [], {}
         try:
             for cam, skipped, item in batch:
-                for s in skipped:     # decode only (already counted as queue drops)
-                    if self._continuity(cam, s) is not None:
-                        try:
+                broken = 0            # skipped frames the state could not be carried through
+                for s in skipped:     # no mask (already counted as queue drops)
+                    lost = self._continuity(cam, s)
+                    if lost is None:  # waiting for an IDR
+                        continue
+                    if lost:          # references lost: the state restarts anyway
+                        cam.restart_reason = f"{cam.restart_reason}; {lost}" if cam.restart_reason else lost
+                    carried = False
+                    try:
+                        if cam.restart_reason:
                             engine.decode_only(cam.name, s.data, s.stamp_ns)
-                        except Exception as exc:  # noqa: BLE001
-                            cam.last_error = f"decoder failure: {type(exc).__name__}: {exc}"
-                if skipped:
-                    cam.restart_reason = f"{len(skipped)} frame(s) not segmented (engine behind)"
+                        else:         # the state carried through it where the model can
+                            carried = engine.skim(cam.name, s.data, s.stamp_ns)
+                    except Exception as exc:  # noqa: BLE001
+                        cam.last_error = f"decoder failure: {type(exc).__name__}: {exc}"
+                    if carried:
+                        cam.counts["carried"] += 1
+                    else:
+                        broken += 1
+                if broken:
+                    why = f"{broken} frame(s) not segmented (engine behind)"
+                    cam.restart_reason = f"{cam.restart_reason}; {why}" if cam.restart_reason else why
                 if item is None:
                     continue
                 reasons = []

@@ -13,7 +13,9 @@ changes it under its lock. The two policies here, each applied on purpose, count
 - **Queue** (the model falls behind; :class:`FrameQueue`): nothing is dropped before decoding
   while the decoder can keep up, so the reference pictures stay intact. With ``queue_depth``
   frames waiting, a new frame makes the oldest waiting one *decode-only* (no mask; the newest
-  frames keep theirs) and the model state restarts at the next segmented frame; if an IDR is
+  frames keep theirs): where the model accumulates the motion (the shipped ones) its vectors are
+  carried into the state (``queue_carried``) and the next frame continues it; otherwise, or if
+  the chain is broken, the model state restarts at the next segmented frame; if an IDR is
   waiting, everything before it is discarded undecoded instead (nothing after an IDR refers to
   it, and the IDR restarts the state anyway). If even decoding falls behind (more than
   ``backlog_limit`` units queued), units are discarded undecoded and the camera waits for its
@@ -226,7 +228,7 @@ class CameraState:
     frame_nums: FrameNumTracker = field(default_factory=FrameNumTracker)
     latency: LatencyWindow = field(default_factory=LatencyWindow)
     counts: dict = field(default_factory=lambda: dict.fromkeys(
-        ("received", "published", "extra_frames", "discontinuities", "lost_units", "stamp_gaps",
+        ("received", "published", "extra_frames", "discontinuities", "carried", "lost_units", "stamp_gaps",
          "stamp_resets", *DROP_REASONS), 0))
     last_data: bytes | None = None
     awaiting_idr: bool = False             # stream continuity lost: decode nothing but an IDR
@@ -302,6 +304,7 @@ class CameraState:
             ("queue_size", str(queue_size)),
             ("queue_backlog", str(backlog)),
             ("queue_decode_only", str(decode_only)),
+            ("queue_carried", str(c["carried"])),
             ("queue_discarded", str(discarded)),
             ("in_flight", str(in_flight)),
             ("seconds_since_input", f"{now - self.last_received:.2f}" if self.last_received else "nan"),

@@ -249,31 +249,54 @@ def test_duplicates_and_wrong_format_are_dropped_and_counted(make_engine, gop12_
 
 
 def test_queue_policy_when_the_engine_falls_behind(make_engine, gop12_units):
-    """Depth 3. Eight P-frames arrive before the engine runs: the five oldest are decoded only (no
-    mask, references kept); the state does not restart on a P-frame while the camera is still
-    behind (the I-frame network would put it further behind): 6 and 7 are decoded only too, and
-    the state restarts at 8, taken with the queue empty."""
+    """Depth 3. Eight P-frames arrive before the engine runs: the five oldest get no mask but the
+    state is carried through them (their motion accumulated, no restart: the shipped model
+    accumulates the motion), and 6, 7 and 8 are segmented as P-frames continuing it; 8's mask
+    is close to the one it gets when every frame is segmented."""
     cam = Camera(make_engine(), queue_depth=3)
     cam.send(gop12_units[0], T0)
     for i in range(1, 9):
         cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
     cam.process()
     v = cam.assert_accounted()
-    assert v["queue_drops"] == "7" and v["queue_decode_only"] == "7" and v["decode_errors"] == "0"
+    assert v["queue_drops"] == "5" and v["queue_decode_only"] == "5" and v["queue_carried"] == "5"
+    assert v["decode_errors"] == "0" and v["discontinuities"] == "0"
+    assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + i * PERIOD for i in (6, 7, 8)]
+    assert all(o.network == "p_frame" and not o.reset for o in cam.outputs[1:])
+    assert int(v["p_frames"]) == 8 and v["lost_units"] == "0" and v["i_frames"] == "1"
+    every = make_engine()
+    want = [r.mask for i in range(9) for r in every.process([("front", gop12_units[i], T0 + i * PERIOD)])][8]
+    assert (cam.outputs[-1].mask == want).mean() > 0.9
+    # an IDR waiting: the queue jumps to it (what precedes it is not decoded: nothing needs it)
+    for i in range(9, 15):
+        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
+    cam.process()
+    v = cam.assert_accounted()
+    assert [o.stamp_ns for o in cam.outputs[4:]] == [T0 + 12 * PERIOD, T0 + 13 * PERIOD, T0 + 14 * PERIOD]
+    assert cam.outputs[4].kind == "I" and v["queue_drops"] == str(5 + 3) and v["queue_discarded"] == "3"
+    assert [o.network for o in cam.outputs[4:]] == ["i_frame", "p_frame", "p_frame"]
+
+
+def test_without_carrying_the_state_restarts_once_caught_up(gop12_units):
+    """The same backlog with the paper's model, which does not accumulate the motion (no state can
+    be carried): the five oldest are decoded only (references kept); the state does not restart on
+    a P-frame while the camera is still behind (the I-frame network would put it further behind):
+    6 and 7 are decoded only too, and the state restarts at 8, taken with the queue empty."""
+    from cvseg_ros.engine.pipeline import SegmentationEngine
+    from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR
+    cam = Camera(SegmentationEngine(PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors", device="cpu"), queue_depth=3)
+    cam.send(gop12_units[0], T0)
+    for i in range(1, 9):
+        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
+    cam.process()
+    v = cam.assert_accounted()
+    assert v["queue_drops"] == "7" and v["queue_decode_only"] == "7" and v["queue_carried"] == "0"
     assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + 8 * PERIOD]
     assert cam.outputs[1].reset and cam.outputs[1].network == "i_frame"
     assert int(v["p_frames"]) == 8 and v["lost_units"] == "0"      # every P-frame was decoded
     # caught up: the next P-frame continues the state
     cam.send(gop12_units[9], T0 + 9 * PERIOD)
     assert cam.outputs[2].network == "p_frame" and not cam.outputs[2].reset
-    # an IDR waiting: the queue jumps to it (what precedes it is not decoded: nothing needs it)
-    for i in range(10, 15):
-        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
-    cam.process()
-    v = cam.assert_accounted()
-    assert [o.stamp_ns for o in cam.outputs[3:]] == [T0 + 12 * PERIOD, T0 + 13 * PERIOD, T0 + 14 * PERIOD]
-    assert cam.outputs[3].kind == "I" and v["queue_drops"] == str(7 + 2) and v["queue_discarded"] == "2"
-    assert [o.network for o in cam.outputs[3:]] == ["i_frame", "p_frame", "p_frame"]
 
 
 def test_a_p_frame_is_published_before_another_cameras_i_frame_runs(make_engine, gop12_units, monkeypatch):
