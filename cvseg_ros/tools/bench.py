@@ -44,6 +44,7 @@ TARGETS = {
     "node_latency_p99_ms_max": 100.0,
     "node_rate_fraction_min": 0.97,             # achieved rate per camera >= 97 % of the input rate
     "node_unreported_drops_max": 0,
+    "node_cpu_per_mask_over_engine_max": 1.3,   # the node's CPU per mask / the engine's offline ms/frame
 }
 METHOD_ORDER = ("decode_only", "compressed", "per_frame", "teacher")
 TIMING_IS = ("wall time (time.perf_counter) of one call per access unit, from the access unit's bytes to "
@@ -286,6 +287,12 @@ def bench(video: str | Path, *, cameras: int = 4, device: str = "auto", frames: 
     }
     if node_result is not None:
         met.update(node_targets_met(node_result, TARGETS, fps))
+        # the node's own cost: its CPU per mask against the engine's offline ms/frame (one thread
+        # there; the node's torch threads, DDS and conversions are what the ratio adds)
+        rat["node_cpu_per_mask_over_engine"] = stats.ratio(node_result.get("node_cpu_ms_per_mask"),
+                                                           results["compressed"]["ms_gop"], 3)
+        met["node_cpu_per_mask"] = None if rat["node_cpu_per_mask_over_engine"] is None else \
+            rat["node_cpu_per_mask_over_engine"] <= TARGETS["node_cpu_per_mask_over_engine_max"]
     machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     return {
         "date": started.isoformat(timespec="seconds"),
@@ -325,6 +332,8 @@ def table(result: dict) -> str:
     if result.get("node"):
         from cvseg_ros.tools.node_load import node_table
         lines += node_table(result["node"], t, met)
+        lines.append(f"node CPU per mask / engine offline ms/frame: {f(r.get('node_cpu_per_mask_over_engine'))}x "
+                     f"(target <= {t['node_cpu_per_mask_over_engine_max']:g}x: {ok('node_cpu_per_mask')})")
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,8 @@ NODE_DOC = {
     "transport_lost": "sent - frames the node says it received (lost by DDS, e.g. best-effort overflow)",
     "peak_rss_mib": "VmHWM of the node process (/proc/PID/status) at the end of the run",
     "node_cpu_cores": "the node process's CPU time / wall time while publishing",
+    "node_cpu_ms_per_mask": "the node process's CPU time from the first publish to the last mask / the "
+                            "masks received (the bench's node_cost ratio compares it with the engine offline)",
 }
 
 
@@ -143,6 +145,7 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
             t0, t_end, cpu0, cpu1 = _publish(proc, pubs, messages, sent, per_camera_frames, stagger, period_ns,
                                              progress, error)
             _wait_for_the_last(arrivals, diagnostics, names, len(sent))
+            cpu_end, masks_end = proc.cpu_seconds(), arrivals.count()
             time.sleep(0.6)
     finally:
         ros.close()
@@ -152,6 +155,8 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
     result.update({
         "peak_rss_mib": round(proc.peak_rss_mib, 1), "idle_rss_mib": round(idle.get("VmRSS", 0) / 2**20, 1),
         "node_cpu_cores": round((cpu1 - cpu0) / ((t_end - t0) / 1e9), 2) if cpu0 is not None and cpu1 is not None else None,
+        "node_cpu_ms_per_mask": round(1000 * (cpu_end - cpu0) / masks_end, 2)
+        if cpu0 is not None and cpu_end is not None and masks_end else None,
         "node_exit_code": proc.exit_code,
     })
     return result
@@ -287,5 +292,5 @@ def node_table(n: dict, targets: dict, met: dict) -> list[str]:
               f"(target <= {targets['node_latency_p99_ms_max']:g}: {ok('node_latency_p99')}); "
               f"min rate {f(n['rate_hz_min'])} Hz ({ok('node_rate')}); unreported drops "
               f"{n['unreported_drops']} ({ok('node_unreported_drops')}); peak RSS {n['peak_rss_mib']} MiB; "
-              f"node CPU {n['node_cpu_cores']} cores"]
+              f"node CPU {n['node_cpu_cores']} cores, {f(n.get('node_cpu_ms_per_mask'))} ms per mask"]
     return lines

@@ -91,6 +91,9 @@ def test_bench_with_the_node(tmp_path):
         assert node[key] == cam[key], key
     assert node["rate_hz_min"] == cam["rate_hz"]
     assert node["peak_rss_mib"] > 50 and math.isfinite(node["node_cpu_cores"])
+    assert node["node_cpu_ms_per_mask"] > 0     # the node's own cost, beside the engine's offline one
+    assert result["ratios"]["node_cpu_per_mask_over_engine"] == pytest.approx(
+        node["node_cpu_ms_per_mask"] / result["methods"]["compressed"]["ms_gop"], rel=0.01)
     met = result["targets_met"]
     assert met["node_latency_p99"] == (node["latency_ms_p99"] is not None
                                        and node["latency_ms_p99"] <= result["targets"]["node_latency_p99_ms_max"])
