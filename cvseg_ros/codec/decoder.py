@@ -16,7 +16,8 @@ import av
 import cv2
 import numpy as np
 
-from cvseg_ros.codec.annexb import NAL_IDR, nal_unit_types
+from cvseg_ros.codec.annexb import NAL_IDR, NAL_SPS, nal_unit_spans
+from cvseg_ros.codec.h264_syntax import H264SyntaxError, parse_sps
 from cvseg_ros.codec.motion_vectors import GRID, dense_field, field_shape, fill_intra, resize_field
 from cvseg_ros.codec.residual import MotionCompensator
 
@@ -57,6 +58,8 @@ class StreamStats:
     b_frames: int = 0                 # decoded B-frames: dropped (unsupported), see last_error
     frames_with_mvs: int = 0
     skipped_before_keyframe: int = 0  # access units before the first IDR (joined mid-GOP)
+    over_limits: int = 0              # units beyond the stream limits, and the units after one up to
+                                      # the next IDR within them (never given to FFmpeg)
     corrupt: int = 0                  # decode errors, empty / garbage / concealed-corrupt units
     no_output: int = 0                # units that decoded to no picture (parameter sets only, ...)
     resets: int = 0                   # frames where the state restarts (I-frames and resyncs)
@@ -75,6 +78,42 @@ class StreamStats:
         d = dict(self.__dict__)
         d.pop("errors")
         return d
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What one camera's stream may ask of the decoder, checked before FFmpeg sees a unit (FFmpeg
+    allocates first: about 850 bytes per NAL unit, kept; a picture buffer per reference frame of
+    the size an SPS declares). The defaults are beyond any vehicle camera (4096x2304, 16
+    reference frames at 4K UHD) and far below what would exhaust a machine."""
+    max_unit_bytes: int = 16 << 20         # one access unit (message)
+    max_nal_units: int = 2048              # NAL units in one access unit
+    max_picture_pixels: int = 4096 * 2304  # width x height an SPS declares
+    max_reference_bytes: int = 512 << 20   # 4:2:0 pictures x (max_num_ref_frames + 1) an SPS implies
+
+    def violation(self, data: bytes, spans: list[tuple[int, int]]) -> str | None:
+        """Why the access unit ``data`` (its NAL ``spans``) is beyond the limits, or None."""
+        if len(data) > self.max_unit_bytes:
+            return f"access unit of {len(data)} bytes, more than the limit of {self.max_unit_bytes}"
+        if len(spans) > self.max_nal_units:
+            return f"{len(spans)} NAL units in one access unit, more than the limit of {self.max_nal_units}"
+        for start, end in spans:
+            if data[start] & 0x1F != NAL_SPS:
+                continue
+            try:
+                sps = parse_sps(data[start + 1:end])
+            except (H264SyntaxError, IndexError, ValueError):
+                continue               # FFmpeg refuses it too (a counted decode error)
+            pixels = sps.width * sps.height
+            if pixels > self.max_picture_pixels:
+                return (f"SPS declares {sps.width}x{sps.height} pictures ({pixels} pixels), more than "
+                        f"the limit of {self.max_picture_pixels}")
+            references = pixels * 3 // 2 * (sps.max_num_ref_frames + 1)
+            if references > self.max_reference_bytes:
+                return (f"SPS declares {sps.max_num_ref_frames} reference frames of {sps.width}x{sps.height}: "
+                        f"{references >> 20} MiB of pictures, more than the limit of "
+                        f"{self.max_reference_bytes >> 20} MiB")
+        return None
 
 
 def _luma(frame: av.VideoFrame, copy: bool = True) -> np.ndarray:
@@ -120,12 +159,17 @@ class H264StreamDecoder:
     P-frames of CamVid), which the vectors and the residual's statistics do not mind; I-frames are
     decoded exactly. For the compressed-domain model only, not for networks that see P-frame pixels.
     ``residual=False`` (with ``motion``): no residual image (for a model that does not read it).
+    ``limits``: a unit beyond them is refused (counted in ``over_limits``, with the reason in
+    ``last_error``), and so is every unit after it up to the next IDR within them.
     """
 
     def __init__(self, name: str = "stream", rgb_for_p_frames: bool = False, motion: bool = True,
                  residual_size: Callable[[int, int], tuple[int, int]] | None = None,
-                 deblock_p_frames: bool = True, residual: bool = True) -> None:
+                 deblock_p_frames: bool = True, residual: bool = True,
+                 limits: StreamLimits | None = None) -> None:
         self.name = name
+        self.limits = limits or StreamLimits()
+        self._refused = False       # a unit was beyond the limits: refuse all but an IDR within them
         self.rgb_for_p_frames = rgb_for_p_frames
         self.motion = motion
         self.residual = residual
@@ -253,7 +297,18 @@ class H264StreamDecoder:
         st.access_units += 1
         if not data:
             return self._drop("empty access unit")
-        nal_types = nal_unit_types(data)
+        spans = nal_unit_spans(data, self.limits.max_nal_units) if len(data) <= self.limits.max_unit_bytes else []
+        over = self.limits.violation(data, spans)
+        nal_types = [data[start] & 0x1F for start, _ in spans]
+        if over or (self._refused and NAL_IDR not in nal_types):
+            st.over_limits += 1
+            if over:
+                st.note_error(f"refused until the next IDR within the limits: {over}")
+                log.warning("%s: %s", self.name, st.last_error)
+            self._refused = True
+            self._need_reset = True
+            return []
+        self._refused = False
         if not nal_types:
             return self._drop(f"no Annex B start code in a {len(data)}-byte access unit")
         if not self._seen_idr:

@@ -68,6 +68,7 @@ class SPS:
     gaps_allowed: bool
     width: int
     height: int
+    max_num_ref_frames: int = 0
 
     @property
     def max_frame_num(self) -> int:
@@ -120,7 +121,7 @@ def parse_sps(payload: bytes) -> SPS:
             r.se()
     elif poc_type != 2:
         raise H264SyntaxError(f"pic_order_cnt_type {poc_type}")
-    r.ue()                                     # max_num_ref_frames
+    max_refs = r.ue()
     gaps = bool(r.u(1))
     width_mbs, height_units = r.ue() + 1, r.ue() + 1
     frame_mbs_only = r.u(1)
@@ -136,7 +137,7 @@ def parse_sps(payload: bytes) -> SPS:
     unit_y = (2 - frame_mbs_only) * (1 if chroma_format == 0 or separate else sub_h)
     width = width_mbs * 16 - unit_x * (crop[0] + crop[1])
     height = height_units * 16 * (2 - frame_mbs_only) - unit_y * (crop[2] + crop[3])
-    return SPS(sps_id, profile, log2_max_frame_num, separate, gaps, width, height)
+    return SPS(sps_id, profile, log2_max_frame_num, separate, gaps, width, height, max_refs)
 
 
 def parse_pps(payload: bytes) -> tuple[int, int]:

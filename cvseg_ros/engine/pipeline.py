@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from cvseg_ros.codec.decoder import CompressedFrame, H264StreamDecoder
+from cvseg_ros.codec.decoder import CompressedFrame, H264StreamDecoder, StreamLimits
 from cvseg_ros.common.sizes import round8 as _round8
 from cvseg_ros.engine.inputs import ModelInputs
 from cvseg_ros.engine.labels import frame_masks
@@ -132,6 +132,8 @@ class SegmentationEngine:
             luma=bool(getattr(config, "uses_luma", False)) and luma_matching and mode == "compressed",
             p_frame_branch=p_frame_branch)
         self.p_frame_branch = p_frame_branch
+        #: what each camera's stream may ask of its decoder (refused beyond: ``over_limits``)
+        self.limits = StreamLimits()
         #: whether :meth:`skim` carries a camera's state through a frame without a mask
         self._carries = mode == "compressed" and bool(getattr(config, "accumulate", False))
         self._deblock_p_frames = bool(getattr(config, "deblock_p_frames", True))
@@ -154,7 +156,7 @@ class SegmentationEngine:
             self._cameras[camera] = _Camera(H264StreamDecoder(
                 camera, rgb_for_p_frames=self.mode == "per_frame", motion=compressed,
                 residual_size=self.residual_size, deblock_p_frames=self._deblock_p_frames or not compressed,
-                residual=self._inputs.p_frame_branch))
+                residual=self._inputs.p_frame_branch, limits=self.limits))
 
     @property
     def cameras(self) -> list[str]:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_types
+from cvseg_ros.codec.decoder import StreamLimits
 from cvseg_ros.ros.policies import (DROP_REASONS, ERROR, ERROR_COUNTERS, LATE_LIMIT, OK, STALE, WARN,
                                     CameraState, FrameQueue, LatencyWindow, QueuedFrame, StampTracker)
 
@@ -134,9 +135,18 @@ class MessagePath:
             self._warn(f"format:{camera}", f"camera '{camera}' ({cam.topic}): {exc}; such messages are "
                        f"ignored and counted (diagnostics 'wrong_format'); warned once", float("inf"))
             return "wrong_format"
+        limits = getattr(self.engine, "limits", None) or StreamLimits()
+        if len(msg.data) > limits.max_unit_bytes:   # not copied, not queued: the stream restarts after it
+            with self._cond:
+                cam.last_received = received_ns / 1e9
+                cam.counts["received"] += 1
+                cam.count("over_limits", error=f"message of {len(msg.data)} bytes, more than the limit of "
+                                               f"{limits.max_unit_bytes}: dropped")
+            self._warn(f"limits:{camera}", f"camera '{camera}': {cam.last_error}")
+            return "over_limits"
         data = bytes(msg.data)
         stamp_ns = stamp_ns_of(msg.header)
-        idr = NAL_IDR in nal_unit_types(data)
+        idr = NAL_IDR in nal_unit_types(data, limits.max_nal_units)
         with self._cond:
             cam.last_received = received_ns / 1e9
             cam.counts["received"] += 1
@@ -356,11 +366,11 @@ class MessagePath:
         if not results:
             after = self.engine.stats(cam.name)
             grew = {k: after.get(k, 0) - before.get(k, 0) for k in after if isinstance(after.get(k), int)}
-            for stat, reason in (("skipped_before_keyframe", "skipped_before_keyframe"),
+            for stat, reason in (("skipped_before_keyframe", "skipped_before_keyframe"), ("over_limits", "over_limits"),
                                  ("corrupt", "decode_errors"), ("b_frames", "b_frames"),
                                  ("no_output", "no_output")):
                 if grew.get(stat, 0) > 0:
-                    error = after.get("last_error") if reason in ("decode_errors", "b_frames") else None
+                    error = after.get("last_error") if reason in ("decode_errors", "b_frames", "over_limits") else None
                     cam.count(reason, error=error)
                     return None
             cam.count("no_state", error=f"no mask for a decoded frame ({after.get('last_error', '')})")

@@ -39,11 +39,11 @@ from cvseg_ros.codec.h264_syntax import FrameNumTracker
 from cvseg_ros.common import stats
 
 #: Reasons a received message got no mask; each message counts in at most one.
-DROP_REASONS = ("wrong_format", "duplicates", "out_of_order", "queue_drops", "skipped_before_keyframe",
+DROP_REASONS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "queue_drops", "skipped_before_keyframe",
                 "awaiting_idr", "decode_errors", "no_output", "b_frames", "no_state", "engine_errors",
                 "bad_outputs", "publish_errors")
 #: Counters that mean something went wrong (their growth turns the diagnostics to WARN).
-ERROR_COUNTERS = ("wrong_format", "duplicates", "out_of_order", "queue_drops", "awaiting_idr", "decode_errors",
+ERROR_COUNTERS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "queue_drops", "awaiting_idr", "decode_errors",
                   "b_frames", "no_state", "engine_errors", "bad_outputs", "publish_errors", "lost_units",
                   "stamp_gaps", "stamp_resets")
 #: Diagnostic levels of a camera's report (``diagnostic_msgs/DiagnosticStatus``'s values).

@@ -411,3 +411,25 @@ def test_fuzz_command(tmp_path, capsys):
     assert o["frames_in"] == report["messages"]
     assert o["frames_in"] == o["masks_out"] + sum(o[k] for k in DROP_REASONS)
     assert '"mutated_units"' in capsys.readouterr().out
+
+
+def test_messages_beyond_the_stream_limits_are_dropped_and_counted(make_engine, gop12_units):
+    """A message larger than the engine's ``max_unit_bytes`` is dropped on receipt (not copied or
+    queued); one with too many NAL units is refused by the camera's decoder, and so are the
+    P-frames after it: all ``over_limits``, every message accounted for; the camera segments
+    again from its next IDR."""
+    from cvseg_ros.codec.decoder import StreamLimits
+    engine = make_engine()
+    engine.limits = StreamLimits(max_unit_bytes=64 << 10)
+    cam = Camera(engine)
+    for i in range(4):
+        cam.send(gop12_units[i], T0 + i * PERIOD)
+    big = make_message(gop12_units[4] + bytes(70 << 10), T0 + 4 * PERIOD, "h264", "front")
+    assert cam.path.receive("front", big) == "over_limits"
+    cam.send(b"\x00\x00\x01\x09\xf0" * 2100, T0 + 5 * PERIOD)       # 2100 NAL units in 10.5 kB
+    for i in range(6, 14):
+        cam.send(gop12_units[i], T0 + i * PERIOD)
+    v = cam.assert_accounted()
+    assert v["over_limits"] == str(1 + 1 + 6) and v["decode_errors"] == "0", v
+    assert [o.stamp_ns for o in cam.outputs] == [T0 + i * PERIOD for i in (0, 1, 2, 3, 12, 13)]
+    assert cam.outputs[4].kind == "I" and cam.outputs[5].network == "p_frame" and not cam.outputs[5].reset
