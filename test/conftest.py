@@ -202,8 +202,7 @@ def clip_params():
 
 def accounted(stats) -> int:
     """Access units the counters account for (each unit lands in exactly one of them)."""
-    return (stats.frames + stats.skipped_before_keyframe + stats.corrupt + stats.no_output + stats.b_frames
-            + stats.over_limits)
+    return stats.accounted()
 
 
 def pyav_frame_count(path: Path) -> int:

@@ -47,6 +47,15 @@ class CompressedFrame:
                                                    # motion-vector field (I- and P-frames)
 
 
+#: the counters of :class:`StreamStats` that together count every access unit once
+UNIT_OUTCOMES = ("frames", "skipped_before_keyframe", "over_limits", "corrupt", "no_output", "b_frames")
+
+
+def accounted_units(stats: dict) -> int:
+    """Access units a :meth:`StreamStats.as_dict` accounts for (equal to its ``access_units``)."""
+    return sum(stats[k] for k in UNIT_OUTCOMES)
+
+
 @dataclass
 class StreamStats:
     """Counters of one stream; every dropped access unit is in exactly one of the drop counters."""
@@ -73,6 +82,10 @@ class StreamStats:
         self.last_error = message
         self.errors.append(message)
         del self.errors[:-20]
+
+    def accounted(self) -> int:
+        """Access units the counters account for (each unit lands in exactly one of them)."""
+        return accounted_units(self.as_dict())
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)

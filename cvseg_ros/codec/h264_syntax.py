@@ -239,3 +239,48 @@ class FrameNumTracker:
                               f"(pictures out of order, or from another stream)")
         reason = f"frame_num jumped from {prev} to {info.frame_num}: {missing} reference picture(s) lost"
         return ("lost", reason) if missing <= self.max_lost else ("broken", reason)
+
+
+# -- writing (hand-made parameter sets for tests and the fuzzer) ------------------------------------
+
+class BitWriter:
+    """Bits written MSB first: ``u(n, value)``, Exp-Golomb ``ue(value)``; :meth:`nal` makes them a NAL unit."""
+
+    def __init__(self) -> None:
+        self.bits: list[int] = []
+
+    def u(self, n: int, value: int) -> None:
+        self.bits += [(value >> (n - 1 - i)) & 1 for i in range(n)]
+
+    def ue(self, value: int) -> None:
+        code = value + 1
+        self.u(2 * code.bit_length() - 1, code)
+
+    def nal(self, header: int) -> bytes:
+        """A 4-byte start code, ``header``, the bits with the RBSP stop bit, emulation prevention."""
+        bits = self.bits + [1] + [0] * (-(len(self.bits) + 1) % 8)
+        raw = bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
+        out, zeros = bytearray(), 0
+        for b in raw:
+            if zeros >= 2 and b <= 3:
+                out.append(3)
+                zeros = 0
+            out.append(b)
+            zeros = zeros + 1 if b == 0 else 0
+        return b"\x00\x00\x00\x01" + bytes([header]) + bytes(out)
+
+
+def baseline_sps(width_mbs: int, height_mbs: int, refs: int, sps_id: int = 0) -> bytes:
+    """A baseline-profile SPS NAL unit declaring ``width_mbs`` x ``height_mbs`` macroblocks and
+    ``refs`` reference frames (frame_num in 4 bits, POC type 2, no cropping, no VUI)."""
+    w = BitWriter()
+    for value in (66, 0, 51):   # profile_idc, constraint flags, level_idc
+        w.u(8, value)
+    for value in (sps_id, 0, 2, refs):   # id, log2_max_frame_num - 4, POC type, max_num_ref_frames
+        w.ue(value)
+    w.u(1, 0)                   # gaps_in_frame_num_value_allowed_flag
+    w.ue(width_mbs - 1)
+    w.ue(height_mbs - 1)
+    for flag in (1, 1, 0, 0):   # frame_mbs_only, direct_8x8_inference, cropping, VUI
+        w.u(1, flag)
+    return w.nal(0x67)

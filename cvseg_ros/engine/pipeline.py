@@ -47,6 +47,9 @@ MODES = ("compressed", "per_frame", "iframe_copy")
 UNKNOWN = 255
 #: the most cameras decoded at once with ``decode_threads=0`` (one thread per core)
 MAX_DECODE_THREADS = 8
+#: the most frames one network call takes (more cameras' frames of a round: several calls), so
+#: that many cameras with an IDR in the same round cannot make one batch of unbounded memory
+MAX_BATCH = 8
 
 
 @dataclass
@@ -78,6 +81,19 @@ class _Work:
     camera: str
     frame: CompressedFrame
     work_size: tuple[int, int]
+
+
+def _batches(works: list[_Work], key) -> list[list[_Work]]:
+    """``works`` grouped by ``key``, each group cut into batches of at most :data:`MAX_BATCH`."""
+    groups: dict = {}
+    for w in works:
+        groups.setdefault(key(w), []).append(w)
+    return [g[i:i + MAX_BATCH] for g in groups.values() for i in range(0, len(g), MAX_BATCH)]
+
+
+def _masks(logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
+    """Class ids at each frame's size (:func:`~cvseg_ros.engine.labels.frame_masks`)."""
+    return frame_masks(logits, [(wk.frame.height, wk.frame.width) for wk in works])
 
 
 class SegmentationEngine:
@@ -178,12 +194,10 @@ class SegmentationEngine:
         return len(self._cameras[camera].decoder.feed(data, stamp, analyse=False))
 
     def skim(self, camera: str, data: bytes, stamp: Any = None) -> bool:
-        """Decode an access unit that gets no mask (the caller is behind). Where the model can
-        (the ``compressed`` mode, a model that accumulates the motion, a P-frame that continues the
-        camera's state) the state is carried through it (:meth:`CompressedSegmenter.carry`: a few
-        percent of a P-frame's model time beyond decoding) and True is returned: the next frame
-        needs no restart. Otherwise the unit is decoded only (:meth:`decode_only`) and False is
-        returned: the caller marks a discontinuity. Never raises on bad data."""
+        """Decode an access unit that gets no mask (the caller is behind), carrying the camera's
+        state through it where the model can (:meth:`CompressedSegmenter.carry`; the compressed
+        mode, a P-frame continuing the state): True, the next frame needs no restart. Otherwise
+        as :meth:`decode_only` (False: the caller marks a discontinuity). Never raises on bad data."""
         self.add_camera(camera)
         cam = self._cameras[camera]
         if not self._carries or cam.state is None:
@@ -196,8 +210,7 @@ class SegmentationEngine:
                 cam.decoder.mark_discontinuity("a frame without a mask could not carry the state")
                 return False
             with torch.inference_mode(), self._autocast(self._p_dtype):
-                cam.state = self.model.carry(self._inputs.motion_vectors([f], self.work_size(f.height, f.width)),
-                                             cam.state)
+                cam.state = self.model.carry(self._inputs.motion_vectors([f], self.work_size(f.height, f.width)), cam.state)
         return bool(frames)
 
     def stats(self, camera: str) -> dict:
@@ -344,17 +357,10 @@ class SegmentationEngine:
                 finished([(w, None)])
                 continue
             (i_works if needs_i else p_works).append(w)
-        for group in self._group(p_works, key=lambda w: (w.work_size, self._state_shape(w.camera))):
+        for group in _batches(p_works, key=lambda w: (w.work_size, self._state_shape(w.camera))):
             finished(self._run_p(group))
-        for group in self._group(i_works, key=lambda w: w.work_size):
+        for group in _batches(i_works, key=lambda w: w.work_size):
             finished(self._run_i(group))
-
-    @staticmethod
-    def _group(works, key):
-        groups: dict = {}
-        for w in works:
-            groups.setdefault(key(w), []).append(w)
-        return groups.values()
 
     def _state_shape(self, camera: str):
         state = self._cameras[camera].state
@@ -364,11 +370,6 @@ class SegmentationEngine:
         if dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=dtype)
-
-    @staticmethod
-    def _masks(logits: torch.Tensor, works: list[_Work]) -> list[np.ndarray]:
-        """Class ids at each frame's size (:func:`~cvseg_ros.engine.labels.frame_masks`)."""
-        return frame_masks(logits, [(wk.frame.height, wk.frame.width) for wk in works])
 
     def _result(self, wk: _Work, mask: np.ndarray, network: str) -> tuple[_Work, SegmentationResult]:
         cam = self._cameras[wk.camera]
@@ -386,7 +387,7 @@ class SegmentationEngine:
                 logits, state = self.model.i_frame(rgb, luma=luma)
             else:   # no P-frame ever uses a model state: the I-frame network's logits only
                 logits, state = self.model.i_frame_net(rgb)[1], None
-        masks = self._masks(logits, works)
+        masks = _masks(logits, works)
         states = [None] * len(works) if state is None else state.split([1] * len(works))
         out = []
         for wk, mask, st in zip(works, masks, states):
@@ -409,7 +410,7 @@ class SegmentationEngine:
         state = PFrameState.cat([self._cameras[wk.camera].state for wk in works])
         with self._autocast(self._p_dtype):
             logits, state = self.model.p_frame(state=state, branch=self._inputs.p_frame_branch, **inputs)
-        masks = self._masks(logits, works)
+        masks = _masks(logits, works)
         out = []
         for wk, mask, st in zip(works, masks, state.split([1] * len(works))):
             self._cameras[wk.camera].state = st

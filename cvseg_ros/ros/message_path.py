@@ -88,6 +88,34 @@ class MaskOutput:
 
 # -- the path ---------------------------------------------------------------------------------------
 
+def _skip(engine, cam: CameraState, skipped: list[QueuedFrame], continuity) -> None:
+    """The frames the queue policy took the masks of (counted already): the camera's state carried
+    through them where the engine can, else decoded only and the state set to restart
+    (``cam.restart_reason``). ``continuity``: :meth:`MessagePath._continuity`."""
+    broken = 0
+    for s in skipped:
+        lost = continuity(cam, s)
+        if lost is None:      # waiting for an IDR
+            continue
+        if lost:              # references lost: the state restarts anyway
+            cam.restart_reason = f"{cam.restart_reason}; {lost}" if cam.restart_reason else lost
+        carried = False
+        try:
+            if cam.restart_reason:
+                engine.decode_only(cam.name, s.data, s.stamp_ns)
+            else:
+                carried = engine.skim(cam.name, s.data, s.stamp_ns)
+        except Exception as exc:  # noqa: BLE001
+            cam.last_error = f"decoder failure: {type(exc).__name__}: {exc}"
+        if carried:
+            cam.counts["carried"] += 1
+        else:
+            broken += 1
+    if broken:
+        why = f"{broken} frame(s) not segmented (engine behind)"
+        cam.restart_reason = f"{cam.restart_reason}; {why}" if cam.restart_reason else why
+
+
 class MessagePath:
     """See the module docstring. ``engine``: a :class:`~cvseg_ros.engine.pipeline.SegmentationEngine`."""
 
@@ -226,28 +254,7 @@ class MessagePath:
         units, work = [], {}
         try:
             for cam, skipped, item in batch:
-                broken = 0            # skipped frames the state could not be carried through
-                for s in skipped:     # no mask (already counted as queue drops)
-                    lost = self._continuity(cam, s)
-                    if lost is None:  # waiting for an IDR
-                        continue
-                    if lost:          # references lost: the state restarts anyway
-                        cam.restart_reason = f"{cam.restart_reason}; {lost}" if cam.restart_reason else lost
-                    carried = False
-                    try:
-                        if cam.restart_reason:
-                            engine.decode_only(cam.name, s.data, s.stamp_ns)
-                        else:         # the state carried through it where the model can
-                            carried = engine.skim(cam.name, s.data, s.stamp_ns)
-                    except Exception as exc:  # noqa: BLE001
-                        cam.last_error = f"decoder failure: {type(exc).__name__}: {exc}"
-                    if carried:
-                        cam.counts["carried"] += 1
-                    else:
-                        broken += 1
-                if broken:
-                    why = f"{broken} frame(s) not segmented (engine behind)"
-                    cam.restart_reason = f"{cam.restart_reason}; {why}" if cam.restart_reason else why
+                _skip(engine, cam, skipped, self._continuity)
                 if item is None:
                     continue
                 reasons = []

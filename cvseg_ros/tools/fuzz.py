@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from cvseg_ros.codec.decoder import accounted_units
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.tools.mutations import (DEFAULT_CLIPS, FALLBACK_VIDEO, PERIOD_NS, START_NS, Msg, Source,
                                        default_videos, load_sources, mutate)
@@ -229,7 +230,7 @@ class FuzzHarness:
             rep.fail("engine", f"engine_errors/bad_outputs grew: {self.path.cameras[self.camera].last_error}")
         rep.bad_outputs += counts["bad_outputs"] - before.get("bad_outputs", 0)
         for st in (self.engine.stats(self.camera), self.reader.stats.as_dict()):
-            seen = st["frames"] + st["skipped_before_keyframe"] + st["corrupt"] + st["no_output"] + st["b_frames"]
+            seen = accounted_units(st)
             if seen != st["access_units"]:
                 rep.reader_accounting_failures += 1
                 rep.fail("reader_accounting", f"reader accounts for {seen} of {st['access_units']} units: {st}")

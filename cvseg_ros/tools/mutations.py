@@ -10,7 +10,7 @@ from typing import Sequence
 
 from cvseg_ros.common.paths import cache_dir, shared_data_dir
 from cvseg_ros.codec.annexb import NAL_IDR, NAL_PPS, NAL_SPS, nal_units
-from cvseg_ros.codec.h264_syntax import parse_sps
+from cvseg_ros.codec.h264_syntax import baseline_sps, parse_sps
 
 WRONG_FORMATS = ("jpeg", "png", "", "h265", "rgb8; jpeg compressed bgr8", "hevc", "av1", "h264x", "mpeg4")
 DEFAULT_CLIPS = shared_data_dir() / "clips"
@@ -133,7 +133,7 @@ def _nal_bytes(units: list[tuple[int, int, bytes]]) -> bytes:
 
 OPS = ("bitflip", "bitflip_head", "truncate", "duplicate", "reorder", "drop", "random", "random_nal",
        "empty", "wrong_format", "splice", "concat", "foreign", "nal_drop", "nal_corrupt", "stamp_back",
-       "stamp_repeat", "stamp_jump", "stamp_far")
+       "stamp_repeat", "stamp_jump", "stamp_far", "nal_flood", "sps_huge")
 
 
 def mutate(rng: random.Random, window: list[Msg], sources: list[Source]) -> str:
@@ -208,6 +208,18 @@ def mutate(rng: random.Random, window: list[Msg], sources: list[Source]) -> str:
                 nals[k] = (ref, t, _flip(rng, payload, rng.randint(1, 8), True))
             m.data = _nal_bytes(nals)
             mark(m)
+    elif op == "nal_flood":      # thousands of tiny NAL units (delimiters, filler) before the unit
+        tiny = rng.choice((b"\x00\x00\x01\x09\xf0", b"\x00\x00\x01\x0c\xff\x80"))
+        m.data = tiny * rng.randint(2049, 6000) + m.data
+        mark(m)
+    elif op == "sps_huge":       # the unit's SPS (or a new one) declaring pictures beyond the limits
+        huge = baseline_sps(rng.choice((300, 512, 1000)), rng.choice((200, 512, 1000)), rng.choice((1, 16)))
+        nals = nal_units(m.data)
+        if any(t == NAL_SPS for _, t, _ in nals):
+            m.data = b"".join(huge if t == NAL_SPS else _nal_bytes([(ref, t, p)]) for ref, t, p in nals)
+        else:
+            m.data = huge + m.data
+        mark(m)
     elif op == "stamp_back":
         m.stamp_ns -= rng.randint(1, 50) * PERIOD_NS
         mark(m)

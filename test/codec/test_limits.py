@@ -7,55 +7,10 @@ import time
 from conftest import accounted
 from cvseg_ros.codec.annexb import NAL_SPS, nal_unit_spans
 from cvseg_ros.codec.decoder import H264StreamDecoder, StreamLimits
-from cvseg_ros.codec.h264_syntax import parse_sps
+from cvseg_ros.codec.h264_syntax import baseline_sps, parse_sps
 from cvseg_ros.common.procfs import rss_bytes
 
 MIB = 1 << 20
-
-
-class BitWriter:
-    def __init__(self) -> None:
-        self.bits: list[int] = []
-
-    def u(self, n: int, value: int) -> None:
-        self.bits += [(value >> (n - 1 - i)) & 1 for i in range(n)]
-
-    def ue(self, value: int) -> None:
-        code = value + 1
-        self.u(2 * code.bit_length() - 1, code)
-
-    def nal(self, header: int) -> bytes:
-        """Start code, header byte, the bits with the RBSP stop bit and emulation prevention."""
-        bits = self.bits + [1] + [0] * (-(len(self.bits) + 1) % 8)
-        raw = bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
-        out, zeros = bytearray(), 0
-        for b in raw:
-            if zeros >= 2 and b <= 3:
-                out.append(3)
-                zeros = 0
-            out.append(b)
-            zeros = zeros + 1 if b == 0 else 0
-        return b"\x00\x00\x00\x01" + bytes([header]) + bytes(out)
-
-
-def baseline_sps(width_mbs: int, height_mbs: int, refs: int) -> bytes:
-    """A baseline-profile SPS NAL unit (id 0) declaring ``width_mbs`` x ``height_mbs`` macroblocks."""
-    w = BitWriter()
-    w.u(8, 66)
-    w.u(8, 0)
-    w.u(8, 51)              # profile, constraints, level 5.1
-    w.ue(0)                 # seq_parameter_set_id
-    w.ue(0)                 # log2_max_frame_num - 4
-    w.ue(2)                 # pic_order_cnt_type
-    w.ue(refs)              # max_num_ref_frames
-    w.u(1, 0)               # gaps
-    w.ue(width_mbs - 1)
-    w.ue(height_mbs - 1)
-    w.u(1, 1)               # frame_mbs_only
-    w.u(1, 1)               # direct_8x8_inference
-    w.u(1, 0)               # no cropping
-    w.u(1, 0)               # no VUI
-    return w.nal(0x67)
 
 
 def with_sps(unit: bytes, sps: bytes) -> bytes:

@@ -209,6 +209,22 @@ def test_cameras_in_one_call_run_as_one_batch_with_the_masks_they_get_alone(real
     assert engine._cameras["a"].state.hidden.shape[0] == 1
 
 
+def test_many_cameras_in_one_round_run_in_batches_of_at_most_max_batch(real_units):
+    """20 cameras with their IDR (then a P-frame) in the same call: the I-frame network and the
+    P-frame step each take at most MAX_BATCH frames per call, and every camera gets its masks."""
+    from cvseg_ros.engine.pipeline import MAX_BATCH
+    engine = SegmentationEngine(device="cpu", decode_threads=1)
+    sizes, i_frame, p_frame = [], engine.model.i_frame, engine.model.p_frame
+    engine.model.i_frame = lambda rgb, **k: sizes.append(("I", rgb.shape[0])) or i_frame(rgb, **k)
+    engine.model.p_frame = lambda **k: sizes.append(("P", k["state"].hidden.shape[0])) or p_frame(**k)
+    cameras = [f"c{k}" for k in range(20)]
+    for i in range(2):
+        results = engine.process([(c, real_units[i], i) for c in cameras])
+        assert sorted(r.camera for r in results) == sorted(cameras)
+    assert max(n for _, n in sizes) == MAX_BATCH == 8
+    assert [n for kind, n in sizes if kind == "I"] == [8, 8, 4] and [n for kind, n in sizes if kind == "P"] == [8, 8, 4]
+
+
 def test_cameras_decoded_in_parallel_give_what_one_thread_gives(real_units):
     """``decode_threads``: the cameras of one call are decoded by several threads, each camera's
     units in order; masks, stamps, kinds and the order of the results are those of one thread,
