@@ -48,6 +48,8 @@ ERROR_COUNTERS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "
                   "stamp_gaps", "stamp_resets")
 #: Diagnostic levels of a camera's report (``diagnostic_msgs/DiagnosticStatus``'s values).
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
+#: Frames without a mask (decoded, or carried through) a camera's queue hands the engine per batch.
+MAX_SKIPPED_PER_TURN = 4
 #: Late (not newer) messages in a row after which their stamps are accepted as a clock reset.
 LATE_LIMIT = 30
 
@@ -140,9 +142,14 @@ class FrameQueue:
         return self.drops - before
 
     def pop(self) -> tuple[list[QueuedFrame], QueuedFrame | None]:
-        """(decode-only frames to feed first, the next frame to segment or None)."""
+        """(frames without a mask to decode first, the next frame to segment or None). At most
+        :data:`MAX_SKIPPED_PER_TURN` of the former per call: a camera far behind (or flooding)
+        takes no more than that of a batch's time; its backlog then overflows (``backlog_limit``)
+        and the rest is discarded up to an IDR, at its own cost, not the other cameras'."""
         skipped = []
         while self._items:
+            if not self._items[0].segment and len(skipped) == MAX_SKIPPED_PER_TURN:
+                return skipped, None
             item = self._items.popleft()
             if not item.segment:
                 skipped.append(item)

@@ -433,3 +433,30 @@ def test_messages_beyond_the_stream_limits_are_dropped_and_counted(make_engine, 
     assert v["over_limits"] == str(1 + 1 + 6) and v["decode_errors"] == "0", v
     assert [o.stamp_ns for o in cam.outputs] == [T0 + i * PERIOD for i in (0, 1, 2, 3, 12, 13)]
     assert cam.outputs[4].kind == "I" and cam.outputs[5].network == "p_frame" and not cam.outputs[5].reset
+
+
+def test_a_flooding_camera_does_not_take_the_other_cameras_turn(make_engine, gop12_units):
+    """'flood' sends 30 messages between two batches, 'calm' one: each batch decodes at most
+    MAX_SKIPPED_PER_TURN + 1 of the flood's units, 'calm' gets its mask in every batch, and every
+    message of both is accounted for (the flood's surplus discarded and counted in queue_drops)."""
+    from cvseg_ros.ros.policies import MAX_SKIPPED_PER_TURN
+    engine = make_engine()
+    path = MessagePath(engine, ["flood", "calm"], batch_window_ms=0.0, queue_depth=3)
+    def fed(camera):     # units given to the camera's decoder so far
+        return engine.stats(camera)["access_units"]
+    calm_masks, stamp = 0, T0
+    for tick in range(3):
+        for k in range(30 if tick else 1):
+            path.receive("flood", make_message(gop12_units[(tick * 30 + k) % 36], stamp, "h264", "flood"))
+            stamp += PERIOD
+        path.receive("calm", make_message(gop12_units[tick], T0 + tick * PERIOD, "h264", "calm"))
+        before = fed("flood")
+        out = path.run_batch(path.take_batch(timeout=0, window=False))
+        assert fed("flood") - before <= MAX_SKIPPED_PER_TURN + 1
+        calm_masks += sum(o.camera == "calm" for o in out)
+        assert calm_masks == tick + 1
+    path.drain()
+    for name in ("flood", "calm"):
+        v = dict(path.camera_values(name, 1.0)[2])
+        assert int(v["frames_in"]) == int(v["masks_out"]) + sum(int(v[k]) for k in DROP_REASONS), v
+    assert int(dict(path.camera_values("flood", 1.0)[2])["queue_drops"]) > 20

@@ -64,3 +64,18 @@ def test_the_policies_and_the_message_path_need_no_ros():
     proc = subprocess.run([sys.executable, "-c", code, __file__], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
+
+
+def test_a_camera_far_behind_hands_over_at_most_max_skipped_per_turn():
+    """Ten frames pushed into a depth-2 queue: eight lose their mask; each pop hands at most
+    MAX_SKIPPED_PER_TURN of them to the engine (in order), then the frame to segment."""
+    from cvseg_ros.ros.policies import MAX_SKIPPED_PER_TURN
+    q = FrameQueue(2, backlog_limit=20)
+    for i in range(10):
+        q.push(_frame(i))
+    turns = []
+    while len(q) or q.backlog:
+        skipped, item = q.pop()
+        turns.append(([s.stamp_ns for s in skipped], item and item.stamp_ns))
+    assert MAX_SKIPPED_PER_TURN == 4
+    assert turns == [([0, 1, 2, 3], None), ([4, 5, 6, 7], 8), ([], 9)]
