@@ -24,7 +24,9 @@ changes it under its lock. The two policies here, each applied on purpose, count
   of these are ``queue_drops``. After such a skip the state restarts at an IDR, or on the first
   frame taken when the camera's queue is empty again; frames taken while it is still behind are
   decoded only (also ``queue_drops``): a restart on a P-frame runs the I-frame network, which
-  would only put it further behind.
+  would only put it further behind. Per batch a queue hands over at most
+  :data:`MAX_SKIPPED_PER_TURN` frames without a mask, so a camera far behind (or flooding) pays
+  for its backlog itself.
 """
 from __future__ import annotations
 
