@@ -36,7 +36,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from cvseg_ros.ros import params
 from cvseg_ros.ros.message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
@@ -90,6 +90,26 @@ def _make_bridge():
 class _Outputs:
     mask: Any = None
     color: Any = None
+    camera_info: Any = None
+    latest_info: Any = None    # the camera's latest CameraInfo (set by its subscription)
+
+
+def camera_info_for(info: CameraInfo, header, width: int, height: int) -> CameraInfo:
+    """``info`` under ``header`` for an image of ``width`` x ``height``: K and P scaled where the
+    size differs from ``info``'s (distortion, R and the binning are kept)."""
+    out = CameraInfo()
+    out.header = header
+    out.distortion_model, out.d, out.r = info.distortion_model, info.d, info.r
+    out.binning_x, out.binning_y, out.roi = info.binning_x, info.binning_y, info.roi
+    sx = width / info.width if info.width else 1.0
+    sy = height / info.height if info.height else 1.0
+    k, p = list(info.k), list(info.p)
+    for row, scale in ((0, sx), (1, sy)):
+        k[3 * row: 3 * row + 3] = [v * scale for v in k[3 * row: 3 * row + 3]]
+        p[4 * row: 4 * row + 4] = [v * scale for v in p[4 * row: 4 * row + 4]]
+    out.k, out.p = k, p
+    out.width, out.height = width, height
+    return out
 
 
 _ROS_TYPES = {"bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
@@ -207,6 +227,10 @@ class CvsegNode(Node):
                     pubs.mask = self.create_publisher(Image, f"{name}/semantic/mask", out_qos)
                 if cfg["publish_color"]:
                     pubs.color = self.create_publisher(Image, f"{name}/semantic/color", out_qos)
+                if cfg[f"{name}.camera_info_topic"]:
+                    pubs.camera_info = self.create_publisher(CameraInfo, f"{name}/semantic/camera_info", out_qos)
+                    self.create_subscription(CameraInfo, cfg[f"{name}.camera_info_topic"],
+                                             lambda msg, o=pubs: setattr(o, "latest_info", msg), in_qos)
                 self.create_subscription(CompressedImage, cfg[f"{name}.topic"],
                                          lambda msg, c=name: self._on_image(c, msg), in_qos)
             except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException
@@ -242,6 +266,9 @@ class CvsegNode(Node):
             pubs.mask.publish(image_message(out.mask, "mono8", out.header, self._bridge))
         if pubs.color is not None and pubs.color.get_subscription_count():
             pubs.color.publish(image_message(self.engine.colorize(out.mask), "rgb8", out.header, self._bridge))
+        info = pubs.latest_info
+        if info is not None and pubs.camera_info.get_subscription_count():
+            pubs.camera_info.publish(camera_info_for(info, out.header, out.mask.shape[1], out.mask.shape[0]))
 
     def _work(self) -> None:
         while not self._stop.is_set():

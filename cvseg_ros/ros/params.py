@@ -202,6 +202,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param(f"{CAMERA}.topic", "string", f"/{CAMERA}/image_raw/h264",
           f"input topic of camera `{CAMERA}` (`sensor_msgs/CompressedImage`, format `h264`: Annex B, "
           f"one access unit per message)"),
+    Param(f"{CAMERA}.camera_info_topic", "string", f"/{CAMERA}/camera_info",
+          f"the camera's `sensor_msgs/CameraInfo`; the latest one is republished on "
+          f"`{CAMERA}/semantic/camera_info` with each mask's header (its intrinsics scaled to the "
+          f"mask's size where that differs), for RViz's Camera display and fusion; empty: none"),
     Param("device", "string", "auto",
           "inference device; `auto`: CUDA when available, else the CPU",
           pattern=r"auto|cpu|cuda(:\d+)?", pattern_help="'auto', 'cpu' or 'cuda[:N]'", strip=True,

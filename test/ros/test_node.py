@@ -158,6 +158,56 @@ def test_wrong_format_is_warned_once_counted_and_survived(live):
     ros.node.destroy_publisher(pub)
 
 
+def test_camera_info_is_republished_under_each_masks_header_at_its_size(live, two_camera_bag):
+    """The front camera's CameraInfo (for an image twice the mask's size) arrives, then the GOP
+    of a clip: each mask gets a CameraInfo on front/semantic/camera_info under the mask's own
+    stamp and frame_id, at the mask's size with K and P halved; nothing for 'rear' (no info)."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, CompressedImage
+    proc, ros, outputs, _ = live
+    got = []
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    sub = ros.node.create_subscription(CameraInfo, "/front/semantic/camera_info", got.append, qos)
+    rear_sub = ros.node.create_subscription(CameraInfo, "/rear/semantic/camera_info", got.append, qos)
+    info_pub = ros.node.create_publisher(CameraInfo, "/front/camera_info", qos)
+    image_pub = ros.node.create_publisher(CompressedImage, "/front/image_raw/h264", qos)
+    wait_until(lambda: info_pub.get_subscription_count() and image_pub.get_subscription_count()
+               and sub.get_publisher_count(), 10, proc, "the node to match")
+    units = [m for m in _bag_frames(two_camera_bag) if m.frame_id == "front"][:12]
+    with outputs.lock:
+        before = len(outputs.images[("front", "mask")])
+    info = CameraInfo(width=0, height=0, distortion_model="plumb_bob", d=[0.1, 0.0, 0.0, 0.0, 0.0],
+                      k=[600.0, 0, 320.0, 0, 600.0, 180.0, 0, 0, 1.0],
+                      p=[600.0, 0, 320.0, 0, 0, 600.0, 180.0, 0, 0, 0, 1.0, 0])
+    first = None
+    for i, unit in enumerate(units):
+        msg = CompressedImage(format="h264", data=unit.data)
+        msg.header.frame_id = "front"
+        msg.header.stamp.sec = 2_100_000_000 + i
+        if first is None:   # the mask size is known from the earlier run's masks (or the first one)
+            wait_until(lambda: outputs.images[("front", "mask")], 30, proc, "a mask")
+            first = outputs.images[("front", "mask")][0]
+            info.width, info.height = 2 * first.width, 2 * first.height
+            info_pub.publish(info)
+            time.sleep(0.3)
+        image_pub.publish(msg)
+        time.sleep(0.05)
+    wait_until(lambda: len(got) >= len(units), 30, proc, "a CameraInfo per mask")
+    time.sleep(0.3)
+    with outputs.lock:
+        masks = outputs.images[("front", "mask")][before:]
+    assert [m.header.stamp.sec for m in got] == [m.header.stamp.sec for m in masks] == [
+        2_100_000_000 + i for i in range(len(units))]
+    assert {m.header.frame_id for m in got} == {"front"}
+    assert {(m.width, m.height) for m in got} == {(first.width, first.height)}
+    assert list(got[0].k) == [300.0, 0, 160.0, 0, 300.0, 90.0, 0, 0, 1.0] and list(got[0].d) == [0.1, 0, 0, 0, 0]
+    assert list(got[0].p)[:7] == [300.0, 0, 160.0, 0, 0, 300.0, 90.0]
+    for entity in (sub, rear_sub):
+        ros.node.destroy_subscription(entity)
+    for entity in (info_pub, image_pub):
+        ros.node.destroy_publisher(entity)
+
+
 def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camera_bag):
     """A queue of 1 and a 10x replay: the engine falls behind. Every frame the node receives is
     published, or counted (queue drop, skipped before a keyframe, decode error, ...); a frame
