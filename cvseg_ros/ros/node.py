@@ -36,6 +36,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from cvseg_ros.ros import params
@@ -224,15 +225,19 @@ class CvsegNode(Node):
             pubs = self._outputs[name] = _Outputs()
             try:
                 if cfg["publish_mask"]:
-                    pubs.mask = self.create_publisher(Image, f"{name}/semantic/mask", out_qos)
+                    pubs.mask = self.create_publisher(Image, f"{name}/semantic/mask", out_qos,
+                                                      qos_overriding_options=QoSOverridingOptions.with_default_policies())
                 if cfg["publish_color"]:
-                    pubs.color = self.create_publisher(Image, f"{name}/semantic/color", out_qos)
+                    pubs.color = self.create_publisher(Image, f"{name}/semantic/color", out_qos,
+                                                      qos_overriding_options=QoSOverridingOptions.with_default_policies())
                 if cfg[f"{name}.camera_info_topic"]:
                     pubs.camera_info = self.create_publisher(CameraInfo, f"{name}/semantic/camera_info", out_qos)
                     self.create_subscription(CameraInfo, cfg[f"{name}.camera_info_topic"],
                                              lambda msg, o=pubs: setattr(o, "latest_info", msg), in_qos)
+                # qos_overrides.<topic>.subscription.{reliability,depth,...} parameters apply
                 self.create_subscription(CompressedImage, cfg[f"{name}.topic"],
-                                         lambda msg, c=name: self._on_image(c, msg), in_qos)
+                                         lambda msg, c=name: self._on_image(c, msg), in_qos,
+                                         qos_overriding_options=QoSOverridingOptions.with_default_policies())
             except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException
                 raise StartupError(f"camera '{name}': {exc}") from None
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)

@@ -153,3 +153,33 @@ def test_missing_params_file_fails_clearly():
     errors = [line for line in out.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "params file not found" in errors[0] and "cvseg_node" in errors[0], out
     assert "Traceback" not in out, out
+
+
+def test_a_renamed_node_reads_a_wildcard_file_and_qos_overrides_apply(tmp_path):
+    """A params file keyed ``/**`` serves a node renamed at start-up (``-r __node:=...``);
+    ``qos_overrides.<topic>.subscription.reliability`` in it makes the input subscription
+    reliable (the default is best effort), as rclpy's QoS overriding does."""
+    from rclpy.qos import ReliabilityPolicy
+    from cvseg_ros.ros.process import NodeProcess
+    params = tmp_path / "renamed.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    queue_depth: 7\n    qos_overrides:\n"
+                      "      /front/image_raw/h264:\n        subscription:\n          reliability: reliable\n")
+    log = tmp_path / "node.log"
+    domain = DOMAIN - 40     # not the module's running node's
+    proc = NodeProcess({"threads": 1}, args=["-r", "__node:=front_segmentation", *checkpoint_args(tmp_path)],
+                       log_path=log, domain_id=domain, params=params, cwd=REPO, error=AssertionError).start()
+    ros = Ros("cvseg_rename_test", domain)
+    try:
+        deadline = time.monotonic() + 120
+        while not [i for i in ros.node.get_subscriptions_info_by_topic("/front/image_raw/h264")
+                   if i.node_name != "_NODE_NAME_UNKNOWN_"]:    # (until discovery has the name)
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        (info,) = ros.node.get_subscriptions_info_by_topic("/front/image_raw/h264")
+        assert info.node_name == "front_segmentation"
+        assert info.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+        line = next(line for line in log.read_text().splitlines() if "effective parameters:" in line)
+        assert json.loads(line.split("effective parameters:", 1)[1])["queue_depth"] == 7
+    finally:
+        ros.close()
+        assert stop_node(proc) == 0, log.read_text()[-3000:]
