@@ -32,7 +32,7 @@ NODE_DOC = {
     "peak_rss_mib": "VmHWM of the node process (/proc/PID/status) at the end of the run",
     "node_cpu_cores": "the node process's CPU time / wall time while publishing",
     "node_cpu_ms_per_mask": "the node process's CPU time from the first publish to the last mask / the "
-                            "masks received (the bench's node_cost ratio compares it with the engine offline)",
+                            "masks received (ratios.node_cpu_per_mask_over_engine compares it with the engine offline)",
 }
 
 
