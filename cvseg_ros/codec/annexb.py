@@ -30,6 +30,12 @@ def check_format(fmt: str) -> None:
             f"(format one of {', '.join(H264_FORMATS)}; Annex B, one access unit per message)")
 
 
+def nal_unit_count(data: bytes) -> int:
+    """How many NAL units an Annex B access unit holds (start codes counted at C speed: no start
+    code occurs inside a NAL unit, emulation prevention sees to that)."""
+    return data.count(START_CODE)
+
+
 def nal_unit_spans(data: bytes, limit: int | None = None) -> list[tuple[int, int]]:
     """``(start, end)`` of each NAL unit of an Annex B access unit: ``data[start]`` is its header
     byte, ``end`` is where the next start code begins (or ``len(data)``), so ``data[start:end]``

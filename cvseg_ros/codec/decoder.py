@@ -16,7 +16,7 @@ import av
 import cv2
 import numpy as np
 
-from cvseg_ros.codec.annexb import NAL_IDR, NAL_SPS, nal_unit_spans
+from cvseg_ros.codec.annexb import NAL_IDR, NAL_SPS, nal_unit_count, nal_unit_spans
 from cvseg_ros.codec.h264_syntax import H264SyntaxError, parse_sps
 from cvseg_ros.codec.motion_vectors import GRID, dense_field, field_shape, fill_intra, resize_field
 from cvseg_ros.codec.residual import MotionCompensator
@@ -108,8 +108,9 @@ class StreamLimits:
         """Why the access unit ``data`` (its NAL ``spans``) is beyond the limits, or None."""
         if len(data) > self.max_unit_bytes:
             return f"access unit of {len(data)} bytes, more than the limit of {self.max_unit_bytes}"
-        if len(spans) > self.max_nal_units:
-            return f"{len(spans)} NAL units in one access unit, more than the limit of {self.max_nal_units}"
+        if len(spans) > self.max_nal_units or nal_unit_count(data) > self.max_nal_units:
+            return (f"{nal_unit_count(data)} NAL units in one access unit, more than the limit of "
+                    f"{self.max_nal_units}")
         for start, end in spans:
             if data[start] & 0x1F != NAL_SPS:
                 continue
@@ -310,7 +311,9 @@ class H264StreamDecoder:
         st.access_units += 1
         if not data:
             return self._drop("empty access unit")
-        spans = nal_unit_spans(data, self.limits.max_nal_units) if len(data) <= self.limits.max_unit_bytes else []
+        lim = self.limits     # a unit over the size or count limit is refused without being scanned
+        spans = nal_unit_spans(data) if len(data) <= lim.max_unit_bytes and \
+            nal_unit_count(data) <= lim.max_nal_units else []
         over = self.limits.violation(data, spans)
         nal_types = [data[start] & 0x1F for start, _ in spans]
         if over or (self._refused and NAL_IDR not in nal_types):

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_types
+from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_count, nal_unit_types
 from cvseg_ros.codec.decoder import StreamLimits
 from cvseg_ros.ros.policies import (DROP_REASONS, ERROR, ERROR_COUNTERS, LATE_LIMIT, OK, STALE, WARN,
                                     CameraState, FrameQueue, LatencyWindow, QueuedFrame, StampTracker)
@@ -174,7 +174,8 @@ class MessagePath:
             return "over_limits"
         data = bytes(msg.data)
         stamp_ns = stamp_ns_of(msg.header)
-        idr = NAL_IDR in nal_unit_types(data, limits.max_nal_units)
+        # (a unit of too many NAL units is not scanned: the decoder refuses it)
+        idr = nal_unit_count(data) <= limits.max_nal_units and NAL_IDR in nal_unit_types(data)
         with self._cond:
             cam.last_received = received_ns / 1e9
             cam.counts["received"] += 1
