@@ -178,6 +178,9 @@ def test_a_renamed_node_reads_a_wildcard_file_and_qos_overrides_apply(tmp_path):
         (info,) = ros.node.get_subscriptions_info_by_topic("/front/image_raw/h264")
         assert info.node_name == "front_segmentation"
         assert info.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+        while "effective parameters:" not in log.read_text():      # logged once set up
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
         line = next(line for line in log.read_text().splitlines() if "effective parameters:" in line)
         assert json.loads(line.split("effective parameters:", 1)[1])["queue_depth"] == 7
     finally:
