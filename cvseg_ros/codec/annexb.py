@@ -36,14 +36,13 @@ def nal_unit_count(data: bytes) -> int:
     return data.count(START_CODE)
 
 
-def nal_unit_spans(data: bytes, limit: int | None = None) -> list[tuple[int, int]]:
+def nal_unit_spans(data: bytes) -> list[tuple[int, int]]:
     """``(start, end)`` of each NAL unit of an Annex B access unit: ``data[start]`` is its header
     byte, ``end`` is where the next start code begins (or ``len(data)``), so ``data[start:end]``
-    may end with the zero bytes of a 4-byte start code. Empty if no start code is found. With
-    ``limit``, the scan stops after ``limit + 1`` units (enough to tell that there are more)."""
+    may end with the zero bytes of a 4-byte start code. Empty if no start code is found."""
     spans = []
     pos = data.find(START_CODE)
-    while pos != -1 and pos + 3 < len(data) and (limit is None or len(spans) <= limit):
+    while pos != -1 and pos + 3 < len(data):
         start = pos + 3
         pos = data.find(START_CODE, start)
         spans.append((start, len(data) if pos == -1 else pos))
@@ -64,7 +63,6 @@ def nal_units(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def nal_unit_types(data: bytes, limit: int | None = None) -> list[int]:
-    """Types of the NAL units in an Annex B access unit (empty if no start code is found; with
-    ``limit``, of the first ``limit + 1`` at most)."""
-    return [data[start] & 0x1F for start, _ in nal_unit_spans(data, limit)]
+def nal_unit_types(data: bytes) -> list[int]:
+    """Types of the NAL units in an Annex B access unit (empty if no start code is found)."""
+    return [data[start] & 0x1F for start, _ in nal_unit_spans(data)]

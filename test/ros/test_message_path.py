@@ -248,17 +248,23 @@ def test_duplicates_and_wrong_format_are_dropped_and_counted(make_engine, gop12_
     assert level == 1 and "wrong_format +1" in message
 
 
+def behind_by_eight(cam: Camera, units) -> dict:
+    """The IDR segmented, then eight P-frames queued before the engine runs, then all processed:
+    the camera's diagnostics values (its accounting checked)."""
+    cam.send(units[0], T0)
+    for i in range(1, 9):
+        cam.send(units[i], T0 + i * PERIOD, process=False)
+    cam.process()
+    return cam.assert_accounted()
+
+
 def test_queue_policy_when_the_engine_falls_behind(make_engine, gop12_units):
     """Depth 3. Eight P-frames arrive before the engine runs: the five oldest get no mask but the
     state is carried through them (their motion accumulated, no restart: the shipped model
     accumulates the motion), and 6, 7 and 8 are segmented as P-frames continuing it; 8's mask
     is close to the one it gets when every frame is segmented."""
     cam = Camera(make_engine(), queue_depth=3)
-    cam.send(gop12_units[0], T0)
-    for i in range(1, 9):
-        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
-    cam.process()
-    v = cam.assert_accounted()
+    v = behind_by_eight(cam, gop12_units)
     assert v["queue_drops"] == "5" and v["queue_decode_only"] == "5" and v["queue_carried"] == "5"
     assert v["decode_errors"] == "0" and v["discontinuities"] == "0"
     assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + i * PERIOD for i in (6, 7, 8)]
@@ -285,11 +291,7 @@ def test_without_carrying_the_state_restarts_once_caught_up(gop12_units):
     from cvseg_ros.engine.pipeline import SegmentationEngine
     from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR
     cam = Camera(SegmentationEngine(PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors", device="cpu"), queue_depth=3)
-    cam.send(gop12_units[0], T0)
-    for i in range(1, 9):
-        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
-    cam.process()
-    v = cam.assert_accounted()
+    v = behind_by_eight(cam, gop12_units)
     assert v["queue_drops"] == "7" and v["queue_decode_only"] == "7" and v["queue_carried"] == "0"
     assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + 8 * PERIOD]
     assert cam.outputs[1].reset and cam.outputs[1].network == "i_frame"
@@ -342,11 +344,7 @@ def test_per_frame_mode_restarts_at_once_after_a_backlog(make_engine, gop12_unit
     engine = make_engine(mode="per_frame")
     assert not engine.restart_is_costly and make_engine().restart_is_costly
     cam = Camera(engine, queue_depth=3)
-    cam.send(gop12_units[0], T0)
-    for i in range(1, 9):
-        cam.send(gop12_units[i], T0 + i * PERIOD, process=False)
-    cam.process()
-    v = cam.assert_accounted()
+    v = behind_by_eight(cam, gop12_units)
     assert v["queue_drops"] == "5" and v["queue_decode_only"] == "5"
     assert [o.stamp_ns for o in cam.outputs[1:]] == [T0 + i * PERIOD for i in (6, 7, 8)]
     assert all(o.network == "i_frame" for o in cam.outputs)
