@@ -254,6 +254,20 @@ def gop12_units() -> Units:
 
 
 @pytest.fixture(scope="session")
+def b_frame_units() -> tuple[Units, list[int]]:
+    """The frames of :data:`gop12_units` encoded with 2 B-frames between the I/P pictures
+    (x264's B-pyramid): the units in decoding order and each one's display index."""
+    from cvseg_ros.codec.video import encode_frames
+
+    require(SMALL_CLIP, "real clip")
+    presentation: list[int] = []
+    units = Units(encode_frames(read_rgb(SMALL_CLIP, 36, (320, 180)), gop=12, bframes=2, presentation=presentation),
+                  f"{SMALL_CLIP.name} at 320x180 with B-frames")
+    assert len(units) == 36 and sorted(presentation) == list(range(36))
+    return units, presentation
+
+
+@pytest.fixture(scope="session")
 def camvid_image() -> np.ndarray:
     """A real textured street image, 480x360 RGB: a CamVid still, else a frame of vtest.avi."""
     import cv2

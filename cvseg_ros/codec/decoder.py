@@ -2,132 +2,35 @@
 
 One :class:`H264StreamDecoder` per camera. Each call to :meth:`H264StreamDecoder.feed` takes one
 access unit (Annex B bytes, as carried by a ``sensor_msgs/CompressedImage`` with format ``h264``)
-and returns the frame it decodes to, with no added delay (one ``av.Packet`` per access unit, slice
-threading only). Bad input never raises: it is dropped, counted in :attr:`stats`, and the next good
-frame is marked ``reset`` so the model restarts its state from the I-frame network.
+and returns the frames it decodes to (one ``av.Packet`` per access unit, slice threading only: no
+delay beyond what the stream declares). Each picture carries the stamp of the unit it was coded in:
+a stream whose SPS declares reordering (B-frames) gives its pictures in display order, some units
+later, and the reader keeps the units' stamps until their pictures come out. Bad input never
+raises: it is dropped, counted in :attr:`stats`, and the next good frame is marked ``reset`` so the
+model restarts its state from the I-frame network.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable
 
 import av
 import cv2
 import numpy as np
 
-from cvseg_ros.codec.annexb import NAL_IDR, NAL_SPS, nal_unit_count, nal_unit_spans
-from cvseg_ros.codec.h264_syntax import H264SyntaxError, parse_sps
-from cvseg_ros.codec.motion_vectors import GRID, dense_field, field_shape, fill_intra, resize_field
+from cvseg_ros.codec.annexb import NAL_IDR, NAL_SLICE, nal_unit_count, nal_unit_spans
+from cvseg_ros.codec.frames import UNIT_OUTCOMES, CompressedFrame, StreamStats, accounted_units
+from cvseg_ros.codec.limits import StreamLimits
+from cvseg_ros.codec.motion_vectors import dense_field, field_shape, fill_intra
+from cvseg_ros.codec.reordering import PictureStamps
 from cvseg_ros.codec.residual import MotionCompensator
+
+__all__ = ["UNIT_OUTCOMES", "CompressedFrame", "H264StreamDecoder", "StreamLimits", "StreamStats",
+           "accounted_units", "warm_up_motion_analysis"]
 
 log = logging.getLogger(__name__)
 
 PICT_I, PICT_P, PICT_B = 1, 2, 3
-
-
-@dataclass
-class CompressedFrame:
-    """One decoded frame in the form the paper's model consumes (see docs/ARCHITECTURE.md)."""
-
-    kind: str                      # "I" or "P"
-    key_frame: bool
-    width: int
-    height: int
-    stamp: Any
-    index: int                     # decode order in the stream (successful frames)
-    gop_index: int                 # 0 at an I-frame, then 1, 2, ... for the P-frames after it
-    reset: bool                    # restart the model state here with the I-frame network
-    rgb: np.ndarray | None = None                  # HxWx3 uint8
-    motion_vectors: np.ndarray | None = None       # (2, H/4, W/4) float32, pixels (intra cells filled)
-    intra: np.ndarray | None = None                # (H/4, W/4) bool
-    residual: np.ndarray | None = None             # (h, w) int16, luma, at the decoder's residual size
-                                                   # (default the frame's size H, W)
-    luma_cells: np.ndarray | None = None           # (H/4, W/4) uint8, the mean luma of each cell of the
-                                                   # motion-vector field (I- and P-frames)
-
-
-#: the counters of :class:`StreamStats` that together count every access unit once
-UNIT_OUTCOMES = ("frames", "skipped_before_keyframe", "over_limits", "corrupt", "no_output", "b_frames")
-
-
-def accounted_units(stats: dict) -> int:
-    """Access units a :meth:`StreamStats.as_dict` accounts for (equal to its ``access_units``)."""
-    return sum(stats[k] for k in UNIT_OUTCOMES)
-
-
-@dataclass
-class StreamStats:
-    """Counters of one stream; every dropped access unit is in exactly one of the drop counters."""
-
-    access_units: int = 0
-    frames: int = 0
-    i_frames: int = 0
-    p_frames: int = 0
-    b_frames: int = 0                 # decoded B-frames: dropped (unsupported), see last_error
-    frames_with_mvs: int = 0
-    skipped_before_keyframe: int = 0  # access units before the first IDR (joined mid-GOP)
-    over_limits: int = 0              # units beyond the stream limits, and the units after one up to
-                                      # the next IDR within them (never given to FFmpeg)
-    corrupt: int = 0                  # decode errors, empty / garbage / concealed-corrupt units
-    no_output: int = 0                # units that decoded to no picture (parameter sets only, ...)
-    resets: int = 0                   # frames where the state restarts (I-frames and resyncs)
-    resyncs: int = 0                  # resets on a P-frame after an error or gap
-    resolution_changes: int = 0
-    decoder_restarts: int = 0         # the decoder held pictures back after damaged input: reopened
-    last_error: str = ""
-    errors: list[str] = dc_field(default_factory=list, repr=False)
-
-    def note_error(self, message: str) -> None:
-        self.last_error = message
-        self.errors.append(message)
-        del self.errors[:-20]
-
-    def accounted(self) -> int:
-        """Access units the counters account for (each unit lands in exactly one of them)."""
-        return accounted_units(self.as_dict())
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d.pop("errors")
-        return d
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """What one camera's stream may ask of the decoder, checked before FFmpeg sees a unit (FFmpeg
-    allocates first: about 850 bytes per NAL unit, kept; a picture buffer per reference frame of
-    the size an SPS declares). The defaults are beyond any vehicle camera (4096x2304, 16
-    reference frames at 4K UHD) and far below what would exhaust a machine."""
-    max_unit_bytes: int = 16 << 20         # one access unit (message)
-    max_nal_units: int = 2048              # NAL units in one access unit
-    max_picture_pixels: int = 4096 * 2304  # width x height an SPS declares
-    max_reference_bytes: int = 512 << 20   # 4:2:0 pictures x (max_num_ref_frames + 1) an SPS implies
-
-    def violation(self, data: bytes, spans: list[tuple[int, int]]) -> str | None:
-        """Why the access unit ``data`` (its NAL ``spans``) is beyond the limits, or None."""
-        if len(data) > self.max_unit_bytes:
-            return f"access unit of {len(data)} bytes, more than the limit of {self.max_unit_bytes}"
-        if len(spans) > self.max_nal_units or nal_unit_count(data) > self.max_nal_units:
-            return (f"{nal_unit_count(data)} NAL units in one access unit, more than the limit of "
-                    f"{self.max_nal_units}")
-        for start, end in spans:
-            if data[start] & 0x1F != NAL_SPS:
-                continue
-            try:
-                sps = parse_sps(data[start + 1:end])
-            except (H264SyntaxError, IndexError, ValueError):
-                continue               # FFmpeg refuses it too (a counted decode error)
-            pixels = sps.width * sps.height
-            if pixels > self.max_picture_pixels:
-                return (f"SPS declares {sps.width}x{sps.height} pictures ({pixels} pixels), more than "
-                        f"the limit of {self.max_picture_pixels}")
-            references = pixels * 3 // 2 * (sps.max_num_ref_frames + 1)
-            if references > self.max_reference_bytes:
-                return (f"SPS declares {sps.max_num_ref_frames} reference frames of {sps.width}x{sps.height}: "
-                        f"{references >> 20} MiB of pictures, more than the limit of "
-                        f"{self.max_reference_bytes >> 20} MiB")
-        return None
 
 
 def _luma(frame: av.VideoFrame, copy: bool = True) -> np.ndarray:
@@ -138,6 +41,16 @@ def _luma(frame: av.VideoFrame, copy: bool = True) -> np.ndarray:
     plane = frame.planes[0]
     rows = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)
     return rows[:, : frame.width].copy() if copy else rows[:, : frame.width]
+
+
+def _luma_at(frame: av.VideoFrame, size: Callable[[int, int], tuple[int, int]] | None) -> np.ndarray:
+    """The luma plane at ``size(height, width)`` (area-resized), or at the frame's size; a copy (it
+    is kept as the next frame's reference)."""
+    if size is not None:
+        h, w = size(frame.height, frame.width)
+        if (h, w) != (frame.height, frame.width):
+            return cv2.resize(_luma(frame, copy=False), (w, h), interpolation=cv2.INTER_AREA)
+    return _luma(frame)
 
 
 def warm_up_motion_analysis() -> None:
@@ -191,25 +104,60 @@ class H264StreamDecoder:
         self.deblock_p_frames = deblock_p_frames
         self.stats = StreamStats()
         self._compensator = MotionCompensator()
+        self._stamps = PictureStamps()      # of the units whose pictures are not out yet
         self._open()
 
     def _open(self, keep_size: bool = False) -> None:
+        """A new decoder that waits for an IDR; the pictures the old one held back are lost."""
         size = getattr(self, "_size", None) if keep_size else None
-        self._codec = av.CodecContext.create("h264", "r")
-        self._codec.options = {"flags2": "+export_mvs"} if self.deblock_p_frames else \
-            {"flags2": "+export_mvs", "skip_loop_filter": "nointra"}
-        self._codec.thread_type = "SLICE"   # frame threading would add 2-3 frames of delay
+        self._forget_held()
+        self._new_codec()
         self._seen_idr = False
         self._need_reset = True
         self._previous_luma: np.ndarray | None = None
         self._gop_index = 0
         self._size: tuple[int, int] | None = size   # (kept across a restart: size changes still count)
+
+    def _new_codec(self) -> None:
+        self._codec = av.CodecContext.create("h264", "r")
+        self._codec.options = {"flags2": "+export_mvs"} if self.deblock_p_frames else \
+            {"flags2": "+export_mvs", "skip_loop_filter": "nointra"}
+        self._codec.thread_type = "SLICE"   # frame threading would add 2-3 frames of delay
         self._packets = 0           # packets into this decoder; they are numbered (pts) to check that
         self._late = False          # each picture comes out of its own packet
         self._reordering = False    # the stream itself holds pictures back (B-frames): no such check
 
-    def _decode_checked(self, data: bytes, idr: bool) -> tuple[list, str | None]:
-        """(this unit's pictures, error), keeping the decoder free of damage that outlives an IDR.
+    def _forget_held(self) -> None:
+        """The units whose pictures never came out: no output."""
+        self.stats.no_output += self._stamps.clear()
+        self.stats.held = 0
+
+    def _drain(self) -> list[tuple[av.VideoFrame, Any]]:
+        """The pictures the decoder holds back, with their units' stamps (end of its stream)."""
+        try:
+            frames = self._codec.decode(None)
+        except Exception as exc:  # noqa: BLE001 - a reader must never raise on data
+            self.stats.note_error(f"draining the decoder failed: {type(exc).__name__}: {exc}")
+            frames = []
+        out = self._stamps.claim(frames)
+        self._forget_held()
+        return out
+
+    def flush(self) -> list[CompressedFrame]:
+        """End of the stream: the pictures the decoder holds back, under their units' stamps;
+        then a new decoder waits for an IDR."""
+        out = [r for f, stamp in self._drain() if (r := self._convert(f, stamp)) is not None]
+        self._open(keep_size=True)
+        return out
+
+    def held_stamps(self) -> list:
+        """The stamps of the units whose pictures the decoder holds back (a reordering stream)."""
+        return self._stamps.stamps()
+
+    def _decode_checked(self, data: bytes, idr: bool, stamp: Any, coded_picture: bool
+                        ) -> tuple[list[tuple[av.VideoFrame, Any]], str | None]:
+        """(the pictures out of this unit, each with its own unit's stamp; error), keeping the
+        decoder free of damage that outlives an IDR. ``coded_picture``: the unit holds a slice.
 
         The decoder must give each picture out of its own packet (no added delay). Damaged input
         can make FFmpeg grow its reorder buffer for good: from then on every picture would come
@@ -217,19 +165,23 @@ class H264StreamDecoder:
         (B-frames) says so in the SPS of its IDR, on a fresh decoder; an I/P stream whose decoder
         starts to hold pictures back is damaged: the decoder is reopened and waits for an IDR. An
         IDR that gives no picture is retried on a fresh decoder (it needs nothing before it), so
-        the stream recovers there."""
+        the stream recovers there. A reordering stream's decoder gives out the pictures it holds
+        at each IDR (the IDR needs none of them) and a fresh one takes the IDR."""
+        held = []
         if idr and self._reordering:        # B-frames: judge the stream afresh at each IDR
-            self._open(keep_size=True)
-            self._seen_idr = True
+            held = self._drain()
+            self._new_codec()
         while True:
             fresh = self._packets == 0
-            frames, error = self._decode(data)
+            frames, error = self._decode(data, stamp, coded_picture)
             if idr and fresh:
                 self._reordering = bool(self._codec.has_b_frames)   # as its SPS declares it
                 if not self._reordering and (error or not frames):
                     self._seen_idr = False  # a damaged IDR: wait for the next one
-                return frames, error
+                return held + frames, error
             damaged = not self._reordering and (bool(self._codec.has_b_frames) or self._late)
+            if damaged or (idr and not self._reordering and (error or not frames)):
+                self._stamps.discard(self._packets)    # this unit's outcome is counted by the caller
             if idr and not self._reordering and (damaged or error or not frames):
                 self._restart_decoder("no picture from an IDR" if not damaged else
                                       "damaged input made it hold pictures back")
@@ -237,26 +189,37 @@ class H264StreamDecoder:
                 continue
             if damaged:
                 self._restart_decoder("damaged input made it hold pictures back")
-                return [], "decoder output delayed after damaged input: decoder restarted, waiting for an IDR"
-            return frames, error
+                return held, "decoder output delayed after damaged input: decoder restarted, waiting for an IDR"
+            return held + frames, error
 
-    def _decode(self, data: bytes) -> tuple[list, str | None]:
-        """(pictures out of this packet, error); packets are numbered through ``pts``."""
+    def _decode(self, data: bytes, stamp: Any, coded_picture: bool
+                ) -> tuple[list[tuple[av.VideoFrame, Any]], str | None]:
+        """(pictures out of this packet with their units' stamps, error); packets are numbered
+        through ``pts``. A unit whose picture is held back keeps its stamp (:class:`PictureStamps`)."""
         self._packets += 1
         packet = av.Packet(bytes(data))
         packet.pts = packet.dts = self._packets
+        if coded_picture:
+            self._stamps.add(self._packets, stamp)
         self._late = False
         try:
             frames = self._codec.decode(packet)
         except av.error.FFmpegError as exc:   # InvalidDataError and friends
+            self._stamps.discard(self._packets)
             return [], f"decode error: {exc}"
         except Exception as exc:              # noqa: BLE001 - a reader must never raise on data
+            self._stamps.discard(self._packets)
             return [], f"decode failure: {type(exc).__name__}: {exc}"
         if not self._reordering:              # a picture of an earlier packet: held back
             self._late = any(f.pts is not None and f.pts != self._packets for f in frames)
             if self._late:
                 frames = [f for f in frames if f.pts == self._packets]
-        return frames, None
+        pictures = self._stamps.claim(frames)
+        if len(pictures) < len(frames):
+            self.stats.note_error(f"{len(frames) - len(pictures)} picture(s) of units already counted: dropped")
+        self.stats.no_output += self._stamps.expire(self._packets)   # none will come
+        self.stats.held = len(self._stamps)
+        return pictures, None
 
     def _restart_decoder(self, why: str) -> None:
         self.stats.decoder_restarts += 1
@@ -279,29 +242,10 @@ class H264StreamDecoder:
         log.debug("%s: %s", self.name, message)
         return []
 
-    def _residual(self, luma: np.ndarray, field: np.ndarray, height: int, width: int) -> np.ndarray:
-        """``luma`` minus the previous luma warped along ``field`` (of a ``height`` x ``width`` frame),
-        at the luma's size."""
-        grid = GRID
-        if luma.shape != (height, width):
-            if luma.shape == field_shape(height, width, GRID // 2):
-                grid, field = GRID // 2, field * np.float32(0.5)   # half size: same cells, 2x2 pixels each
-            else:
-                rows, cols = field_shape(*luma.shape)
-                field = resize_field(field, rows, cols, luma.shape[1] / width, luma.shape[0] / height)
-        return self._compensator.residual(luma, self._previous_luma, field, grid)
-
-    def _residual_luma(self, frame: av.VideoFrame) -> np.ndarray:
-        """The luma plane at the residual size (a copy: it is kept as the next frame's reference)."""
-        if self.residual_size is not None:
-            h, w = self.residual_size(frame.height, frame.width)
-            if (h, w) != (frame.height, frame.width):
-                return cv2.resize(_luma(frame, copy=False), (w, h), interpolation=cv2.INTER_AREA)
-        return _luma(frame)
-
     def feed(self, data: bytes, stamp: Any = None, analyse: bool = True, residual: bool = True
              ) -> list[CompressedFrame]:
-        """Decode one access unit; returns ``[]`` or ``[frame]``. Never raises on bad data.
+        """Decode one access unit; returns the frames it gives out (``[]`` or ``[frame]`` for a
+        stream without reordering), each under its own unit's stamp. Never raises on bad data.
 
         ``analyse=False``: decode only (keep the reference pictures, count the frame) and skip the
         image, vectors and residual; the next frame then restarts the model state (``reset``).
@@ -332,18 +276,59 @@ class H264StreamDecoder:
                 st.skipped_before_keyframe += 1
                 return []
             self._seen_idr = True
-        frames, error = self._decode_checked(data, NAL_IDR in nal_types)
-        if error:
-            return self._drop(error)
-        if not frames:
-            st.no_output += 1
-            return []
+        coded_picture = NAL_IDR in nal_types or NAL_SLICE in nal_types
+        pictures, error = self._decode_checked(data, NAL_IDR in nal_types, stamp, coded_picture)
+        lost = not self._reordering and self._stamps.discard(self._packets)   # its picture is not out
+        if not error and (not coded_picture or lost):
+            st.no_output += 1             # parameter sets, SEI, ...; or a picture not given out
+        st.held = len(self._stamps)
         out = []
-        for frame in frames:
-            result = self._convert(frame, stamp, analyse, residual)
+        for frame, frame_stamp in pictures:
+            result = self._convert(frame, frame_stamp, analyse, residual)
             if result is not None:
                 out.append(result)
+        if error:
+            self._drop(error)
         return out
+
+    def _convert_b(self, frame: av.VideoFrame, stamp: Any, analyse: bool, residual: bool) -> CompressedFrame:
+        """A B-frame (given out in display order, between the frames it is predicted from): its
+        past-reference vectors and its residual against the frame before it, for a P step from the
+        current state that is not kept (no later frame refers to a B-frame's analysis). Without a
+        chain to continue (a restart is pending, another size) it has no vectors."""
+        st = self.stats
+        st.frames += 1
+        st.b_frames += 1
+        height, width = frame.height, frame.width
+        result = CompressedFrame(kind="B", key_frame=False, width=width, height=height, stamp=stamp,
+                                 index=st.frames - 1, gop_index=self._gop_index + 1, reset=False)
+        if self.rgb_for_p_frames:
+            result.rgb = frame.to_ndarray(format="rgb24")
+        chain = (analyse and self.motion and not self._need_reset and self._size == (height, width)
+                 and self._previous_luma is not None)
+        if not chain:
+            return result
+        luma = _luma_at(frame, self.residual_size)
+        if luma.shape == self._previous_luma.shape:
+            blocks = frame.side_data.get("MOTION_VECTORS")
+            self._analyse(result, luma, blocks.to_ndarray() if blocks is not None else None, True, residual)
+        return result
+
+    def _analyse(self, result: CompressedFrame, luma: np.ndarray, blocks: np.ndarray | None,
+                 predicted: bool, residual: bool) -> None:
+        """``result``'s luma cells; for a predicted frame its vector field, intra cells and
+        residual against the previous I/P frame (when there is one of the same size)."""
+        height, width = result.height, result.width
+        rows, cols = field_shape(height, width)
+        result.luma_cells = cv2.resize(luma, (cols, rows), interpolation=cv2.INTER_AREA)
+        if not predicted:
+            return
+        field, result.intra = dense_field(blocks, height, width)
+        result.motion_vectors = fill_intra(field, result.intra)
+        if (self.residual and residual and self._previous_luma is not None
+                and self._previous_luma.shape == luma.shape):
+            result.residual = self._compensator.residual_of_frame(luma, self._previous_luma, result.motion_vectors,
+                                                                  height, width)
 
     def _count(self, frame: av.VideoFrame, is_intra: bool) -> np.ndarray | None:
         """Count a decoded frame and advance the GOP position; returns its exported vector blocks."""
@@ -365,15 +350,11 @@ class H264StreamDecoder:
                  ) -> CompressedFrame | None:
         st = self.stats
         pict = int(frame.pict_type)
-        if pict == PICT_B:
-            st.b_frames += 1
-            self._need_reset = True
-            st.note_error("B-frame dropped: B-frames are not supported (the motion vectors lose their "
-                          "reference); re-encode the source with `cvseg transcode IN OUT`")
-            return None
         if frame.is_corrupt:
             self._drop("decoder flagged the frame as corrupt (concealed errors)")
             return None
+        if pict == PICT_B:
+            return self._convert_b(frame, stamp, analyse, residual)
         height, width = frame.height, frame.width
         if self._size is not None and self._size != (height, width):
             st.resolution_changes += 1
@@ -387,7 +368,7 @@ class H264StreamDecoder:
             return CompressedFrame(kind="I" if is_intra else "P", key_frame=bool(frame.key_frame), width=width,
                                    height=height, stamp=stamp, index=st.frames - 1,
                                    gop_index=self._gop_index, reset=False)
-        luma = self._residual_luma(frame) if self.motion else None
+        luma = _luma_at(frame, self.residual_size) if self.motion else None
         reset = is_intra or self._need_reset or (self.motion and (
             self._previous_luma is None or self._previous_luma.shape != luma.shape))
         arr = self._count(frame, is_intra)
@@ -395,15 +376,7 @@ class H264StreamDecoder:
                                  width=width, height=height, stamp=stamp, index=st.frames - 1,
                                  gop_index=self._gop_index, reset=reset)
         if self.motion:
-            rows, cols = field_shape(height, width)
-            result.luma_cells = cv2.resize(luma, (cols, rows), interpolation=cv2.INTER_AREA)
-        if not is_intra:
-            if self.motion:
-                field, result.intra = dense_field(arr, height, width)
-                result.motion_vectors = fill_intra(field, result.intra)
-                if (self.residual and residual and self._previous_luma is not None
-                        and self._previous_luma.shape == luma.shape):
-                    result.residual = self._residual(luma, result.motion_vectors, height, width)
+            self._analyse(result, luma, arr, not is_intra, residual)
         if reset:
             st.resets += 1
             if not is_intra:

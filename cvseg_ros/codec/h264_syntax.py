@@ -178,6 +178,24 @@ def parse_slice(nal_type: int, ref_idc: int, payload: bytes, sps: dict[int, SPS]
                      s.width, s.height)
 
 
+SLICE_B = 1   # slice_type % 5 of a bi-predicted slice (B)
+
+
+def first_slice_type(data: bytes) -> int | None:
+    """``slice_type % 5`` of an access unit's first slice (0 P, 1 B, 2 I, 3 SP, 4 SI), or None
+    when it has no slice that parses. Needs no parameter set: the type precedes the PPS id."""
+    for _, nal_type, payload in nal_units(data):
+        if nal_type in (NAL_SLICE, NAL_IDR):
+            try:
+                r = BitReader(rbsp(payload[:16]))
+                r.ue()                               # first_mb_in_slice
+                slice_type = r.ue()
+            except (H264SyntaxError, IndexError, ValueError):
+                return None
+            return slice_type % 5 if slice_type <= 9 else None
+    return None
+
+
 #: Lost reference pictures up to which decoding goes on (the decoder conceals them with the
 #: picture before); more, or ``frame_num`` going back, and the stream waits for its next IDR.
 MAX_LOST_TO_RESYNC = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from cvseg_ros.codec.motion_vectors import GRID
+from cvseg_ros.codec.motion_vectors import GRID, field_shape, resize_field
 
 
 class MotionCompensator:
@@ -36,6 +36,21 @@ class MotionCompensator:
         """``current - warp(previous, field)`` as int16 (HxW)."""
         predicted = self.warp(previous, field, grid)
         return cv2.subtract(current, predicted, dtype=cv2.CV_16S)
+
+
+    def residual_of_frame(self, luma: np.ndarray, previous: np.ndarray, field: np.ndarray,
+                          height: int, width: int) -> np.ndarray:
+        """``luma`` minus ``previous`` warped along ``field`` (the vector field of a ``height`` x
+        ``width`` frame), at the luma's size: at exactly half size each field cell covers 2x2
+        pixels, at another size the field is resampled."""
+        grid = GRID
+        if luma.shape != (height, width):
+            if luma.shape == field_shape(height, width, GRID // 2):
+                grid, field = GRID // 2, field * np.float32(0.5)
+            else:
+                rows, cols = field_shape(*luma.shape)
+                field = resize_field(field, rows, cols, luma.shape[1] / width, luma.shape[0] / height)
+        return self.residual(luma, previous, field, grid)
 
 
 def residual_stats(residual: np.ndarray, cell: int = 4) -> np.ndarray | None:

@@ -1,8 +1,8 @@
 """Video files <-> H.264 access units: readers for mp4/mkv/raw .h264 and a libx264 encoder.
 
 Access units are Annex B bytes, one per frame, as a camera driver would publish them. Sources
-that this project cannot use as they are (MPEG-4 Part 2, B-frames, ...) are refused with a message
-that names the problem; :func:`transcode` (``cvseg transcode``) converts them explicitly.
+that this project cannot use as they are (MPEG-4 Part 2, ...) are refused with a message that
+names the problem; :func:`transcode` (``cvseg transcode``) converts them explicitly.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import av
 import numpy as np
 
 from cvseg_ros.codec.annexb import UnsupportedStreamError
-from cvseg_ros.codec.decoder import PICT_B
 
 
 @dataclass
@@ -104,28 +103,18 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> Iterator[np.
             yield frame.to_ndarray(format="rgb24")
 
 
-def check_no_b_frames(path: str | Path, probe_frames: int = 60) -> None:
-    """Raise :class:`UnsupportedStreamError` when the first frames of an H.264 file hold B-frames."""
-    with av.open(str(path)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            if int(frame.pict_type) == PICT_B:
-                raise UnsupportedStreamError(
-                    f"{path} contains B-frames: their motion vectors lose the reference index, so "
-                    f"the compressed-domain model cannot use them; re-encode it with "
-                    f"`cvseg transcode {path} OUT.mp4` (I/P only)")
-            if i >= probe_frames:
-                return
-
-
 class H264Encoder:
     """libx264, I/P only (no B-frames), one reference frame, fixed GOP, zero latency.
 
     ``encode(rgb) -> list[bytes]`` returns the Annex B access units ready so far (zero-latency:
-    one per frame); every IDR repeats SPS/PPS so a receiver can join at any GOP.
+    one per frame); every IDR repeats SPS/PPS so a receiver can join at any GOP. ``bframes > 0``:
+    that many B-frames between the I/P pictures (fixed pattern, x264's B-pyramid, no zero-latency
+    tuning), as libx264's defaults and recorded videos have them; units then come in decoding
+    order, and :attr:`presentation` holds each returned unit's display index.
     """
 
     def __init__(self, width: int, height: int, fps: float = 15.0, gop: int = 12, crf: int = 23,
-                 preset: str = "veryfast") -> None:
+                 preset: str = "veryfast", bframes: int = 0) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {width}x{height}")
         self.width, self.height, self.gop = width, height, gop
@@ -136,14 +125,18 @@ class H264Encoder:
         ctx.time_base = 1 / rate
         ctx.framerate = rate
         ctx.gop_size = gop
-        ctx.max_b_frames = 0
+        ctx.max_b_frames = bframes
+        if not 0 <= bframes <= 4:
+            raise ValueError(f"bframes must be 0..4, got {bframes}")
+        order = f"bframes={bframes}:b-adapt=0:ref={2 if bframes else 1}"
         ctx.options = {
-            "preset": preset, "tune": "zerolatency", "crf": str(crf),
-            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:ref=1:"
+            "preset": preset, "crf": str(crf), **({} if bframes else {"tune": "zerolatency"}),
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:{order}:"
                            f"repeat-headers=1:sliced-threads=0:threads=1",
         }
         self._ctx = ctx
         self._pts = 0
+        self.presentation: list[int] = []   # display index of each unit returned so far
 
     def encode(self, rgb: np.ndarray) -> list[bytes]:
         if rgb.shape[:2] != (self.height, self.width):
@@ -151,23 +144,32 @@ class H264Encoder:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
         frame.pts = self._pts
         self._pts += 1
-        return [bytes(p) for p in self._ctx.encode(frame)]
+        return self._units(self._ctx.encode(frame))
 
     def flush(self) -> list[bytes]:
-        return [bytes(p) for p in self._ctx.encode(None)]
+        return self._units(self._ctx.encode(None))
+
+    def _units(self, packets) -> list[bytes]:
+        self.presentation += [int(p.pts) for p in packets]
+        return [bytes(p) for p in packets]
 
 
 def encode_frames(frames: Iterable[np.ndarray], fps: float = 15.0, gop: int = 12, crf: int = 23,
-                  preset: str = "veryfast") -> list[bytes]:
-    """Encode RGB frames (all the same even size) to H.264 access units, one per frame."""
+                  preset: str = "veryfast", bframes: int = 0, presentation: list[int] | None = None
+                  ) -> list[bytes]:
+    """Encode RGB frames (all the same even size) to H.264 access units, one per frame, in
+    decoding order; ``presentation`` (a list), when given, gets each unit's display index (the
+    units' order unless ``bframes``)."""
     encoder: H264Encoder | None = None
     units: list[bytes] = []
     for rgb in frames:
         if encoder is None:
-            encoder = H264Encoder(rgb.shape[1], rgb.shape[0], fps, gop, crf, preset)
+            encoder = H264Encoder(rgb.shape[1], rgb.shape[0], fps, gop, crf, preset, bframes)
         units.extend(encoder.encode(rgb))
     if encoder is not None:
         units.extend(encoder.flush())
+        if presentation is not None:
+            presentation[:] = encoder.presentation
     return units
 
 

@@ -16,10 +16,8 @@ masks from logits); this module keeps the cameras, batches their frames and runs
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,8 +26,10 @@ import cv2
 import numpy as np
 import torch
 
-from cvseg_ros.codec.decoder import CompressedFrame, H264StreamDecoder, StreamLimits
+from cvseg_ros.codec.decoder import CompressedFrame, H264StreamDecoder
+from cvseg_ros.codec.limits import StreamLimits
 from cvseg_ros.common.sizes import round8 as _round8
+from cvseg_ros.engine.decoding import DecodePool
 from cvseg_ros.engine.inputs import ModelInputs
 from cvseg_ros.engine.labels import frame_masks
 from cvseg_ros.engine.runtime import (PRECISIONS, autocast_dtypes, resolve_device, resolve_precision, set_threads,
@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("compressed", "per_frame", "iframe_copy")
 UNKNOWN = 255
-#: the most cameras decoded at once with ``decode_threads=0`` (one thread per core)
-MAX_DECODE_THREADS = 8
 #: the most frames one network call takes (more cameras' frames of a round: several calls), so
 #: that many cameras with an IDR in the same round cannot make one batch of unbounded memory
 MAX_BATCH = 8
@@ -57,7 +55,7 @@ class SegmentationResult:
     camera: str
     stamp: Any
     mask: np.ndarray          # HxW uint8 class ids at the frame's size, 255 = unknown
-    kind: str                 # "I" / "P"
+    kind: str                 # "I" / "P" / "B"
     gop_index: int
     reset: bool
     width: int
@@ -108,7 +106,7 @@ class SegmentationEngine:
         ``decode_threads``: how many cameras' access units of one :meth:`process` call are decoded
         and analysed at once (each camera's in order; decoding and the compiled analysis release the
         GIL); 1 (the default): one after the other; None or 0: one per core, at most
-        :data:`MAX_DECODE_THREADS`. ``optimize``: run an inference copy of the model
+        :data:`~cvseg_ros.engine.decoding.MAX_DECODE_THREADS`. ``optimize``: run an inference copy of the model
         (batch norms folded into the convolutions, channels-last): same outputs up to float
         rounding, less time. ``luma_matching=False``: do not correct the accumulated motion
         against the frames' luma even where the checkpoint's model does (less time per P-frame,
@@ -118,10 +116,7 @@ class SegmentationEngine:
         (:func:`~cvseg_ros.model.checkpoint.inference_defaults`)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-        if decode_threads is not None and not 0 <= decode_threads <= 64:
-            raise ValueError(f"decode_threads must be 0..64, got {decode_threads}")
-        self.decode_threads = decode_threads or max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1))
-        self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._decoding = DecodePool(decode_threads)
         self.device = resolve_device(device)
         tune_allocator()
         set_threads(threads)
@@ -132,7 +127,7 @@ class SegmentationEngine:
         self.metadata = metadata or {}
         self.class_names: list[str] = list(self.metadata["classes"])
         self.palette = np.asarray(self.metadata["palette"], dtype=np.uint8)
-        self.reference_height = int(self.metadata["input_size"][0])
+        self.work_height = int(inference_defaults(self.metadata)["work_height"] or self.metadata["input_size"][0])
         self.mode = mode
         config = self.model.config
         if p_frame_branch is None:
@@ -205,6 +200,8 @@ class SegmentationEngine:
             return False
         frames = cam.decoder.feed(data, stamp, residual=False)
         for f in frames:
+            if f.kind == "B":           # nothing to carry: a B-frame's step is never kept
+                continue
             if f.kind != "P" or f.reset or f.motion_vectors is None:
                 cam.state = None        # an I-frame or a broken chain: the next frame restarts
                 cam.decoder.mark_discontinuity("a frame without a mask could not carry the state")
@@ -212,6 +209,11 @@ class SegmentationEngine:
             with torch.inference_mode(), self._autocast(self._p_dtype):
                 cam.state = self.model.carry(self._inputs.motion_vectors([f], self.work_size(f.height, f.width)), cam.state)
         return bool(frames)
+
+    def held_stamps(self, camera: str) -> list:
+        """Stamps of the camera's units whose pictures its decoder holds back (B-frame streams)."""
+        cam = self._cameras.get(camera)
+        return cam.decoder.held_stamps() if cam is not None else []
 
     def stats(self, camera: str) -> dict:
         self.add_camera(camera)
@@ -228,40 +230,17 @@ class SegmentationEngine:
             return cv2.LUT(cv2.merge([mask, mask, mask]), self._color_lut.reshape(256, 1, 3))
         return self._color_lut[mask]
 
-    @torch.inference_mode()
     def warm_up_device(self, size: tuple[int, int] | None = None) -> None:
         """One I-frame and two P-frames of zeros through the model as the cameras' frames go (at
         ``size``, default the checkpoint's height at 16:9), so that no camera's first frames pay
         for the device's start-up (CUDA context, cuDNN's choice of kernels). Run at start-up on
         CUDA; touches no camera."""
-        h, w = size or (self.reference_height, _round8(self.reference_height * 16 / 9))
-        zeros = functools.partial(torch.zeros, device=self.device)
-        cells = (h // 4, w // 4)
-        luma = zeros(1, 1, *cells) if self._inputs.luma else None
-        with self._autocast(self._i_dtype):
-            rgb = zeros(1, h, w, 3).permute(0, 3, 1, 2)   # channels-last, as ModelInputs.rgb
-            if self.mode == "compressed":
-                logits, state = self.model.i_frame(rgb, luma=luma)
-            else:
-                logits, state = self.model.i_frame_net(rgb)[1], None
-        frame_masks(logits, [(h, w)])
-        if state is None:
-            return
-        branch = self._inputs.p_frame_branch
-        for _ in range(2):
-            inputs = {"motion_vectors": zeros(1, 2, *cells), "residual": None, "luma": luma,
-                      "residual_stats": zeros(1, 2, *cells) if branch else None,
-                      "intra": zeros(1, 1, *cells) if branch and self._inputs.intra else None}
-            with self._autocast(self._p_dtype):
-                logits, state = self.model.p_frame(state=state, branch=branch, **inputs)
-            frame_masks(logits, [(h, w)])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        _warm_up(self, size)
 
     # -- the pipeline -----------------------------------------------------------------------------
     def work_size(self, height: int, width: int) -> tuple[int, int]:
-        """Network input size: the frame scaled to the checkpoint's height, multiples of 8."""
-        scale = min(1.0, self.reference_height / height)
+        """Network input size: the frame scaled to the checkpoint's work height (never up), multiples of 8."""
+        scale = min(1.0, self.work_height / height)
         return _round8(height * scale), _round8(width * scale)
 
     @property
@@ -286,9 +265,23 @@ class SegmentationEngine:
         whose units decoded to no frame are not called back.
 
         Never raises on bad data: what cannot be decoded is counted in :meth:`stats`.
+        A stream with B-frames gives its pictures in display order, some units later, each result
+        under its own unit's stamp (:meth:`flush` gives the last ones at the end of a stream).
         """
+        return self._segment(self._decode(units), on_camera_done)
+
+    def flush(self, camera: str) -> list[SegmentationResult]:
+        """End of ``camera``'s stream: the masks of the pictures its decoder holds back (a stream
+        with B-frames), in display order; the camera then waits for an IDR."""
+        if camera not in self._cameras:
+            return []
+        return self._segment([(camera, self._cameras[camera].decoder.flush())])
+
+    def _segment(self, decoded_units: list[tuple[str, list[CompressedFrame]]],
+                 on_camera_done: Callable[[str, list[SegmentationResult]], None] | None = None
+                 ) -> list[SegmentationResult]:
         decoded: list[_Work] = []
-        for camera, frames in self._decode(units):
+        for camera, frames in decoded_units:
             for frame in frames:
                 decoded.append(_Work(len(decoded), camera, frame, self.work_size(frame.height, frame.width)))
         results: list[SegmentationResult | None] = [None] * len(decoded)
@@ -316,33 +309,18 @@ class SegmentationEngine:
         return [r for r in results if r is not None]
 
     def _decode(self, units: Sequence[tuple[str, bytes, Any]]) -> list[tuple[str, list[CompressedFrame]]]:
-        """(camera, frames) of every unit, in input order; the cameras decoded in parallel (each
-        camera's units in order, by one thread) when there are several and ``decode_threads > 1``."""
-        per_camera: dict[str, list[tuple[bytes, Any]]] = {}
-        for camera, data, stamp in units:
+        """(camera, frames) of every unit, in input order (:class:`~.decoding.DecodePool`)."""
+        for camera, _, _ in units:
             self.add_camera(camera)
-            per_camera.setdefault(camera, []).append((data, stamp))
+        return self._decoding.decode(units, lambda camera: self._cameras[camera].decoder)
 
-        def feed_all(camera: str) -> list[list[CompressedFrame]]:
-            decoder = self._cameras[camera].decoder
-            return [decoder.feed(data, stamp) for data, stamp in per_camera[camera]]
-
-        if len(per_camera) > 1 and self.decode_threads > 1:
-            if self._decode_pool is None:
-                self._decode_pool = concurrent.futures.ThreadPoolExecutor(self.decode_threads,
-                                                                          thread_name_prefix="cvseg-decode")
-            futures = {c: self._decode_pool.submit(feed_all, c) for c in per_camera}
-            frames = {c: iter(f.result()) for c, f in futures.items()}
-        else:
-            frames = {c: iter(feed_all(c)) for c in per_camera}
-        return [(camera, next(frames[camera])) for camera, _, _ in units]
+    @property
+    def decode_threads(self) -> int:
+        return self._decoding.threads
 
     def close(self) -> None:
         """Stop the decoding threads (the engine decodes on the calling thread afterwards)."""
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=True)
-            self._decode_pool = None
-        self.decode_threads = 1
+        self._decoding.close()
 
     @torch.inference_mode()
     def _run_round(self, works: list[_Work], finished: Callable) -> None:
@@ -351,6 +329,11 @@ class SegmentationEngine:
         i_works, p_works = [], []
         for w in works:
             cam = self._cameras[w.camera]
+            if w.frame.kind == "B" and self.mode != "per_frame" and (
+                    cam.last_mask_small is None or (self.mode == "compressed" and (
+                        cam.state is None or w.frame.motion_vectors is None))):
+                finished([(w, None)])           # no state to step from: no mask (counted by the caller)
+                continue
             needs_i = w.frame.reset or cam.last_mask_small is None or self.mode == "per_frame"
             if needs_i and w.frame.rgb is None:   # cannot restart without pixels: wait for a reset
                 cam.decoder.mark_discontinuity("no image to restart the state from")
@@ -392,8 +375,9 @@ class SegmentationEngine:
         out = []
         for wk, mask, st in zip(works, masks, states):
             cam = self._cameras[wk.camera]
-            cam.state = st
-            cam.last_mask_small = mask
+            if wk.frame.kind != "B":
+                cam.state = st
+                cam.last_mask_small = mask
             out.append(self._result(wk, mask, "i_frame"))
         return out
 
@@ -413,6 +397,35 @@ class SegmentationEngine:
         masks = _masks(logits, works)
         out = []
         for wk, mask, st in zip(works, masks, state.split([1] * len(works))):
-            self._cameras[wk.camera].state = st
+            if wk.frame.kind != "B":    # a B-frame's step is not kept: no later frame refers to it
+                self._cameras[wk.camera].state = st
             out.append(self._result(wk, mask, "p_frame"))
         return out
+
+
+@torch.inference_mode()
+def _warm_up(engine: SegmentationEngine, size: tuple[int, int] | None) -> None:
+    """:meth:`SegmentationEngine.warm_up_device`."""
+    h, w = size or (engine.work_height, _round8(engine.work_height * 16 / 9))
+    zeros = functools.partial(torch.zeros, device=engine.device)
+    cells = (h // 4, w // 4)
+    luma = zeros(1, 1, *cells) if engine._inputs.luma else None
+    with engine._autocast(engine._i_dtype):
+        rgb = zeros(1, h, w, 3).permute(0, 3, 1, 2)   # channels-last, as ModelInputs.rgb
+        if engine.mode == "compressed":
+            logits, state = engine.model.i_frame(rgb, luma=luma)
+        else:
+            logits, state = engine.model.i_frame_net(rgb)[1], None
+    frame_masks(logits, [(h, w)])
+    if state is None:
+        return
+    branch = engine._inputs.p_frame_branch
+    for _ in range(2):
+        inputs = {"motion_vectors": zeros(1, 2, *cells), "residual": None, "luma": luma,
+                  "residual_stats": zeros(1, 2, *cells) if branch else None,
+                  "intra": zeros(1, 1, *cells) if branch and engine._inputs.intra else None}
+        with engine._autocast(engine._p_dtype):
+            logits, state = engine.model.p_frame(state=state, branch=branch, **inputs)
+        frame_masks(logits, [(h, w)])
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)

@@ -30,8 +30,10 @@ MAX_WEIGHTS_BYTES = 1 << 30       # the shipped weights are a few MB
 #: finite values (e.g. 3e38 in a classifier) would make every mask one class
 MAX_MAGNITUDE = 1e4
 #: how the engine runs a checkpoint unless told otherwise; a checkpoint's metadata may set them
-#: (``"inference": {...}``), as measured on the held-out check (see :func:`inference_defaults`)
-INFERENCE_DEFAULTS = {"p_frame_branch": True}
+#: (``"inference": {...}``), as measured on the held-out check (see :func:`inference_defaults`):
+#: whether the P-frame branch runs; the work height (frames taller than it are scaled to it;
+#: 0: the height of the checkpoint's ``input_size``)
+INFERENCE_DEFAULTS = {"p_frame_branch": True, "work_height": 0}
 
 
 #: names the tools and the node take instead of a checkpoint path -> the shipped file they mean
@@ -174,9 +176,16 @@ def _check_metadata(meta, meta_path: Path) -> None:
     if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
         bad(f"'weights_sha256' is not a SHA-256 hex digest: {digest!r}")
     inference = meta.get("inference", {})
-    if not (isinstance(inference, dict) and all(k in INFERENCE_DEFAULTS and isinstance(v, bool)
+    if not (isinstance(inference, dict) and all(k in INFERENCE_DEFAULTS and _inference_value_ok(k, v)
                                                 for k, v in inference.items())):
-        bad(f"'inference' must be an object of {sorted(INFERENCE_DEFAULTS)} flags, got {inference!r}")
+        bad(f"'inference' must be an object of {sorted(INFERENCE_DEFAULTS)} (p_frame_branch a flag, "
+            f"work_height 0 or 64..4096 and a multiple of 8), got {inference!r}")
+
+
+def _inference_value_ok(key: str, value) -> bool:
+    if key == "work_height":
+        return type(value) is int and (value == 0 or (64 <= value <= 4096 and value % 8 == 0))
+    return isinstance(value, bool)
 
 
 def _regular_file(path: Path, what: str, limit: int) -> None:

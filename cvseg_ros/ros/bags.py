@@ -1,8 +1,9 @@
 """rosbag2 files (mcap or sqlite3, via `rosbags`): make them from videos, read them.
 
 - ``cvseg bag from-video VIDEO [VIDEO...] OUT --topic T [--topic T2 ...]``: real clips re-encoded
-  to H.264 I/P at a fixed GOP, one ``sensor_msgs/msg/CompressedImage`` per access unit (format
-  ``h264``, Annex B), header stamp = start time + frame time, frame_id = camera name.
+  to H.264 at a fixed GOP (I/P, or ``--bframes N``: in decoding order), one
+  ``sensor_msgs/msg/CompressedImage`` per access unit (format ``h264``, Annex B), header stamp =
+  start time + the picture's time, frame_id = camera name.
 - ``cvseg bag info BAG``: topics, types, counts, time span.
 
 Replaying a bag over DDS is :mod:`cvseg_ros.ros.replay`; running one through the node's message
@@ -70,8 +71,10 @@ def stamp_ns_of(header) -> int:
 
 def _video_units(video: Path, topic: str, frame_id: str, *, gop: int, fps: float | None,
                  max_frames: int | None, width: int | None, start_ns: int, crf: int,
-                 info_out: dict) -> Iterator[tuple[int, str, str, bytes]]:
-    """(stamp_ns, topic, frame_id, access unit) of one video re-encoded to H.264 I/P."""
+                 info_out: dict, bframes: int = 0) -> Iterator[tuple[int, int, str, str, bytes]]:
+    """(log_ns, stamp_ns, topic, frame_id, access unit) of one video re-encoded to H.264 (I/P, or
+    with ``bframes`` B-frames): units in decoding order, each logged when a camera could send it
+    (``bframes`` periods after its decoding-order slot) and stamped with its picture's time."""
     import cv2
 
     from cvseg_ros.codec.video import H264Encoder, even_size, read_frames, video_info
@@ -84,7 +87,9 @@ def _video_units(video: Path, topic: str, frame_id: str, *, gop: int, fps: float
     def stamped(units):
         nonlocal index
         for unit in units:
-            yield start_ns + round(index * 1e9 / rate), topic, frame_id, unit
+            shown = encoder.presentation[index]
+            yield (start_ns + round((index + bframes) * 1e9 / rate), start_ns + round(shown * 1e9 / rate),
+                   topic, frame_id, unit)
             index += 1
 
     for rgb in read_frames(video, max_frames):
@@ -93,7 +98,7 @@ def _video_units(video: Path, topic: str, frame_id: str, *, gop: int, fps: float
             rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
         rgb = even_size(rgb)
         if encoder is None:
-            encoder = H264Encoder(rgb.shape[1], rgb.shape[0], fps=rate, gop=gop, crf=crf)
+            encoder = H264Encoder(rgb.shape[1], rgb.shape[0], fps=rate, gop=gop, crf=crf, bframes=bframes)
             info_out.update(video=str(video), width=rgb.shape[1], height=rgb.shape[0], fps=rate,
                             source_codec=info.codec)
         yield from stamped(encoder.encode(rgb))
@@ -105,8 +110,9 @@ def _video_units(video: Path, topic: str, frame_id: str, *, gop: int, fps: float
 def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[str], *,
                frame_ids: Sequence[str] | None = None, gop: int = 12, storage: str = "mcap",
                fps: float | None = None, max_frames: int | None = None, width: int | None = None,
-               start_ns: int | None = None, crf: int = 23) -> dict:
-    """Write a rosbag2 with one H.264 ``CompressedImage`` topic per video. Returns a summary."""
+               start_ns: int | None = None, crf: int = 23, bframes: int = 0) -> dict:
+    """Write a rosbag2 with one H.264 ``CompressedImage`` topic per video (``bframes``: B-frames
+    between the I/P pictures). Returns a summary."""
     videos = [Path(v) for v in videos]
     if not videos:
         raise ValueError("no video given")
@@ -127,15 +133,16 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
     CompressedImage = ts.types[COMPRESSED_IMAGE]
     infos = [dict(topic=t, frame_id=f) for t, f in zip(topics, frame_ids)]
     streams = [_video_units(v, t, f, gop=gop, fps=fps, max_frames=max_frames, width=width,
-                            start_ns=start_ns, crf=crf, info_out=i)
+                            start_ns=start_ns, crf=crf, info_out=i, bframes=bframes)
                for v, t, f, i in zip(videos, topics, frame_ids, infos)]
     with _open_writer(out, storage) as writer:
         conns = {t: writer.add_connection(t, COMPRESSED_IMAGE, typestore=ts) for t in topics}
-        for stamp_ns, topic, frame_id, unit in heapq.merge(*streams, key=lambda x: x[0]):
+        for log_ns, stamp_ns, topic, frame_id, unit in heapq.merge(*streams, key=lambda x: x[0]):
             msg = CompressedImage(header=_header(ts, stamp_ns, frame_id), format="h264",
                                   data=np.frombuffer(unit, dtype=np.uint8))
-            writer.write(conns[topic], stamp_ns, ts.serialize_cdr(msg, COMPRESSED_IMAGE))
-    return {"bag": str(out), "storage": storage, "gop": gop, "start_ns": start_ns, "topics": infos}
+            writer.write(conns[topic], log_ns, ts.serialize_cdr(msg, COMPRESSED_IMAGE))
+    return {"bag": str(out), "storage": storage, "gop": gop, "bframes": bframes, "start_ns": start_ns,
+            "topics": infos}
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -198,7 +205,10 @@ def register(sub) -> None:
                     help="topic of each video, in order (repeat: one per video)")
     fv.add_argument("--frame-id", action="append", default=None,
                     help="header frame_id of each video (default: the topic's first name, the camera)")
-    fv.add_argument("--gop", type=int, default=12, help="I-frame every N frames (I/P only)")
+    fv.add_argument("--gop", type=int, default=12, help="I-frame every N frames")
+    fv.add_argument("--bframes", type=int, default=0, choices=range(5), metavar="N",
+                    help="B-frames between the I/P pictures (0-4; default 0: I/P only), sent in decoding "
+                         "order and stamped with their pictures' times, as a camera's encoder would")
     fv.add_argument("--storage", choices=STORAGES, default="mcap")
     fv.add_argument("--fps", type=float, default=None, help="frame rate of the stamps (default: the video's)")
     fv.add_argument("--max-frames", type=int, default=None, help="per video")
@@ -219,10 +229,10 @@ def _from_video_main(args) -> int:
     *videos, out = args.paths
     result = from_video(videos, out, args.topic, frame_ids=args.frame_id, gop=args.gop,
                         storage=args.storage, fps=args.fps, max_frames=args.max_frames,
-                        width=args.width, start_ns=args.start_ns, crf=args.crf)
+                        width=args.width, start_ns=args.start_ns, crf=args.crf, bframes=args.bframes)
     for t in result["topics"]:
         print(f"{t['topic']}: {t.get('messages', 0)} H.264 messages ({t.get('width')}x{t.get('height')}, "
-              f"{t.get('fps', 0):.2f} fps, GOP {args.gop}) from {t.get('video')}")
+              f"{t.get('fps', 0):.2f} fps, GOP {args.gop}, {args.bframes} B-frames) from {t.get('video')}")
     print(f"wrote {out} ({args.storage})")
     write_json(args.json_out, result)
     return 0

@@ -41,12 +41,15 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
     latencies: list[float] = []
     busy_s = 0.0
     log_ns_of: dict[tuple[str, int], int] = {}
+    latest_log_ns: dict[str, int] = {}   # of each camera's last message received
     writer = _open_writer(record, storage) if record else None
     out_conns: dict[str, Any] = {}
 
     def publish(out) -> None:
         latencies.append((time.monotonic_ns() - out.received_ns) / 1e6)
-        log_ns = log_ns_of.pop((out.camera, out.stamp_ns))
+        # logged when it can be published: not before the message whose processing gave it out
+        # (B-frame streams give pictures, and masks, a few messages later, in display order)
+        log_ns = max(log_ns_of.pop((out.camera, out.stamp_ns)), latest_log_ns[out.camera])
         if writer is None:
             return
         topic = f"/{out.camera}/semantic/mask"
@@ -64,6 +67,12 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         path.drain(publish)
         busy_s += time.perf_counter() - start
 
+    def finish() -> None:      # the pictures a B-frame stream's decoders still hold back
+        nonlocal busy_s
+        start = time.perf_counter()
+        path.flush(publish)
+        busy_s += time.perf_counter() - start
+
     total = 0
     wall0 = time.perf_counter()
     try:
@@ -73,12 +82,13 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
             cam = cameras[m.topic]
             if len(path.cameras[cam].queue):     # this camera's last frame first: never behind
                 drain()
-            log_ns_of[(cam, m.stamp_ns)] = m.log_ns
+            log_ns_of[(cam, m.stamp_ns)] = latest_log_ns[cam] = m.log_ns
             path.receive(cam, make_message(m.data, m.stamp_ns, m.format, m.frame_id))
             total += 1
             if max_frames is not None and total >= max_frames:
                 break
         drain()
+        finish()
     finally:
         if writer is not None:
             writer.close()
@@ -88,6 +98,7 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         c, st = path.cameras[cam].counts, engine.stats(cam)
         per_camera[cam] = {"topic": topic, "frames_in": c["received"], "masks_out": c["published"],
                            "i_frames": st.get("i_frames"), "p_frames": st.get("p_frames"),
+                           "b_frames": st.get("b_frames"),
                            "decode_errors": st.get("corrupt"),
                            **{k: c[k] for k in DROP_REASONS if k != "decode_errors"}}
     masks_out = sum(pc["masks_out"] for pc in per_camera.values())

@@ -9,7 +9,7 @@ DDS. Messages are duck-typed: anything with ``format``, ``data`` and ``header.st
 
 Every message received ends in exactly one outcome, counted per camera (:data:`DROP_REASONS`):
 a published mask, or one of the reasons it got none. Hence, at any time,
-``frames_in == masks_out + sum(drop reasons) + queue_size + in_flight``.
+``frames_in == masks_out + sum(drop reasons) + queue_size + in_flight + reorder_held``.
 
 Policies (each applied on purpose, counted and reported):
 
@@ -28,23 +28,25 @@ Policies (each applied on purpose, counted and reported):
 - **Queue** (the model falls behind): frames lose their mask, never their reference pictures,
   and the state restarts at a clean point (:class:`~cvseg_ros.ros.policies.FrameQueue`, whose
   module states the policy in full).
-- **Outputs**: a mask is published only with the header of the message it was computed from,
-  and only when its size equals that frame's decoded size (else ``bad_outputs``).
+- **Outputs**: a mask is published only with the header of the message its picture was coded
+  in, and only when its size equals that frame's decoded size (else ``bad_outputs``). A stream
+  with B-frames gives its pictures in display order, some messages later: such a message waits
+  (``reorder_held``) until its picture comes out, and its latency includes the wait.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
-import numpy as np
 
 from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_count, nal_unit_types
-from cvseg_ros.codec.decoder import StreamLimits
+from cvseg_ros.codec.limits import StreamLimits
+from cvseg_ros.codec.h264_syntax import SLICE_B, first_slice_type
 from cvseg_ros.ros.policies import (DROP_REASONS, ERROR, ERROR_COUNTERS, LATE_LIMIT, OK, STALE, WARN,
                                     CameraState, FrameQueue, LatencyWindow, QueuedFrame, StampTracker)
+from cvseg_ros.ros.outputs import MaskOutput, masks_of, settle_held
 
 # the per-camera parts live in policies; their names are importable from here too
 __all__ = ["DROP_REASONS", "ERROR_COUNTERS", "LATE_LIMIT", "OK", "WARN", "ERROR", "STALE", "CameraState",
@@ -72,20 +74,6 @@ def make_message(data: bytes, stamp_ns: int, fmt: str = "h264", frame_id: str = 
     return msg
 
 
-@dataclass
-class MaskOutput:
-    """A mask ready to publish, with the header of the message it was computed from."""
-    camera: str
-    header: Any
-    stamp_ns: int
-    mask: np.ndarray          # HxW uint8 class ids, the decoded frame's size
-    network: str              # "i_frame" / "p_frame" / "copy"
-    kind: str                 # "I" / "P"
-    reset: bool               # the model state (re)started on this frame
-    received_ns: int
-    stamp_epoch: int = 0      # stamp resets counted before it: within an epoch, stamps only increase
-
-
 # -- the path ---------------------------------------------------------------------------------------
 
 def _skip(engine, cam: CameraState, skipped: list[QueuedFrame], continuity) -> None:
@@ -94,6 +82,7 @@ def _skip(engine, cam: CameraState, skipped: list[QueuedFrame], continuity) -> N
     (``cam.restart_reason``). ``continuity``: :meth:`MessagePath._continuity`."""
     broken = 0
     for s in skipped:
+        cam.skipped_stamps.append(s.stamp_ns)   # its picture may come out later: counted already
         lost = continuity(cam, s)
         if lost is None:      # waiting for an IDR
             continue
@@ -111,6 +100,7 @@ def _skip(engine, cam: CameraState, skipped: list[QueuedFrame], continuity) -> N
             cam.counts["carried"] += 1
         else:
             broken += 1
+    settle_held(engine, cam, "queue_drops", "engine behind: a held message's picture came out unsegmented")
     if broken:
         why = f"{broken} frame(s) not segmented (engine behind)"
         cam.restart_reason = f"{cam.restart_reason}; {why}" if cam.restart_reason else why
@@ -175,7 +165,9 @@ class MessagePath:
         data = bytes(msg.data)
         stamp_ns = stamp_ns_of(msg.header)
         # (a unit of too many NAL units is not scanned: the decoder refuses it)
-        idr = nal_unit_count(data) <= limits.max_nal_units and NAL_IDR in nal_unit_types(data)
+        scannable = nal_unit_count(data) <= limits.max_nal_units
+        idr = scannable and NAL_IDR in nal_unit_types(data)
+        b_frame = scannable and not idr and first_slice_type(data) == SLICE_B
         with self._cond:
             cam.last_received = received_ns / 1e9
             cam.counts["received"] += 1
@@ -184,7 +176,7 @@ class MessagePath:
                 self._warn(f"dup:{camera}", f"camera '{camera}': duplicate message dropped "
                            f"({cam.counts['duplicates']} so far)")
                 return "duplicates"
-            verdict, reason = cam.stamps.check(stamp_ns, idr)
+            verdict, reason = cam.stamps.check(stamp_ns, idr, b_frame)
             if verdict == "late":
                 cam.count("out_of_order", error=f"{reason}: dropped")
                 self._warn(f"late:{camera}", f"camera '{camera}': {reason}: dropped "
@@ -289,9 +281,7 @@ class MessagePath:
 
             def camera_done(name: str, results: list) -> None:   # published as soon as it is ready
                 finished.add(name)
-                out = self._publish(*work[name], results, publish)
-                if out is not None:
-                    outputs.append(out)
+                outputs.extend(self._publish(*work[name], results, publish))
             try:
                 if units:
                     engine.process(units, on_camera_done=camera_done)
@@ -317,25 +307,25 @@ class MessagePath:
                     if item is not None:
                         cam.in_flight -= 1
 
-    def _publish(self, cam: CameraState, item: QueuedFrame, before: dict, results: list,
-                 publish: Callable[[MaskOutput], None] | None) -> MaskOutput | None:
-        """``item``'s mask from the engine's ``results`` for it, published and counted; or None
-        with the reason counted."""
-        out = self._output(cam, item, before, results)
-        if out is None:
-            return None
-        if publish is not None:
-            try:
-                publish(out)
-            except Exception as exc:  # noqa: BLE001
-                cam.count("publish_errors", error=f"publish failed: {type(exc).__name__}: {exc}")
-                return None
-        now = time.monotonic_ns()
-        cam.counts["published"] += 1
-        cam.last_published = now / 1e9
-        cam.last_published_stamp = item.stamp_ns
-        cam.latency.add((now - item.received_ns) / 1e6)
-        return out
+    def _publish(self, cam: CameraState, item: QueuedFrame | None, before: dict, results: list,
+                 publish: Callable[[MaskOutput], None] | None) -> list[MaskOutput]:
+        """The masks of the engine's ``results`` for ``item`` (its own, and those of held messages
+        whose pictures came out with it), published and counted; what got none counted."""
+        published = []
+        for out in masks_of(self.engine, cam, item, before, results):
+            if publish is not None:
+                try:
+                    publish(out)
+                except Exception as exc:  # noqa: BLE001
+                    cam.count("publish_errors", error=f"publish failed: {type(exc).__name__}: {exc}")
+                    continue
+            now = time.monotonic_ns()
+            cam.counts["published"] += 1
+            cam.last_published = now / 1e9
+            cam.last_published_stamp = out.stamp_ns
+            cam.latency.add((now - out.received_ns) / 1e6)
+            published.append(out)
+        return published
 
     def _defer_restart(self, cam: CameraState, item: QueuedFrame) -> bool:
         """After frames were skipped, restart the state only on an IDR or once the camera's queue
@@ -369,37 +359,6 @@ class MessagePath:
                    f"not decoded (counted in awaiting_idr)")
         return None
 
-    def _output(self, cam: CameraState, item: QueuedFrame, before: dict, results: list) -> MaskOutput | None:
-        """The mask of ``item``, checked; or None with the reason counted."""
-        if not results:
-            after = self.engine.stats(cam.name)
-            grew = {k: after.get(k, 0) - before.get(k, 0) for k in after if isinstance(after.get(k), int)}
-            for stat, reason in (("skipped_before_keyframe", "skipped_before_keyframe"), ("over_limits", "over_limits"),
-                                 ("corrupt", "decode_errors"), ("b_frames", "b_frames"),
-                                 ("no_output", "no_output")):
-                if grew.get(stat, 0) > 0:
-                    error = after.get("last_error") if reason in ("decode_errors", "b_frames", "over_limits") else None
-                    cam.count(reason, error=error)
-                    return None
-            cam.count("no_state", error=f"no mask for a decoded frame ({after.get('last_error', '')})")
-            return None
-        if len(results) > 1:     # one message decoded to several pictures: keep the newest
-            cam.counts["extra_frames"] += len(results) - 1
-        res = results[-1]
-        mask = res.mask
-        problem = None
-        if res.stamp != item.stamp_ns:
-            problem = f"mask stamp {res.stamp} is not the message's {item.stamp_ns}"
-        elif not isinstance(mask, np.ndarray) or mask.dtype != np.uint8 or mask.shape != (res.height, res.width):
-            problem = (f"mask {getattr(mask, 'shape', None)} {getattr(mask, 'dtype', None)} does not match "
-                       f"the decoded frame {res.width}x{res.height}")
-        if problem:
-            cam.count("bad_outputs", error=problem)
-            self.engine.mark_discontinuity(cam.name, "bad output")
-            return None
-        return MaskOutput(cam.name, item.header, item.stamp_ns, mask, res.network, res.kind, res.reset,
-                          item.received_ns, item.stamp_epoch)
-
     # -- synchronous use (fuzz, soak, tests) -------------------------------------------------------------
     def drain(self, publish: Callable[[MaskOutput], None] | None = None) -> list[MaskOutput]:
         """Process everything queued now, in this thread (no batching window)."""
@@ -409,6 +368,15 @@ class MessagePath:
             if not batch:
                 return out
             out.extend(self.run_batch(batch, publish))
+
+    def flush(self, publish: Callable[[MaskOutput], None] | None = None) -> list[MaskOutput]:
+        """End of the input (a bag's last message processed): the masks of the messages whose
+        pictures the decoders still hold back (B-frame streams), published in display order."""
+        out = []
+        for cam in self.cameras.values():
+            if cam.held:
+                out.extend(self._publish(cam, None, {}, self.engine.flush(cam.name), publish))
+        return out
 
     # -- diagnostics ---------------------------------------------------------------------------------
     def camera_values(self, camera: str, elapsed: float | None = None, device: str = "",

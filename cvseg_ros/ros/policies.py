@@ -42,11 +42,11 @@ from cvseg_ros.common import stats
 
 #: Reasons a received message got no mask; each message counts in at most one.
 DROP_REASONS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "queue_drops", "skipped_before_keyframe",
-                "awaiting_idr", "decode_errors", "no_output", "b_frames", "no_state", "engine_errors",
+                "awaiting_idr", "decode_errors", "no_output", "no_state", "engine_errors",
                 "bad_outputs", "publish_errors")
 #: Counters that mean something went wrong (their growth turns the diagnostics to WARN).
 ERROR_COUNTERS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "queue_drops", "awaiting_idr", "decode_errors",
-                  "b_frames", "no_state", "engine_errors", "bad_outputs", "publish_errors", "lost_units",
+                  "no_state", "engine_errors", "bad_outputs", "publish_errors", "lost_units",
                   "stamp_gaps", "stamp_resets")
 #: Diagnostic levels of a camera's report (``diagnostic_msgs/DiagnosticStatus``'s values).
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
@@ -168,7 +168,11 @@ class StampTracker:
     """Judges each message's stamp against the camera's last accepted one (see the module doc).
 
     :meth:`check` returns ``(verdict, reason)``; verdicts: ``"ok"``, ``"gap"`` (accept, restart
-    the state), ``"reset"`` (accept, a counted clock/camera restart), ``"late"`` (drop)."""
+    the state), ``"reset"`` (accept, a counted clock/camera restart), ``"late"`` (drop).
+
+    A stream with B-frames sends each B-frame after the later picture it is predicted from, so
+    its stamp goes back: a B-frame's stamp (``b_frame``) is accepted between the two pictures
+    (of the other kinds) sent before it, once per stamp; the other pictures' stamps only go on."""
 
     def __init__(self, gap_periods: float = 3.0, history: int = 15, min_history: int = 3,
                  late_limit: int = LATE_LIMIT) -> None:
@@ -177,6 +181,8 @@ class StampTracker:
         self.late_limit = late_limit
         self._steps: deque = deque(maxlen=history)
         self.last: int | None = None
+        self._before_last: int | None = None   # the accepted stamp before ``last`` (not a B-frame's)
+        self._b_stamps: set[int] = set()       # B-frames' stamps accepted since ``last``
         self._late_run = 0
 
     @property
@@ -185,10 +191,14 @@ class StampTracker:
             return None
         return float(np.median(self._steps))
 
-    def check(self, stamp_ns: int, idr: bool = False) -> tuple[str, str | None]:
+    def check(self, stamp_ns: int, idr: bool = False, b_frame: bool = False) -> tuple[str, str | None]:
         last = self.last
         if last is None:
             self.last = stamp_ns
+            return "ok", None
+        if (b_frame and self._before_last is not None and self._before_last < stamp_ns < last
+                and stamp_ns not in self._b_stamps and len(self._b_stamps) < 16):
+            self._b_stamps.add(stamp_ns)
             return "ok", None
         step = stamp_ns - last
         if step <= 0:
@@ -198,16 +208,20 @@ class StampTracker:
                 why = "at an IDR: camera restarted" if idr else f"for {self._late_run} messages in a row"
                 self._late_run = 0
                 self._steps.clear()
-                self.last = stamp_ns
+                self._accept(stamp_ns, None)
                 return "reset", f"{what} {why}; stamps followed from here"
             return "late", f"{what} (late or reordered message)"
         self._late_run = 0
-        self.last = stamp_ns
+        self._accept(stamp_ns, last)
         period = self.period_ns
         if period is not None and step > self.gap_periods * period:
             return "gap", f"stamp gap of {step / 1e6:.1f} ms ({step / period:.1f} frame periods)"
         self._steps.append(step)
         return "ok", None
+
+    def _accept(self, stamp_ns: int, before: int | None) -> None:
+        self._before_last, self.last = before, stamp_ns
+        self._b_stamps.clear()
 
 
 class LatencyWindow:
@@ -244,6 +258,8 @@ class CameraState:
     restart_reason: str | None = None      # frames were decoded without a mask: restart at the next
     last_published_stamp: int | None = None
     in_flight: int = 0
+    held: dict = field(default_factory=dict)   # stamp_ns -> QueuedFrame whose picture the decoder holds back
+    skipped_stamps: deque = field(default_factory=lambda: deque(maxlen=32))   # of queue-skipped messages
     last_error: str = ""
     last_received: float | None = None     # time.monotonic()
     last_published: float | None = None
@@ -258,7 +274,7 @@ class CameraState:
     def accounted(self) -> int:
         """Messages whose outcome is known or pending; equals ``received`` at any quiet moment."""
         c = self.counts
-        return c["published"] + sum(c[k] for k in DROP_REASONS) + len(self.queue) + self.in_flight
+        return c["published"] + sum(c[k] for k in DROP_REASONS) + len(self.queue) + self.in_flight + len(self.held)
 
     def report(self, engine, lock, elapsed: float | None, now: float, input_timeout_s: float,
                device: str = "") -> tuple[int, str, list[tuple[str, str]]]:
@@ -301,6 +317,7 @@ class CameraState:
             *((k, str(c[k])) for k in DROP_REASONS),
             ("i_frames", str(st.get("i_frames", 0))),
             ("p_frames", str(st.get("p_frames", 0))),
+            ("b_frames", str(st.get("b_frames", 0))),
             ("resyncs", str(st.get("resyncs", 0))),
             ("resolution_changes", str(st.get("resolution_changes", 0))),
             ("decoder_corrupt_total", str(st.get("corrupt", 0))),
@@ -316,6 +333,7 @@ class CameraState:
             ("queue_carried", str(c["carried"])),
             ("queue_discarded", str(discarded)),
             ("in_flight", str(in_flight)),
+            ("reorder_held", str(len(self.held))),
             ("seconds_since_input", f"{now - self.last_received:.2f}" if self.last_received else "nan"),
             ("seconds_since_mask", f"{now - self.last_published:.2f}" if self.last_published else "nan"),
             ("last_error", self.last_error or st.get("last_error", "")),

@@ -34,7 +34,8 @@ def markdown_table(result: dict) -> str:
     else:
         what = f"CamVid {result['first_frame']} .. {result['last_frame']}"
     title = (f"{what}: {result['frames']} frames "
-             f"{result['width']}x{result['height']}, GOP {result['gop']}, {result['fps']:g} fps, "
+             f"{result['width']}x{result['height']}, GOP {result['gop']}, {result.get('bframes', 0)} B-frames, "
+             f"{result['fps']:g} fps, "
              f"CRF {result['crf']} ({result['stream_kbit_s']:g} kbit/s), device {result['device']} "
              f"({result['threads']['torch']} torch threads), checkpoint `{'`, `'.join(Path(c).name for c in result.get('checkpoints', {'': result['checkpoint']}).values())}`"
              + (f" ({result['checkpoint_note']})" if result.get("checkpoint_note") else ""))

@@ -1,9 +1,10 @@
 """`cvseg eval`: accuracy and speed of the compressed-domain model against its baselines.
 
 Labelled frames (sorted PNGs + CamVid label PNGs) are encoded once with :func:`video.encode_frames`
-(libx264, GOP ``gop``, no B-frames); every method then segments the *same* access units, one
-:meth:`SegmentationEngine.process` call per unit (one camera), timed end to end (access unit in,
-mask at frame size out):
+(libx264, GOP ``gop``, I/P only unless ``--bframes N``); every method then segments the *same*
+access units, one :meth:`SegmentationEngine.process` call per unit (one camera), timed end to end
+(access unit in, mask at frame size out; with B-frames a unit's call gives the masks of the
+pictures it completes, in display order):
 
 * ``compressed``       -- the improved checkpoint (``--checkpoint``: ``fast``, ``accurate``, a path;
   several at once give ``compressed@fast``, ``compressed@accurate``, ...), mode ``compressed``
@@ -24,18 +25,19 @@ Outputs (:mod:`cvseg_ros.tools.eval_report`): a JSON file, a Markdown table ``ev
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from cvseg_ros.common import stats, timing
+from cvseg_ros.common import stats
 from cvseg_ros.common.timing import MS_PER_FRAME_IS
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, PACKAGE_CHECKPOINT_DIR
-from cvseg_ros.model.classes import CAMVID_CLASSES, NO_CLASS
+from cvseg_ros.model.classes import CAMVID_CLASSES
 from cvseg_ros.tools.eval_data import load_labelled_frames
-from cvseg_ros.tools.metrics import MIOU_CLASSES, SegmentationMetrics, nan_to_none
+from cvseg_ros.tools.eval_runs import WARMUP_UNITS, MethodRun, Segmenter, engine_segmenter, run_method, \
+    teacher_segmenter, time_pass
+from cvseg_ros.tools.metrics import MIOU_CLASSES, nan_to_none
 from cvseg_ros.training.ensemble import REFERENCE
 
 PAPER_CHECKPOINT = PACKAGE_CHECKPOINT_DIR / "cvseg_paper.safetensors"
@@ -53,115 +55,6 @@ TIMING = ("per-access-unit wall time (time.perf_counter) of one call that takes 
           "of the machine's speed during the run does not favour one method; ms_per_frame_by_kind: the "
           "median over the passes of each kind's median; ms_per_frame_median and ms_per_frame_mean are "
           "the plain median and mean over all timed frames")
-CAMERA = "cam"
-
-
-# -- running one method ---------------------------------------------------------------------------
-@dataclass
-class MethodRun:
-    metrics: SegmentationMetrics
-    times_ms: list[float] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)
-    networks: dict[str, int] = field(default_factory=dict)
-    missing: int = 0
-    #: (times_ms, kinds) of the timing-only passes after the scored one
-    more_passes: list[tuple[list[float], list[str]]] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        m = self.metrics
-        passes = [(self.times_ms, self.kinds)] + self.more_passes
-        per_pass = [timing.ms_per_frame(t, k) for t, k in passes]
-        medians = [timing.kind_medians(t, k) for t, k in passes]
-        kinds = sorted({kind for m in medians for kind in m})
-        by_kind = {kind: round(stats.median(m[kind] for m in medians if kind in m), 3) for kind in kinds}
-        all_times = [ms for t, _ in passes for ms in t]
-        return {
-            "miou": m.miou(),
-            "pixel_acc": m.pixel_accuracy(),
-            "per_class_iou": m.per_class_iou(),
-            "miou_by_gop_position": m.miou_by_gop_position(),
-            "frames_by_gop_position": list(m.frames_by_position),
-            "ms_per_frame": round(timing.median_over_passes(per_pass), 3),
-            "ms_per_frame_passes": [round(w, 3) for w in per_pass],
-            "ms_per_frame_median": round(stats.median(all_times), 3),
-            "ms_per_frame_mean": stats.mean(all_times, 3),
-            "ms_per_frame_by_kind": by_kind,
-            "networks": dict(self.networks),
-            "missing_masks": self.missing,
-        }
-
-
-# segment(i, unit) -> [(stamp, mask, gop_index, kind, network)]
-Segmenter = Callable[[int, bytes], list[tuple[int, np.ndarray, int, str, str]]]
-WARMUP_UNITS = 2   # an I- and a P-frame, on a separate camera / decoder, before timing
-
-
-def run_method(name: str, units: Sequence[bytes], labels: Sequence[np.ndarray], gop: int,
-               segment: Segmenter, progress: bool = True) -> MethodRun:
-    """Time ``segment`` per access unit and score its masks against ``labels`` (stamp = frame index).
-
-    A frame that gets no mask counts as all "no class" (wrong), at GOP position ``index % gop``.
-    """
-    from tqdm import tqdm
-
-    run = MethodRun(SegmentationMetrics(len(CAMVID_CLASSES), gop))
-    scored = [False] * len(labels)
-    for i, unit in enumerate(tqdm(units, desc=f"{name:>16}", unit="frame", disable=not progress)):
-        outputs = _timed(segment, i, unit, run.times_ms, run.kinds)
-        for stamp, mask, gop_index, _kind, network in outputs:
-            if not (0 <= stamp < len(labels)) or scored[stamp]:
-                raise RuntimeError(f"{name}: unexpected mask for frame {stamp}")
-            run.metrics.update(labels[stamp], mask, gop_index)
-            run.networks[network] = run.networks.get(network, 0) + 1
-            scored[stamp] = True
-    for i, done in enumerate(scored):
-        if not done:
-            run.missing += 1
-            run.metrics.update(labels[i], np.full_like(labels[i], NO_CLASS), i % gop)
-    return run
-
-
-def _timed(segment: Segmenter, i: int, unit: bytes, times_ms: list[float], kinds: list[str]):
-    """``segment(i, unit)``, its wall time and frame kind appended to ``times_ms`` and ``kinds``."""
-    outputs, ms = timing.timed(segment, i, unit)
-    times_ms.append(ms)
-    kinds.append(outputs[0][3] if outputs else "-")
-    return outputs
-
-
-def time_pass(segment: Segmenter, units: Sequence[bytes]) -> tuple[list[float], list[str]]:
-    """One more pass over the stream, timed only (the masks were scored in the first pass; the
-    first unit is an IDR, so the method restarts cleanly)."""
-    times, kinds = [], []
-    for i, unit in enumerate(units):
-        _timed(segment, i, unit, times, kinds)
-    return times, kinds
-
-
-def engine_segmenter(engine, warmup: Sequence[bytes] = ()) -> Segmenter:
-    for unit in warmup:   # lazy initialisation (kernels, allocations) is not part of the timing
-        engine.process([("warmup", unit, -1)])
-
-    def segment(i: int, unit: bytes):
-        return [(r.stamp, r.mask, r.gop_index, r.kind, r.network)
-                for r in engine.process([(CAMERA, unit, i)])]
-    return segment
-
-
-def teacher_segmenter(teacher, warmup: Sequence[bytes] = ()) -> Segmenter:
-    """Decode like the engine (same decoded pixels, RGB for P-frames too), teacher on every frame."""
-    from cvseg_ros.codec.decoder import H264StreamDecoder
-
-    warm = H264StreamDecoder("warmup", rgb_for_p_frames=True)
-    for unit in warmup:
-        for f in warm.feed(unit):
-            teacher.predict_camvid(f.rgb)
-    decoder = H264StreamDecoder(CAMERA, rgb_for_p_frames=True)
-
-    def segment(i: int, unit: bytes):
-        return [(f.stamp, teacher.predict_camvid(f.rgb), f.gop_index, f.kind, "teacher")
-                for f in decoder.feed(unit, i) if f.rgb is not None]
-    return segment
 
 
 # -- the evaluation -------------------------------------------------------------------------------
@@ -201,11 +94,12 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
                     paper_checkpoint: str | Path | None = None, teacher: str | Path | None = None,
                     methods: Sequence[str] | None = None, device: str = "auto", precision: str = "auto",
                     threads: int | None = None, crf: int = 23, progress: bool = True, timing_passes: int = 3,
-                    log: Callable[[str], None] = print) -> dict:
+                    bframes: int = 0, log: Callable[[str], None] = print) -> dict:
     """Run the methods over the same access units (``frames`` encoded once) and score them against
     ``labels`` (void 11); returns the JSON-ready result (NaN -> None), ``source`` (where the frames
     and labels came from) included. ``timing_passes``: passes over the stream timed per engine
-    method (see :data:`TIMING`). ``frames`` is emptied once encoded."""
+    method (see :data:`TIMING`). ``bframes``: B-frames between the I/P pictures of the encoded
+    stream. ``frames`` is emptied once encoded."""
     from cvseg_ros.model.checkpoint import load_checkpoint
     from cvseg_ros.engine.pipeline import SegmentationEngine, resolve_device, resolve_precision
     from cvseg_ros.codec.video import encode_frames
@@ -238,12 +132,13 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
 
     dev = resolve_device(device)
     checkpoints = checkpoint_labels(checkpoint, dev)
-    units = encode_frames(frames, fps, gop, crf=crf)
+    order: list[int] = []
+    units = encode_frames(frames, fps, gop, crf=crf, bframes=bframes, presentation=order)
     if len(units) != len(frames):
         raise RuntimeError(f"encoder returned {len(units)} access units for {len(frames)} frames")
     height, width = frames[0].shape[:2]
     frames.clear()
-    log(f"{len(units)} frames {width}x{height}, GOP {gop}, {fps:g} fps, "
+    log(f"{len(units)} frames {width}x{height}, GOP {gop}, {bframes} B-frames, {fps:g} fps, "
         f"{sum(map(len, units)) * 8 * fps / len(units) / 1000:.0f} kbit/s; device {dev}")
 
     loaded: dict[Path, tuple] = {}
@@ -286,7 +181,7 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
                                             luma_matching=name != "compressed_no_matching",
                                             p_frame_branch=name != "compressed_no_branch")
                 segment = engine_segments[key] = engine_segmenter(engine, units[:WARMUP_UNITS])
-            runs[key] = run_method(key, units, labels, gop, segment, progress)
+            runs[key] = run_method(key, units, labels, gop, segment, progress, order)
     order = list(engine_segments)
     if order and timing_passes > 1:
         log(f"timing: {timing_passes - 1} more pass(es) of {', '.join(order)}, interleaved")
@@ -297,6 +192,7 @@ def evaluate_frames(frames: list[np.ndarray], labels: Sequence[np.ndarray], *, s
     result = {
         "frames": len(units),
         "gop": gop,
+        "bframes": bframes,
         "fps": fps,
         "width": width,
         "height": height,
@@ -396,6 +292,9 @@ def register(sub) -> None:
     p.add_argument("--fps", type=float, default=None, help="frame rate of the encoded stream (default: 15 for "
                                                            "frames, the video's rate / --frame-step)")
     p.add_argument("--gop", type=int, default=12)
+    p.add_argument("--bframes", type=int, default=0, choices=range(5), metavar="N",
+                   help="B-frames between the I/P pictures of the encoded stream (0-4; default 0: I/P "
+                        "only); each B-frame's mask is a P step from the state that is not kept")
     p.add_argument("--json", dest="json_out", required=True, help="result JSON path")
     p.add_argument("--out-dir", default=None, help="where eval.md and miou_by_gop.png go (default: beside --json)")
     p.add_argument("--checkpoint", default=None,
@@ -425,7 +324,7 @@ def _main(args) -> int:
     options = dict(gop=args.gop, checkpoint=args.checkpoint, paper_checkpoint=args.paper_checkpoint,
                    teacher=args.teacher, methods=args.methods, device=args.device, precision=args.precision,
                    threads=args.threads, crf=args.crf, progress=not args.no_progress,
-                   timing_passes=args.timing_passes)
+                   timing_passes=args.timing_passes, bframes=args.bframes)
     from cvseg_ros.training.ensemble import teacher_names
     if args.video:
         if args.frames or args.labels:

@@ -220,10 +220,11 @@ class FuzzHarness:
         v = dict(values)
         from cvseg_ros.ros.message_path import DROP_REASONS
         drops = sum(int(v[k]) for k in DROP_REASONS)
-        if int(v["frames_in"]) != int(v["masks_out"]) + drops + int(v["queue_size"]) + int(v["in_flight"]):
+        if int(v["frames_in"]) != (int(v["masks_out"]) + drops + int(v["queue_size"]) + int(v["in_flight"])
+                                   + int(v["reorder_held"])):
             rep.accounting_failures += 1
             rep.fail("accounting", f"frames_in {v['frames_in']} != masks_out {v['masks_out']} + drops {drops} "
-                                   f"+ queue {v['queue_size']}")
+                                   f"+ queue {v['queue_size']} + held {v['reorder_held']}")
         counts = self.path.cameras[self.camera].counts
         rep.engine_errors += counts["engine_errors"] - before.get("engine_errors", 0)
         if counts["engine_errors"] > before.get("engine_errors", 0) or counts["bad_outputs"] > before.get("bad_outputs", 0):

@@ -64,6 +64,8 @@ class TrainConfig:
     precision: str = "bf16"                  # bf16 autocast (CPU with AMX / GPU) or fp32
     device: str = "auto"
     input_size: str = "360x480"              # h x w of CamVid; the reference size in the checkpoint
+    work_height: int = 0                     # the exported checkpoints' work height (metadata
+                                             # "inference"; 0: input_size's): taller frames are scaled to it
     # stage 1: I-frame network
     i_steps: int = 1500
     i_batch: int = 8
@@ -341,8 +343,13 @@ class Trainer:
             "torch": torch.__version__,
         }
         path = Path(self.cfg.export_dir) / f"{checkpoint_name(name, self.cfg.i_frame_network)}.safetensors"
+        inference = {}
         if not self.cfg.p_frame_branch and model.config.accumulate:   # the paper's model needs its branch
-            meta["inference"] = {"p_frame_branch": False}
+            inference["p_frame_branch"] = False
+        if self.cfg.work_height:
+            inference["work_height"] = self.cfg.work_height
+        if inference:
+            meta["inference"] = inference
         return save_checkpoint(model, path, classes=CAMVID_CLASSES, palette=CAMVID_PALETTE,
                                input_size=_size(self.cfg.input_size), extra=meta)
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import random
-from fractions import Fraction
 
-import av
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +12,7 @@ from conftest import SMALL_CLIP, accounted, read_rgb, require
 from cvseg_ros.codec.motion_vectors import field_shape
 from cvseg_ros.codec.annexb import UnsupportedStreamError, check_format, is_h264_format
 from cvseg_ros.codec.decoder import H264StreamDecoder
-from cvseg_ros.codec.video import check_no_b_frames, encode_frames, read_access_units, transcode
+from cvseg_ros.codec.video import encode_frames
 
 
 def feed_checked(decoder: H264StreamDecoder, unit: bytes, stamp=None) -> list:
@@ -156,50 +155,37 @@ def test_resolution_change_at_an_idr(gop12_units):
         assert f.residual.shape == (144, 256) and f.rgb is None
 
 
-# -- B-frames: refused by the file check, dropped and counted by the reader -----------------------
+# -- B-frames: decoded in display order, each picture under its own unit's stamp --------------------
 
-@pytest.fixture(scope="module")
-def b_frame_file(tmp_path_factory):
-    require(SMALL_CLIP, "real clip")
-    path = tmp_path_factory.mktemp("bframes") / "with_b_frames.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(25))
-        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
-        stream.codec_context.gop_size = 12
-        stream.codec_context.max_b_frames = 2
-        stream.codec_context.options = {"preset": "veryfast", "crf": "23",
-                                        "x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=2:"
-                                                       "b-adapt=0:threads=1"}
-        for rgb in read_rgb(SMALL_CLIP, 24, (320, 180)):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
-
-
-def test_b_frame_file_is_refused(b_frame_file, tmp_path):
-    with pytest.raises(UnsupportedStreamError, match="B-frames") as info:
-        check_no_b_frames(b_frame_file)
-    assert "cvseg transcode" in str(info.value)
-    # and the advertised fix works
-    fixed = tmp_path / "fixed.mp4"
-    assert transcode(b_frame_file, fixed, gop=12) == 24
-    check_no_b_frames(fixed)
-
-
-def test_b_frames_are_dropped_and_counted(b_frame_file):
+def test_b_frames_come_out_in_display_order_under_their_own_stamps(b_frame_units):
+    """x264 with B-frames (B-pyramid): units arrive in decoding order, pictures come out some units
+    later in display order; each carries the stamp of the unit it was coded in (here the
+    encoder's display index, which the reader never sees)."""
     decoder = H264StreamDecoder()
+    units, times = b_frame_units
+    assert times != sorted(times), "the stream should send B-frames after their later reference"
     frames = []
-    for unit in read_access_units(b_frame_file):
-        out = decoder.feed(unit.data)
-        assert len(out) <= 1
-        frames.extend(out)
+    for unit, time in zip(units, times):
+        frames.extend(decoder.feed(unit, time))
+        st_ = decoder.stats
+        assert accounted(st_) == st_.access_units, st_
+    assert 0 < decoder.stats.held <= 2
+    frames.extend(decoder.flush())
     st_ = decoder.stats
-    assert st_.b_frames > 0, st_
-    assert "B-frame" in st_.last_error and "cvseg transcode" in st_.last_error
-    assert all(f.kind in ("I", "P") for f in frames)
-    assert st_.frames == len(frames) and st_.corrupt == 0
+    assert [f.stamp for f in frames] == sorted(times)      # every picture, in display order
+    assert st_.held == 0 and accounted(st_) == st_.access_units == len(frames)
+    assert st_.b_frames == sum(f.kind == "B" for f in frames) > 0 and st_.corrupt == 0
+    rows, cols = field_shape(180, 320)
+    for f in frames:
+        assert f.reset == (f.kind == "I")                   # a B-frame breaks no chain
+        if f.kind != "I":
+            assert f.motion_vectors.shape == (2, rows, cols) and f.residual.shape == (180, 320)
+    # a B-frame's past-reference vectors, applied to the frame before it in display order, predict
+    # it as well as a P-frame's vectors predict the P-frame (a future vector or the wrong
+    # reference picture would leave a much larger residual)
+    energy = {k: np.mean([np.abs(f.residual).mean() for f in frames if f.kind == k]) for k in "PB"}
+    assert energy["B"] < 1.5 * energy["P"], energy
+    assert all(not f.intra.all() for f in frames if f.kind == "B")
 
 
 # -- the CompressedImage.format check -------------------------------------------------------------

@@ -6,7 +6,8 @@ import time
 
 from conftest import accounted
 from cvseg_ros.codec.annexb import NAL_SPS, nal_unit_spans
-from cvseg_ros.codec.decoder import H264StreamDecoder, StreamLimits
+from cvseg_ros.codec.decoder import H264StreamDecoder
+from cvseg_ros.codec.limits import StreamLimits
 from cvseg_ros.codec.h264_syntax import baseline_sps, parse_sps
 from cvseg_ros.common.procfs import rss_bytes
 

@@ -238,9 +238,9 @@ def test_cameras_decoded_in_parallel_give_what_one_thread_gives(real_units):
             calls = [(c, u[j], (c, j)) for j in (i, i + 1) for c, u in streams.items()]
             out += [(r.camera, r.stamp, r.kind, r.mask) for r in engine.process(calls)]
         runs[threads] = out
-        assert engine._decode_pool is None if threads == 1 else engine._decode_pool is not None
+        assert engine._decoding.started == (threads > 1)
         engine.close()
-        assert engine._decode_pool is None and engine.decode_threads == 1
+        assert not engine._decoding.started and engine.decode_threads == 1
     assert len(runs[1]) == len(runs[3]) == 18
     for (c1, s1, k1, m1), (c3, s3, k3, m3) in zip(runs[1], runs[3]):
         assert (c1, s1, k1) == (c3, s3, k3) and np.array_equal(m1, m3)
@@ -259,3 +259,32 @@ def test_runtime_resolves_devices_and_precisions():
         resolve_device("tpu")
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("fp8", cpu)
+
+
+def test_b_frames_are_segmented_from_the_state_without_changing_it(b_frame_units):
+    """A B-frame's mask is a P step from the camera's state (the frame before it in display
+    order) that is not kept: its masks agree with the network run on the B-frame's own pixels
+    nearly as well as the P-frames' do and better than the I-frame's mask repeated; a call that
+    gives only B-frames leaves the camera's state as it was."""
+    units, shown = b_frame_units
+
+    def masks(mode):
+        engine = SegmentationEngine("fast", device="cpu", mode=mode)
+        out, kept = {}, []
+        for k, u in zip(shown, units):
+            before = engine._cameras["c"].state if "c" in engine._cameras else None
+            results = engine.process([("c", u, k)])
+            if results and all(r.kind == "B" for r in results):
+                kept.append(engine._cameras["c"].state is before)
+            out.update((r.stamp, r) for r in results)
+        out.update((r.stamp, r) for r in engine.flush("c"))
+        return out, kept
+
+    (compressed, kept), (per_frame, _), (copy, _) = masks("compressed"), masks("per_frame"), masks("iframe_copy")
+    assert sorted(compressed) == sorted(per_frame) == sorted(copy) == list(range(36))
+    assert len(kept) >= 10 and all(kept)
+
+    def agreement(kind, run):
+        return np.mean([(run[k].mask == per_frame[k].mask).mean() for k in run if run[k].kind == kind])
+    assert agreement("B", compressed) > max(agreement("P", compressed) - 0.03, agreement("B", copy) + 0.01)
+    assert all(compressed[k].network == "p_frame" for k in compressed if compressed[k].kind == "B")

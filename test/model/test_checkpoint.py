@@ -270,11 +270,12 @@ def test_absurd_but_finite_weights_are_refused(good, tmp_path):
 
 def test_inference_defaults_recorded_in_the_metadata_steer_the_engine(good, tmp_path):
     """``set_inference_defaults`` writes the choice into the JSON (the weights and their digest
-    untouched); the engine follows it unless told otherwise. The shipped checkpoints: the branch
-    on for ``fast``, off for ``accurate`` (the held-out check's choice, README)."""
+    untouched); the engine follows it unless told otherwise. The shipped checkpoints (the
+    held-out check's choices, README): the branch on for ``fast``, off for ``accurate``, which
+    works at 512 rows (``fast`` at its 360-row input size)."""
     from cvseg_ros.engine.pipeline import SegmentationEngine
     weights, meta_path = copy(good, tmp_path)
-    assert inference_defaults(read_metadata(weights)) == {"p_frame_branch": True}
+    assert inference_defaults(read_metadata(weights)) == {"p_frame_branch": True, "work_height": 0}
     digest = file_sha256(weights)
     set_inference_defaults(weights, p_frame_branch=False)
     assert json.loads(meta_path.read_text())["inference"] == {"p_frame_branch": False}
@@ -283,7 +284,13 @@ def test_inference_defaults_recorded_in_the_metadata_steer_the_engine(good, tmp_
     engines = {given: SegmentationEngine(model=model, metadata=meta, device="cpu", p_frame_branch=given)
                for given in (None, True, False)}
     assert {given: e.p_frame_branch for given, e in engines.items()} == {None: False, True: True, False: False}
-    with pytest.raises(CheckpointError, match="'inference' must be"):
-        set_inference_defaults(weights, p_frame_branch=1)
+    assert engines[None].work_size(720, 1280) == (360, 640)
+    set_inference_defaults(weights, work_height=512)
+    engine = SegmentationEngine(model=model, metadata=read_metadata(weights), device="cpu")
+    assert engine.work_size(720, 1280) == (512, 912) and engine.work_size(360, 480) == (360, 480)
+    for bad in ({"p_frame_branch": 1}, {"work_height": 500}, {"work_height": True}, {"work_height": 8192}):
+        with pytest.raises(CheckpointError, match="'inference' must be"):
+            set_inference_defaults(weights, **bad)
     shipped = {name: inference_defaults(read_metadata(resolve_checkpoint(name))) for name in ("fast", "accurate")}
-    assert shipped == {"fast": {"p_frame_branch": True}, "accurate": {"p_frame_branch": False}}
+    assert shipped == {"fast": {"p_frame_branch": True, "work_height": 0},
+                       "accurate": {"p_frame_branch": False, "work_height": 512}}

@@ -116,6 +116,31 @@ def test_eval_bag_records_masks(made, tmp_path, capsys):
             assert m.step == m.width and m.data.size == m.width * m.height
 
 
+def test_a_bag_with_b_frames_gets_every_mask_under_its_own_stamp(tmp_path):
+    """``--bframes 2``: messages in decoding order (log time), stamped with their pictures' times
+    (so stamps go back at each B-frame); eval-bag gives every message its mask, in display order,
+    under that message's stamp."""
+    import json
+    require(SMALL_CLIP, "real clip")
+    bag, rec = tmp_path / "bbag", tmp_path / "masks"
+    assert main(["bag", "from-video", str(SMALL_CLIP), str(bag), "--topic", TOPICS[0], "--gop", "12",
+                 "--bframes", "2", "--fps", str(FPS), "--max-frames", "24", "--width", "320",
+                 "--start-ns", str(START_NS)]) == 0
+    msgs = read_bag(bag)[TOPICS[0]]
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in msgs]
+    logs = [log for _, log, _, _ in msgs]
+    assert logs == sorted(logs) and stamps != sorted(stamps) and all(s <= log for s, log in zip(stamps, logs))
+    assert sorted(stamps) == [START_NS + round(i * 1e9 / FPS) for i in range(24)]
+    assert main(["eval-bag", str(bag), "--record", str(rec), "--device", "cpu", "--threads", "1",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    front = result["cameras"]["front"]
+    assert result["frames_in"] == result["masks_out"] == 24, result
+    assert front["b_frames"] >= 12 and front["out_of_order"] == 0 and front["no_state"] == 0
+    out = read_bag(rec)["/front/semantic/mask"]
+    assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in out] == sorted(stamps)
+
+
 def test_eval_bag_applies_the_node_policies(made, tmp_path):
     """eval-bag runs the node's message path: a repeated message and a JPEG one in the bag are
     dropped and counted as the node would, every other message gets its mask."""

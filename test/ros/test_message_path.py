@@ -50,7 +50,8 @@ class Camera:
     def assert_accounted(self) -> dict:
         v = self.values()
         drops = sum(int(v[k]) for k in DROP_REASONS)
-        assert int(v["frames_in"]) == int(v["masks_out"]) + drops + int(v["queue_size"]) + int(v["in_flight"]), v
+        assert int(v["frames_in"]) == (int(v["masks_out"]) + drops + int(v["queue_size"]) + int(v["in_flight"])
+                                       + int(v["reorder_held"])), v
         assert int(v["masks_out"]) == len(self.outputs)
         return v
 
@@ -229,6 +230,74 @@ def test_stamps_going_backwards(make_engine, gop12_units):
     after = [o for o in cam.outputs if o.stamp_ns < T0]
     assert [o.stamp_ns for o in after] == [back + i * PERIOD for i in range(24, 30)]
     assert after[0].reset and after[0].kind == "I"
+
+
+def test_b_frames_get_masks_under_their_own_headers(make_engine, b_frame_units):
+    """A stream with B-frames as a camera sends it: decoding order, each message stamped with its
+    picture's capture time, so stamps go back at every B-frame. Every message gets its own
+    mask under its own header, the masks in display order; a message waits while the decoder
+    holds its picture back (``reorder_held``, at most 2 here) and the end of the input gives the
+    last ones out."""
+    units, shown = b_frame_units
+    cam = Camera(make_engine())
+    held = []
+    for unit, k in zip(units, shown):
+        cam.send(unit, T0 + k * PERIOD)
+        v = cam.assert_accounted()
+        held.append(int(v["reorder_held"]))
+    assert max(held) == 2 and v["out_of_order"] == "0" and v["lost_units"] == "0"
+    cam.outputs.extend(cam.path.flush())
+    v = cam.assert_accounted()
+    assert v["masks_out"] == "36" and v["reorder_held"] == "0"
+    assert int(v["b_frames"]) == sum(o.kind == "B" for o in cam.outputs) >= 18
+    assert [o.stamp_ns for o in cam.outputs] == [T0 + k * PERIOD for k in range(36)]
+    assert all(o.header.stamp.sec * 10**9 + o.header.stamp.nanosec == o.stamp_ns for o in cam.outputs)
+    assert [o.kind for o in cam.outputs[:4]] == ["I", "B", "B", "P"]
+    assert [o.network for o in cam.outputs].count("i_frame") == 3          # one per GOP: no restarts
+    assert int(v["discontinuities"]) == 0
+
+
+def test_an_ip_stream_that_declares_reordering_gets_each_mask_under_its_own_header(make_engine):
+    """I/P only, but the SPS declares reordering (x264 set up for B-frames, every frame forced to
+    I or P): FFmpeg gives each picture two units late. Each mask still goes out under its own
+    message's header, two messages later (``reorder_held`` 2), none under a newer stamp."""
+    import av
+    enc = H264Encoder(320, 180, fps=25, gop=12, bframes=2)
+    units = []
+    for i, rgb in enumerate(read_rgb(require(SMALL_CLIP, "real clip"), 24, (320, 180))):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        frame.pts = i
+        frame.pict_type = av.video.frame.PictureType.I if i % 12 == 0 else av.video.frame.PictureType.P
+        units += enc._units(enc._ctx.encode(frame))
+    units += enc.flush()
+    assert enc.presentation == list(range(24))
+    cam = Camera(make_engine())
+    for i, unit in enumerate(units):
+        out = cam.send(unit, T0 + i * PERIOD)
+        v = cam.assert_accounted()
+        # the IDR of the second GOP gives out the two pictures held before it (it needs neither)
+        want = {12: [10, 11], 13: []}.get(i, [i - 2] if i >= 2 else [])
+        assert [o.stamp_ns for o in out] == [T0 + k * PERIOD for k in want]
+        assert v["reorder_held"] == ("1" if i in (0, 12) else "2")
+    assert [o.kind for o in cam.outputs] == ["I"] + ["P"] * 11 + ["I"] + ["P"] * 9
+    cam.outputs.extend(cam.path.flush())
+    assert [o.stamp_ns for o in cam.outputs] == [T0 + i * PERIOD for i in range(24)]
+    assert cam.assert_accounted()["bad_outputs"] == "0"
+
+
+def test_b_frames_with_the_engine_behind(make_engine, b_frame_units):
+    """Depth 3, the whole B-frame stream queued before the engine runs: every message is published
+    or counted, the masks stay in display order, and none goes out under another's header."""
+    units, shown = b_frame_units
+    cam = Camera(make_engine(), queue_depth=3)
+    for unit, k in zip(units, shown):
+        cam.send(unit, T0 + k * PERIOD, process=False)
+    cam.process()
+    cam.outputs.extend(cam.path.flush())
+    v = cam.assert_accounted()
+    stamps = [o.stamp_ns for o in cam.outputs]
+    assert stamps == sorted(set(stamps)) and int(v["queue_drops"]) > 0 and v["bad_outputs"] == "0"
+    assert all(o.header.stamp.sec * 10**9 + o.header.stamp.nanosec == o.stamp_ns for o in cam.outputs)
 
 
 def test_duplicates_and_wrong_format_are_dropped_and_counted(make_engine, gop12_units):
@@ -416,7 +485,7 @@ def test_messages_beyond_the_stream_limits_are_dropped_and_counted(make_engine, 
     queued); one with too many NAL units is refused by the camera's decoder, and so are the
     P-frames after it: all ``over_limits``, every message accounted for; the camera segments
     again from its next IDR."""
-    from cvseg_ros.codec.decoder import StreamLimits
+    from cvseg_ros.codec.limits import StreamLimits
     engine = make_engine()
     engine.limits = StreamLimits(max_unit_bytes=64 << 10)
     cam = Camera(engine)
