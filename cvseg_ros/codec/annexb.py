@@ -26,7 +26,7 @@ def check_format(fmt: str) -> None:
     """Raise :class:`UnsupportedStreamError` naming ``fmt`` unless it denotes H.264."""
     if not is_h264_format(fmt):
         raise UnsupportedStreamError(
-            f"unsupported CompressedImage format {fmt!r}: cvseg_ros needs an H.264 stream "
+            f"unsupported format {fmt!r}: cvseg_ros needs an H.264 stream "
             f"(format one of {', '.join(H264_FORMATS)}; Annex B, one access unit per message)")
 
 

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from cvseg_ros.codec.annexb import NAL_IDR, nal_unit_types
+from cvseg_ros.ros.inputs import DEFINITIONS, INPUT_TYPES, TYPE_NAMES, unpack
 
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
@@ -27,12 +29,19 @@ STORAGES = ("mcap", "sqlite3")
 
 
 def typestore():
-    """The newest ROS 2 typestore this rosbags knows (Kilted, else Jazzy, else Humble)."""
-    from rosbags.typesys import Stores, get_typestore
+    """The newest ROS 2 typestore this rosbags knows (Kilted, else Jazzy, else Humble), with the
+    H.264 message types outside ROS 2's standard set registered (:data:`.inputs.DEFINITIONS`)."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    store = None
     for name in ("ROS2_KILTED", "ROS2_JAZZY", "ROS2_HUMBLE"):
         if hasattr(Stores, name):
-            return get_typestore(getattr(Stores, name))
-    return get_typestore(Stores.LATEST)
+            store = get_typestore(getattr(Stores, name))
+            break
+    store = store or get_typestore(Stores.LATEST)
+    for msgtype, text in DEFINITIONS.items():
+        if msgtype not in store.types:
+            store.register(get_types_from_msg(text, msgtype))
+    return store
 
 
 def camera_from_topic(topic: str) -> str:
@@ -110,9 +119,10 @@ def _video_units(video: Path, topic: str, frame_id: str, *, gop: int, fps: float
 def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[str], *,
                frame_ids: Sequence[str] | None = None, gop: int = 12, storage: str = "mcap",
                fps: float | None = None, max_frames: int | None = None, width: int | None = None,
-               start_ns: int | None = None, crf: int = 23, bframes: int = 0) -> dict:
-    """Write a rosbag2 with one H.264 ``CompressedImage`` topic per video (``bframes``: B-frames
-    between the I/P pictures). Returns a summary."""
+               start_ns: int | None = None, crf: int = 23, bframes: int = 0,
+               msg_type: str = "compressed_image") -> dict:
+    """Write a rosbag2 with one H.264 topic per video (``bframes``: B-frames between the I/P
+    pictures), of ``msg_type`` (one of :data:`.inputs.INPUT_TYPES`). Returns a summary."""
     videos = [Path(v) for v in videos]
     if not videos:
         raise ValueError("no video given")
@@ -125,24 +135,42 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
             raise FileNotFoundError(f"no such video: {v}")
     if gop < 1:
         raise ValueError("--gop must be >= 1")
+    if msg_type not in INPUT_TYPES:
+        raise ValueError(f"unknown message type {msg_type!r}: use one of {', '.join(INPUT_TYPES)}")
     frame_ids = list(frame_ids) if frame_ids else [camera_from_topic(t) for t in topics]
     if len(frame_ids) != len(videos):
         raise ValueError("give one --frame-id per video (or none)")
     start_ns = int(time.time_ns() if start_ns is None else start_ns)
     ts = typestore()
-    CompressedImage = ts.types[COMPRESSED_IMAGE]
+    ros_type = INPUT_TYPES[msg_type]
     infos = [dict(topic=t, frame_id=f) for t, f in zip(topics, frame_ids)]
     streams = [_video_units(v, t, f, gop=gop, fps=fps, max_frames=max_frames, width=width,
                             start_ns=start_ns, crf=crf, info_out=i, bframes=bframes)
                for v, t, f, i in zip(videos, topics, frame_ids, infos)]
+    info_of = {i["topic"]: i for i in infos}
     with _open_writer(out, storage) as writer:
-        conns = {t: writer.add_connection(t, COMPRESSED_IMAGE, typestore=ts) for t in topics}
+        conns = {t: writer.add_connection(t, ros_type, typestore=ts) for t in topics}
         for log_ns, stamp_ns, topic, frame_id, unit in heapq.merge(*streams, key=lambda x: x[0]):
-            msg = CompressedImage(header=_header(ts, stamp_ns, frame_id), format="h264",
-                                  data=np.frombuffer(unit, dtype=np.uint8))
-            writer.write(conns[topic], log_ns, ts.serialize_cdr(msg, COMPRESSED_IMAGE))
-    return {"bag": str(out), "storage": storage, "gop": gop, "bframes": bframes, "start_ns": start_ns,
-            "topics": infos}
+            msg = _h264_message(ts, msg_type, unit, stamp_ns, frame_id, info_of[topic])
+            writer.write(conns[topic], log_ns, ts.serialize_cdr(msg, ros_type))
+    return {"bag": str(out), "storage": storage, "gop": gop, "bframes": bframes, "type": ros_type,
+            "start_ns": start_ns, "topics": infos}
+
+
+def _h264_message(ts, msg_type: str, unit: bytes, stamp_ns: int, frame_id: str, info: dict):
+    """One access unit as a message of ``msg_type``, as the camera drivers and transports that
+    publish that type fill it."""
+    data = np.frombuffer(unit, dtype=np.uint8)
+    if msg_type == "compressed_video":
+        return ts.types[INPUT_TYPES[msg_type]](timestamp=_stamp(ts, stamp_ns), frame_id=frame_id, data=data,
+                                               format="h264")
+    if msg_type == "ffmpeg_packet":
+        info["pts"] = info.get("pts", -1) + 1
+        return ts.types[INPUT_TYPES[msg_type]](
+            header=_header(ts, stamp_ns, frame_id), width=info["width"], height=info["height"],
+            encoding="libx264", pts=info["pts"], flags=int(NAL_IDR in nal_unit_types(unit)),
+            is_bigendian=False, data=data)
+    return ts.types[COMPRESSED_IMAGE](header=_header(ts, stamp_ns, frame_id), format="h264", data=data)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -167,14 +195,15 @@ def _reader(bag: str | Path):
 
 
 def iter_compressed(bag: str | Path, topics: Sequence[str] | None = None) -> Iterator[BagImage]:
-    """Every ``CompressedImage`` of a bag (all topics or ``topics``) in log-time order."""
+    """Every H.264 message of a bag (any of :data:`.inputs.INPUT_TYPES`; all topics or
+    ``topics``) in log-time order."""
     with _reader(bag) as reader:
-        conns = [c for c in reader.connections if c.msgtype == COMPRESSED_IMAGE
+        conns = [c for c in reader.connections if c.msgtype in TYPE_NAMES
                  and (topics is None or c.topic in topics)]
         for conn, log_ns, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, conn.msgtype)
-            yield BagImage(conn.topic, int(log_ns), stamp_ns_of(msg.header), msg.header.frame_id,
-                           msg.format, msg.data.tobytes(), msg.header)
+            fmt, data, header = unpack(reader.deserialize(raw, conn.msgtype))
+            yield BagImage(conn.topic, int(log_ns), stamp_ns_of(header), header.frame_id, fmt,
+                           data.tobytes(), header)
 
 
 def bag_info(bag: str | Path) -> dict:
@@ -199,7 +228,7 @@ def write_json(path: str | None, result: dict) -> None:
 def register(sub) -> None:
     bag = sub.add_parser("bag", help="rosbag2 files: make them from videos, inspect them")
     bag_sub = bag.add_subparsers(dest="bag_command", metavar="BAG_COMMAND")
-    fv = bag_sub.add_parser("from-video", help="videos -> H.264 CompressedImage topics in a rosbag2")
+    fv = bag_sub.add_parser("from-video", help="videos -> H.264 topics in a rosbag2")
     fv.add_argument("paths", nargs="+", metavar="VIDEO... OUT", help="one or more videos, then the output bag")
     fv.add_argument("--topic", action="append", default=[], required=True,
                     help="topic of each video, in order (repeat: one per video)")
@@ -210,6 +239,9 @@ def register(sub) -> None:
                     help="B-frames between the I/P pictures (0-4; default 0: I/P only), sent in decoding "
                          "order and stamped with their pictures' times, as a camera's encoder would")
     fv.add_argument("--storage", choices=STORAGES, default="mcap")
+    fv.add_argument("--type", dest="msg_type", choices=list(INPUT_TYPES), default="compressed_image",
+                    help="message type: sensor_msgs CompressedImage (default), foxglove_msgs CompressedVideo "
+                         "(Foxglove plays H.264 from it) or ffmpeg_image_transport_msgs FFMPEGPacket")
     fv.add_argument("--fps", type=float, default=None, help="frame rate of the stamps (default: the video's)")
     fv.add_argument("--max-frames", type=int, default=None, help="per video")
     fv.add_argument("--width", type=int, default=None, help="resize to this width (keeps the aspect)")
@@ -229,7 +261,8 @@ def _from_video_main(args) -> int:
     *videos, out = args.paths
     result = from_video(videos, out, args.topic, frame_ids=args.frame_id, gop=args.gop,
                         storage=args.storage, fps=args.fps, max_frames=args.max_frames,
-                        width=args.width, start_ns=args.start_ns, crf=args.crf, bframes=args.bframes)
+                        width=args.width, start_ns=args.start_ns, crf=args.crf, bframes=args.bframes,
+                        msg_type=args.msg_type)
     for t in result["topics"]:
         print(f"{t['topic']}: {t.get('messages', 0)} H.264 messages ({t.get('width')}x{t.get('height')}, "
               f"{t.get('fps', 0):.2f} fps, GOP {args.gop}, {args.bframes} B-frames) from {t.get('video')}")

@@ -11,16 +11,17 @@ import numpy as np
 
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.common import stats
-from cvseg_ros.ros.bags import (COMPRESSED_IMAGE, IMAGE, STORAGES, _header, _open_writer, bag_info, write_json,
-                                camera_from_topic, iter_compressed, typestore)
+from cvseg_ros.ros.bags import (IMAGE, STORAGES, _header, _open_writer, bag_info, write_json, camera_from_topic,
+                                iter_compressed, typestore)
+from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
 
 def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str = "auto",
              checkpoint: str | None = None, storage: str = "mcap", max_frames: int | None = None,
              threads: int | None = None, engine=None) -> dict:
-    """Run every ``CompressedImage`` topic of ``bag`` (log-time order) through the node's message
-    path (:class:`~cvseg_ros.ros.message_path.MessagePath`: the same checks, drop policies, batching
-    and counters as ``cvseg_node``), without DDS and without ever falling behind: a camera's
-    queued frame is segmented before its next one is taken.
+    """Run every H.264 topic of ``bag`` (CompressedImage, CompressedVideo or FFMPEGPacket; log-time
+    order) through the node's message path (:class:`~cvseg_ros.ros.message_path.MessagePath`: the
+    same checks, drop policies, batching and counters as ``cvseg_node``), without DDS and without
+    ever falling behind: a camera's queued frame is segmented before its next one is taken.
 
     Latency of a frame = read from the bag -> mask (includes waiting for the other cameras' frames
     of its batch)."""
@@ -32,11 +33,11 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
     Image = ts.types[IMAGE]
     cameras: dict[str, str] = {}       # topic -> camera
     for topic, info in bag_info(bag)["topics"].items():
-        if info["type"] == COMPRESSED_IMAGE:
+        if info["type"] in TYPE_NAMES:
             name = camera_from_topic(topic)
             cameras[topic] = topic.strip("/").replace("/", "_") if name in cameras.values() else name
     if not cameras:
-        raise ValueError(f"{bag}: no {COMPRESSED_IMAGE} topic")
+        raise ValueError(f"{bag}: no H.264 topic (of {', '.join(INPUT_TYPES.values())})")
     path = MessagePath(engine, cameras.values(), topics={c: t for t, c in cameras.items()})
     latencies: list[float] = []
     busy_s = 0.0

@@ -1,11 +1,12 @@
-"""The node's message path, without ROS: ``CompressedImage`` messages in, masks out, every outcome counted.
+"""The node's message path, without ROS: H.264 messages in, masks out, every outcome counted.
 
 :class:`MessagePath` is what ``cvseg_node`` runs: its subscription callbacks call
 :meth:`MessagePath.receive`, its worker thread :meth:`MessagePath.take_batch` and
 :meth:`MessagePath.run_batch`, its ``/diagnostics`` come from :meth:`MessagePath.camera_values`.
 The fuzz, soak and eval-bag commands and the tests drive the same object in-process, without
-DDS. Messages are duck-typed: anything with ``format``, ``data`` and ``header.stamp.sec/nanosec`` (a
-``sensor_msgs/CompressedImage``, a rosbags message, :func:`make_message`).
+DDS. Messages are duck-typed (:mod:`cvseg_ros.ros.inputs`): a ``sensor_msgs/CompressedImage``, a
+``foxglove_msgs/CompressedVideo``, an ``ffmpeg_image_transport_msgs/FFMPEGPacket``, their rosbags
+counterparts, :func:`make_message`.
 
 Every message received ends in exactly one outcome, counted per camera (:data:`DROP_REASONS`):
 a published mask, or one of the reasons it got none. Hence, at any time,
@@ -46,6 +47,7 @@ from cvseg_ros.codec.limits import StreamLimits
 from cvseg_ros.codec.h264_syntax import SLICE_B, first_slice_type
 from cvseg_ros.ros.policies import (DROP_REASONS, ERROR, ERROR_COUNTERS, LATE_LIMIT, OK, STALE, WARN,
                                     CameraState, FrameQueue, LatencyWindow, QueuedFrame, StampTracker)
+from cvseg_ros.ros.inputs import unpack
 from cvseg_ros.ros.outputs import MaskOutput, masks_of, settle_held
 
 # the per-camera parts live in policies; their names are importable from here too
@@ -139,12 +141,15 @@ class MessagePath:
             self._warn_sink(message)
 
     # -- input (the subscription callback) -------------------------------------------------------------
-    def receive(self, camera: str, msg, received_ns: int | None = None) -> str:
-        """Take one message of ``camera``; returns ``"queued"`` or the reason it was dropped."""
+    def receive(self, camera: str, msg, received_ns: int | None = None, header=None) -> str:
+        """Take one message of ``camera`` (any of :data:`~cvseg_ros.ros.inputs.INPUT_TYPES`; a
+        ``CompressedVideo``'s outputs get ``header``, default one made of its timestamp and
+        frame_id); returns ``"queued"`` or the reason it was dropped."""
         received_ns = time.monotonic_ns() if received_ns is None else received_ns
         cam = self.cameras[camera]
+        fmt, payload, header = unpack(msg, header)
         try:
-            check_format(msg.format)
+            check_format(fmt)
         except UnsupportedStreamError as exc:
             with self._cond:
                 cam.last_received = received_ns / 1e9
@@ -154,16 +159,16 @@ class MessagePath:
                        f"ignored and counted (diagnostics 'wrong_format'); warned once", float("inf"))
             return "wrong_format"
         limits = getattr(self.engine, "limits", None) or StreamLimits()
-        if len(msg.data) > limits.max_unit_bytes:   # not copied, not queued: the stream restarts after it
+        if len(payload) > limits.max_unit_bytes:   # not copied, not queued: the stream restarts after it
             with self._cond:
                 cam.last_received = received_ns / 1e9
                 cam.counts["received"] += 1
-                cam.count("over_limits", error=f"message of {len(msg.data)} bytes, more than the limit of "
+                cam.count("over_limits", error=f"message of {len(payload)} bytes, more than the limit of "
                                                f"{limits.max_unit_bytes}: dropped")
             self._warn(f"limits:{camera}", f"camera '{camera}': {cam.last_error}")
             return "over_limits"
-        data = bytes(msg.data)
-        stamp_ns = stamp_ns_of(msg.header)
+        data = bytes(payload)
+        stamp_ns = stamp_ns_of(header)
         # (a unit of too many NAL units is not scanned: the decoder refuses it)
         scannable = nal_unit_count(data) <= limits.max_nal_units
         idr = scannable and NAL_IDR in nal_unit_types(data)
@@ -188,7 +193,7 @@ class MessagePath:
                 cam.count("stamp_resets", error=reason)
                 self._warn(f"reset:{camera}", f"camera '{camera}': {reason}")
             cam.last_data = data
-            item = QueuedFrame(camera, data, stamp_ns, msg.header, received_ns, idr,
+            item = QueuedFrame(camera, data, stamp_ns, header, received_ns, idr,
                                reason if verdict in ("gap", "reset") else None,
                                stamp_epoch=cam.counts["stamp_resets"])
             lost = cam.queue.push(item)

@@ -1,7 +1,9 @@
 """``cvseg_node``: the rclpy adapter around :class:`cvseg_ros.engine.pipeline.SegmentationEngine`.
 
-Subscribes to ``sensor_msgs/CompressedImage`` (format ``h264``, Annex B, one access unit per
-message) per camera and publishes, with the input's header (stamp, frame_id):
+Subscribes per camera to H.264 (Annex B, one access unit per message) as
+``sensor_msgs/CompressedImage``, ``foxglove_msgs/CompressedVideo`` or
+``ffmpeg_image_transport_msgs/FFMPEGPacket`` (``<camera>.type``; the last two where their message
+packages are installed) and publishes, with the input's header (stamp, frame_id):
 
 - ``<camera>/semantic/mask``  ``sensor_msgs/Image`` ``mono8``: class ids, 255 = unknown
 - ``<camera>/semantic/color`` ``sensor_msgs/Image`` ``rgb8``: the ids in the checkpoint's palette
@@ -22,6 +24,7 @@ start-up and checked from it; ``config/cvseg.yaml`` sets each of them.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
@@ -37,9 +40,11 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
 
 from cvseg_ros.ros import params
+from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
 from cvseg_ros.ros.message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
 
 NODE_NAME = "cvseg_node"
@@ -86,6 +91,19 @@ def _make_bridge():
 
 
 # -- the node -----------------------------------------------------------------------------------
+
+def message_class(ros_type: str):
+    """The rclpy class of ``pkg/msg/Name``; ImportError where its package is not installed."""
+    package, _, name = ros_type.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+@dataclass
+class _Input:
+    kind: str                  # one of INPUT_TYPES
+    subscription: Any = None
+    warned: str = ""           # the advertised types last warned about
+
 
 @dataclass
 class _Outputs:
@@ -149,6 +167,7 @@ class CvsegNode(Node):
         self.engine = None
         self.path: MessagePath | None = None
         self._outputs: dict[str, _Outputs] = {}
+        self._inputs: dict[str, _Input] = {}
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._bridge = None
@@ -234,12 +253,17 @@ class CvsegNode(Node):
                     pubs.camera_info = self.create_publisher(CameraInfo, f"{name}/semantic/camera_info", out_qos)
                     self.create_subscription(CameraInfo, cfg[f"{name}.camera_info_topic"],
                                              lambda msg, o=pubs: setattr(o, "latest_info", msg), in_qos)
-                # qos_overrides.<topic>.subscription.{reliability,depth,...} parameters apply
-                self.create_subscription(CompressedImage, cfg[f"{name}.topic"],
-                                         lambda msg, c=name: self._on_image(c, msg), in_qos,
-                                         qos_overriding_options=QoSOverridingOptions.with_default_policies())
+                kind = cfg[f"{name}.type"]
+                if kind == "auto":
+                    kind = TYPE_NAMES.get(next(iter(self._advertised(cfg[f"{name}.topic"])), ""), "compressed_image")
+                self._inputs[name] = _Input(kind)
+                self._subscribe(name, kind, in_qos)
+            except ImportError as exc:
+                raise StartupError(f"camera '{name}': {name}.type {kind} needs the message package of "
+                                   f"{INPUT_TYPES[kind]}, which is not installed here ({exc})") from None
             except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException
                 raise StartupError(f"camera '{name}': {exc}") from None
+        self._in_qos = in_qos
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(cfg["diagnostics_period"], self._publish_diagnostics)
         self._worker = threading.Thread(target=self._work, name="cvseg_engine", daemon=True)
@@ -251,13 +275,62 @@ class CvsegNode(Node):
         self.get_logger().info("effective parameters: " + json.dumps(effective, sort_keys=True))
         for name, pubs in self._outputs.items():
             outs = [p.topic_name for p in (pubs.mask, pubs.color) if p is not None]
-            self.get_logger().info(f"camera '{name}': {cfg[f'{name}.topic']} ({cfg['qos_reliability']}) -> "
-                                   f"{', '.join(outs) or 'no outputs'}")
+            self.get_logger().info(f"camera '{name}': {cfg[f'{name}.topic']} ({INPUT_TYPES[self._inputs[name].kind]}, "
+                                   f"{cfg['qos_reliability']}) -> {', '.join(outs) or 'no outputs'}")
 
     # -- input: the message path checks, counts and enqueues ----------------------------------------
-    def _on_image(self, camera: str, msg: CompressedImage) -> None:
+    def _advertised(self, topic: str) -> list[str]:
+        """The types ``topic`` is published with now (discovery; empty before any publisher)."""
+        types = {info.topic_type for info in self.get_publishers_info_by_topic(self.resolve_topic_name(topic))}
+        return sorted(types)
+
+    def _subscribe(self, camera: str, kind: str, qos) -> None:
+        """(Re)subscribe ``camera``'s input as ``kind``; qos_overrides.<topic>.subscription.* apply."""
+        entry = self._inputs[camera]
+        cls = message_class(INPUT_TYPES[kind])
+        if entry.subscription is not None:
+            self.destroy_subscription(entry.subscription)
+        if kind == "compressed_video":      # its timestamp and frame_id make the outputs' header
+            callback = lambda msg, c=camera: self._on_image(c, msg, Header(stamp=msg.timestamp,  # noqa: E731
+                                                                             frame_id=msg.frame_id))
+        else:
+            callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
+        entry.kind = kind
+        entry.subscription = self.create_subscription(
+            cls, self.cfg[f"{camera}.topic"], callback, qos,
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
+
+    def _check_input_types(self) -> None:
+        """Follow what each camera's topic is published as: an ``auto`` camera whose type no one
+        publishes switches to another H.264 type it sees; any other type on the topic (e.g.
+        ``h264_msgs/Packet``) is warned about, once per change."""
+        for camera, entry in self._inputs.items():
+            advertised = self._advertised(self.cfg[f"{camera}.topic"])
+            ours = INPUT_TYPES[entry.kind]
+            others = [t for t in advertised if t != ours]
+            if not others:
+                continue
+            readable = [TYPE_NAMES[t] for t in others if t in TYPE_NAMES]
+            if readable and ours not in advertised and self.cfg[f"{camera}.type"] == "auto":
+                try:
+                    self._subscribe(camera, readable[0], self._in_qos)
+                    self.get_logger().info(f"camera '{camera}': {self.cfg[f'{camera}.topic']} is published as "
+                                           f"{INPUT_TYPES[readable[0]]}: subscribed as that")
+                    continue
+                except ImportError:
+                    pass
+            key = ",".join(others)
+            if entry.warned != key:
+                entry.warned = key
+                self.get_logger().warning(
+                    f"camera '{camera}': {self.cfg[f'{camera}.topic']} is published as {key}, but the node "
+                    f"subscribes to {ours}: those messages cannot arrive; publish one of "
+                    f"{', '.join(INPUT_TYPES.values())} (set {camera}.type; the other two need their message "
+                    f"packages installed)")
+
+    def _on_image(self, camera: str, msg, header=None) -> None:
         try:
-            self.path.receive(camera, msg)
+            self.path.receive(camera, msg, header=header)
         except Exception as exc:  # noqa: BLE001 - an exception here would stop the executor
             self.get_logger().error(f"camera '{camera}': receive failure: {type(exc).__name__}: {exc}",
                                     throttle_duration_sec=5.0)
@@ -288,6 +361,7 @@ class CvsegNode(Node):
     # -- diagnostics -----------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         try:
+            self._check_input_types()
             self._diagnostics()
         except Exception as exc:  # noqa: BLE001 - an exception here would stop the executor
             self.get_logger().error(f"diagnostics failure: {type(exc).__name__}: {exc}",

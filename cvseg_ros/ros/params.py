@@ -200,8 +200,15 @@ PARAMETERS: tuple[Param, ...] = (
           pattern=r"[A-Za-z][A-Za-z0-9_]*", pattern_help="letters, digits and '_', starting with a letter",
           nonempty=True, unique=True, what="camera"),
     Param(f"{CAMERA}.topic", "string", f"/{CAMERA}/image_raw/h264",
-          f"input topic of camera `{CAMERA}` (`sensor_msgs/CompressedImage`, format `h264`: Annex B, "
-          f"one access unit per message)"),
+          f"input topic of camera `{CAMERA}`: H.264, Annex B, one access unit per message, of the "
+          f"type `{CAMERA}.type` names"),
+    Param(f"{CAMERA}.type", "string", "auto",
+          "the input's message type: `compressed_image` (`sensor_msgs/CompressedImage`, format "
+          "`h264`), `compressed_video` (`foxglove_msgs/CompressedVideo`, format `h264`; the masks "
+          "get its timestamp and frame_id), `ffmpeg_packet` (`ffmpeg_image_transport_msgs/FFMPEGPacket`, "
+          "encoding `libx264`, `h264_nvenc` or another `h264_*`); `auto`: the type the topic is "
+          "published with (checked again every diagnostics period), `compressed_image` until one is seen",
+          choices=("auto", "compressed_image", "compressed_video", "ffmpeg_packet"), strip=True, lower=True),
     Param(f"{CAMERA}.camera_info_topic", "string", f"/{CAMERA}/camera_info",
           f"the camera's `sensor_msgs/CameraInfo`; the latest one is republished on "
           f"`{CAMERA}/semantic/camera_info` with each mask's header (its intrinsics scaled to the "

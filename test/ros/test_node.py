@@ -153,9 +153,33 @@ def test_wrong_format_is_warned_once_counted_and_survived(live):
         levels = [st.level for arr in outputs.diagnostics for st in arr.status if st.hardware_id == "rear"]
     assert DiagnosticStatus.WARN in levels
     time.sleep(0.3)
-    warnings = [line for line in log.read_text().splitlines() if "unsupported CompressedImage format" in line]
+    warnings = [line for line in log.read_text().splitlines() if "unsupported format" in line]
     assert len(warnings) == 1 and "WARN" in warnings[0] and "'jpeg'" in warnings[0], warnings
     ros.node.destroy_publisher(pub)
+
+
+def test_a_topic_published_as_a_type_the_node_cannot_read_is_warned_about(live):
+    """Someone publishes ``std_msgs/String`` on a camera's input topic (as ``h264_msgs/Packet``
+    would be on the default topic): no message can arrive, and the node says so once, naming the
+    type it sees and the ones it reads."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+    proc, _, outputs, log = live
+    other = Ros("cvseg_test_other_type", DOMAIN)    # a participant of its own: one type per topic each
+    pub = other.node.create_publisher(String, "/rear/image_raw/h264",
+                                      QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+
+    def warned():
+        return [line for line in log.read_text().splitlines()
+                if "is published as std_msgs/msg/String" in line and "camera 'rear'" in line]
+    try:
+        wait_until(lambda: warned(), 15, proc, "a warning about the topic's type")
+        time.sleep(1.5)          # a few more diagnostics periods: still one warning
+        lines = warned()
+        assert len(lines) == 1 and "WARN" in lines[0] and "foxglove_msgs/msg/CompressedVideo" in lines[0], lines
+        assert proc.poll() is None and pub.get_subscription_count() == 0    # nothing reads it
+    finally:
+        other.close()
 
 
 def test_camera_info_is_republished_under_each_masks_header_at_its_size(live, two_camera_bag):

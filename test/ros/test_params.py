@@ -128,6 +128,7 @@ BAD = [
     pytest.param(["-p", "queue_depth:=many"], "queue_depth", id="wrong-type"),
     pytest.param(["-p", "threads:=-1"], "'threads' must be >= 0", id="negative-threads"),
     pytest.param(["-p", "input_timeout_s:=0"], "input_timeout_s", id="zero-input-timeout"),
+    pytest.param(["-p", "front.type:=jpeg"], "front.type", id="unknown-input-type"),
     pytest.param(["-p", "p_frame_branch:=false", "-p", f"checkpoint:={PAPER}"], "accumulates the motion",
                  id="no-branch-for-the-paper-model"),
 ]
@@ -143,6 +144,21 @@ def test_bad_parameters_fail_at_start_up_with_one_clear_message(args, needle):
     assert len(errors) == 1 and needle in errors[0] and "cvseg_node" in errors[0], out
     assert "Traceback" not in out, out
     assert time.monotonic() - start < 60
+
+
+def test_an_input_type_whose_message_package_is_missing_fails_clearly():
+    """``front.type:=compressed_video`` where ``foxglove_msgs`` is not installed (as here): one
+    error naming the type and the missing package, exit status 1."""
+    import importlib.util
+    if importlib.util.find_spec("foxglove_msgs") is not None:
+        pytest.skip("foxglove_msgs is installed here: the type is readable")
+    proc = subprocess.run(node_cmd("-p", "front.type:=compressed_video"), env=env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "foxglove_msgs/msg/CompressedVideo" in errors[0] and "not installed" in errors[0], out
+    assert "Traceback" not in out, out
 
 
 def test_missing_params_file_fails_clearly():

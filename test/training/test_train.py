@@ -104,7 +104,8 @@ def test_ddp_with_two_cpu_processes(tmp_path):
 
 def test_the_accurate_network_trains_from_both_teachers_without_a_left_out_sequence(tmp_path):
     """``--i_frame_network=espnetv2`` starts from the ESPNetv2 Cityscapes weights, distils from both
-    teachers and exports ``cvseg_improved_espnetv2``; ``--leave_out`` keeps a sequence's stills out."""
+    teachers and exports ``cvseg_improved_espnetv2`` with the inference settings given (its work
+    height, the branch off); ``--leave_out`` keeps a sequence's stills out."""
     require(SHARED_DATA / "teacher" / "espnetv2_s_2.0_city_1024x512.pth", "the ESPNetv2 weights")
     from cvseg_ros.training.data import load_camvid
     train, annot = SHARED_DATA / "camvid" / "train", SHARED_DATA / "camvid" / "trainannot"
@@ -113,9 +114,11 @@ def test_the_accurate_network_trains_from_both_teachers_without_a_left_out_seque
     out, export = tmp_path / "run", tmp_path / "export"
     tiny = [a for a in TINY if not a.startswith("--i_crop")] + ["--i_crop=128x176"]
     cmd = [sys.executable, "-m", "cvseg_ros.tools.cli", "train", f"--out={out}", f"--export_dir={export}", *tiny,
-           "--i_frame_network=espnetv2", "--teachers=enet,espnetv2", "--leave_out=0001TP"]
+           "--i_frame_network=espnetv2", "--teachers=enet,espnetv2", "--leave_out=0001TP",
+           "--work_height=512", "--p_frame_branch=false"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     model, meta = load_checkpoint(export / "cvseg_improved_espnetv2.safetensors")
     assert model.config.i_frame_network == "espnetv2" and meta["train_config"]["leave_out"] == "0001TP"
     assert meta["distilled_from"] == ["enet:enet-cityscapes.net", "espnetv2:espnetv2_s_2.0_city_1024x512.pth"]
+    assert meta["inference"] == {"work_height": 512, "p_frame_branch": False}   # as the shipped one
