@@ -223,8 +223,16 @@ class SegmentationEngine:
         d["discontinuities"] = cam.discontinuities
         return d
 
+    def set_palette(self, palette: np.ndarray) -> None:
+        """Colours of the classes (one RGB row each) for :meth:`colorize`, instead of the checkpoint's."""
+        palette = np.asarray(palette, dtype=np.uint8)
+        if palette.shape != self.palette.shape:
+            raise ValueError(f"a palette of {len(self.class_names)} RGB colours is needed, got shape {palette.shape}")
+        self.palette = palette
+        self._color_lut[: len(palette)] = palette
+
     def colorize(self, mask: np.ndarray) -> np.ndarray:
-        """Class-id mask -> RGB image with the checkpoint's palette (unknown = black)."""
+        """Class-id mask -> RGB image with the palette (the checkpoint's unless set; unknown = black)."""
         mask = np.asarray(mask)
         if mask.ndim == 2 and mask.dtype == np.uint8:   # OpenCV table look-up: ~8x numpy's fancy indexing
             return cv2.LUT(cv2.merge([mask, mask, mask]), self._color_lut.reshape(256, 1, 3))

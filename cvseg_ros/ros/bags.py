@@ -78,6 +78,27 @@ def stamp_ns_of(header) -> int:
 
 # -- from-video -----------------------------------------------------------------------------------
 
+def _copied_units(video: Path, topic: str, frame_id: str, *, max_frames: int | None, start_ns: int,
+                  info_out: dict) -> Iterator[tuple[int, int, str, str, bytes]]:
+    """(log_ns, stamp_ns, topic, frame_id, access unit) of an H.264 video's own access units, as
+    recorded (B-frames included, no re-encode): decoding order, stamped with each picture's
+    presentation time, logged once every picture up to it can have been captured."""
+    from cvseg_ros.codec.video import read_access_units, video_info
+
+    info = video_info(video)
+    info_out.update(video=str(video), width=info.width, height=info.height, fps=info.fps, source_codec=info.codec,
+                    copied=True)
+    latest, log_ns = 0, start_ns - 1
+    for index, unit in enumerate(read_access_units(video)):
+        if max_frames is not None and index >= max_frames:
+            break
+        stamp = start_ns + round(unit.time * 1e9)
+        latest = max(latest, stamp)
+        log_ns = max(log_ns + 1, latest)
+        yield log_ns, stamp, topic, frame_id, unit.data
+        info_out["messages"] = index + 1
+
+
 def _video_units(video: Path, topic: str, frame_id: str, *, gop: int, fps: float | None,
                  max_frames: int | None, width: int | None, start_ns: int, crf: int,
                  info_out: dict, bframes: int = 0) -> Iterator[tuple[int, int, str, str, bytes]]:
@@ -120,9 +141,11 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
                frame_ids: Sequence[str] | None = None, gop: int = 12, storage: str = "mcap",
                fps: float | None = None, max_frames: int | None = None, width: int | None = None,
                start_ns: int | None = None, crf: int = 23, bframes: int = 0,
-               msg_type: str = "compressed_image") -> dict:
+               msg_type: str = "compressed_image", copy: bool = False) -> dict:
     """Write a rosbag2 with one H.264 topic per video (``bframes``: B-frames between the I/P
-    pictures), of ``msg_type`` (one of :data:`.inputs.INPUT_TYPES`). Returns a summary."""
+    pictures), of ``msg_type`` (one of :data:`.inputs.INPUT_TYPES`). ``copy``: the videos' own
+    H.264 access units as recorded (no re-encode: ``gop``, ``bframes``, ``width``, ``fps`` and
+    ``crf`` do not apply; only H.264 sources). Returns a summary."""
     videos = [Path(v) for v in videos]
     if not videos:
         raise ValueError("no video given")
@@ -135,6 +158,15 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
             raise FileNotFoundError(f"no such video: {v}")
     if gop < 1:
         raise ValueError("--gop must be >= 1")
+    if copy:
+        from cvseg_ros.codec.video import video_info
+        for v in videos:
+            codec = video_info(v).codec
+            if codec != "h264":
+                raise ValueError(f"--copy keeps the source's H.264 units, but {v} is {codec}: re-encode it "
+                                 f"(leave out --copy)")
+        if bframes or width:
+            raise ValueError("--copy keeps the source's units as recorded: --bframes and --width do not apply")
     if msg_type not in INPUT_TYPES:
         raise ValueError(f"unknown message type {msg_type!r}: use one of {', '.join(INPUT_TYPES)}")
     frame_ids = list(frame_ids) if frame_ids else [camera_from_topic(t) for t in topics]
@@ -144,16 +176,21 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
     ts = typestore()
     ros_type = INPUT_TYPES[msg_type]
     infos = [dict(topic=t, frame_id=f) for t, f in zip(topics, frame_ids)]
-    streams = [_video_units(v, t, f, gop=gop, fps=fps, max_frames=max_frames, width=width,
-                            start_ns=start_ns, crf=crf, info_out=i, bframes=bframes)
-               for v, t, f, i in zip(videos, topics, frame_ids, infos)]
+    if copy:
+        streams = [_copied_units(v, t, f, max_frames=max_frames, start_ns=start_ns, info_out=i)
+                   for v, t, f, i in zip(videos, topics, frame_ids, infos)]
+    else:
+        streams = [_video_units(v, t, f, gop=gop, fps=fps, max_frames=max_frames, width=width,
+                                start_ns=start_ns, crf=crf, info_out=i, bframes=bframes)
+                   for v, t, f, i in zip(videos, topics, frame_ids, infos)]
     info_of = {i["topic"]: i for i in infos}
     with _open_writer(out, storage) as writer:
         conns = {t: writer.add_connection(t, ros_type, typestore=ts) for t in topics}
         for log_ns, stamp_ns, topic, frame_id, unit in heapq.merge(*streams, key=lambda x: x[0]):
             msg = _h264_message(ts, msg_type, unit, stamp_ns, frame_id, info_of[topic])
             writer.write(conns[topic], log_ns, ts.serialize_cdr(msg, ros_type))
-    return {"bag": str(out), "storage": storage, "gop": gop, "bframes": bframes, "type": ros_type,
+    return {"bag": str(out), "storage": storage, "gop": None if copy else gop, "bframes": None if copy else bframes,
+            "copied": copy, "type": ros_type,
             "start_ns": start_ns, "topics": infos}
 
 
@@ -184,6 +221,8 @@ class BagImage:
     format: str
     data: bytes
     header: Any
+    msgtype: str = COMPRESSED_IMAGE
+    raw: bytes = b""          # the message as recorded (CDR)
 
 
 def _reader(bag: str | Path):
@@ -203,7 +242,7 @@ def iter_compressed(bag: str | Path, topics: Sequence[str] | None = None) -> Ite
         for conn, log_ns, raw in reader.messages(connections=conns):
             fmt, data, header = unpack(reader.deserialize(raw, conn.msgtype))
             yield BagImage(conn.topic, int(log_ns), stamp_ns_of(header), header.frame_id, fmt,
-                           data.tobytes(), header)
+                           data.tobytes(), header, conn.msgtype, bytes(raw))
 
 
 def bag_info(bag: str | Path) -> dict:
@@ -239,6 +278,9 @@ def register(sub) -> None:
                     help="B-frames between the I/P pictures (0-4; default 0: I/P only), sent in decoding "
                          "order and stamped with their pictures' times, as a camera's encoder would")
     fv.add_argument("--storage", choices=STORAGES, default="mcap")
+    fv.add_argument("--copy", action="store_true",
+                    help="keep each H.264 video's own access units as recorded (B-frames included, no "
+                         "re-encode; stamps from its presentation times)")
     fv.add_argument("--type", dest="msg_type", choices=list(INPUT_TYPES), default="compressed_image",
                     help="message type: sensor_msgs CompressedImage (default), foxglove_msgs CompressedVideo "
                          "(Foxglove plays H.264 from it) or ffmpeg_image_transport_msgs FFMPEGPacket")
@@ -262,10 +304,11 @@ def _from_video_main(args) -> int:
     result = from_video(videos, out, args.topic, frame_ids=args.frame_id, gop=args.gop,
                         storage=args.storage, fps=args.fps, max_frames=args.max_frames,
                         width=args.width, start_ns=args.start_ns, crf=args.crf, bframes=args.bframes,
-                        msg_type=args.msg_type)
+                        msg_type=args.msg_type, copy=args.copy)
     for t in result["topics"]:
+        how = "copied as recorded" if args.copy else f"GOP {args.gop}, {args.bframes} B-frames"
         print(f"{t['topic']}: {t.get('messages', 0)} H.264 messages ({t.get('width')}x{t.get('height')}, "
-              f"{t.get('fps', 0):.2f} fps, GOP {args.gop}, {args.bframes} B-frames) from {t.get('video')}")
+              f"{t.get('fps', 0):.2f} fps, {how}) from {t.get('video')}")
     print(f"wrote {out} ({args.storage})")
     write_json(args.json_out, result)
     return 0

@@ -1,6 +1,8 @@
 """``cvseg eval-bag BAG [--record OUT]``: a bag's H.264 topics through the node's message path,
-offline: counters, throughput, per-frame latency, and optionally the masks (``mono8`` Image on
-``/<camera>/semantic/mask``) to a new bag."""
+offline: counters, throughput, per-frame latency, and optionally a new bag that Foxglove or RViz
+shows input and masks from together: the input topics as recorded, and per camera the masks
+(``mono8`` Image on ``/<camera>/semantic/mask``), the colour masks (``rgb8``, ``.../color``) and
+the label info (``std_msgs/String`` JSON, ``.../label_info``, once)."""
 from __future__ import annotations
 
 import time
@@ -14,6 +16,9 @@ from cvseg_ros.common import stats
 from cvseg_ros.ros.bags import (IMAGE, STORAGES, _header, _open_writer, bag_info, write_json, camera_from_topic,
                                 iter_compressed, typestore)
 from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
+from cvseg_ros.ros.labels import label_info_json
+
+STRING = "std_msgs/msg/String"
 
 def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str = "auto",
              checkpoint: str | None = None, storage: str = "mcap", max_frames: int | None = None,
@@ -53,14 +58,20 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         log_ns = max(log_ns_of.pop((out.camera, out.stamp_ns)), latest_log_ns[out.camera])
         if writer is None:
             return
-        topic = f"/{out.camera}/semantic/mask"
+        if f"/{out.camera}/semantic/label_info" not in out_conns:     # once per camera, before its masks
+            write(f"/{out.camera}/semantic/label_info", STRING, log_ns,
+                  ts.types[STRING](data=label_info_json(engine.class_names, engine.palette)))
+        header = _header(ts, out.stamp_ns, out.header.frame_id)
+        for kind, image, encoding in (("mask", out.mask, "mono8"), ("color", engine.colorize(out.mask), "rgb8")):
+            image = np.ascontiguousarray(image, dtype=np.uint8)
+            write(f"/{out.camera}/semantic/{kind}", IMAGE, log_ns,
+                  Image(header=header, height=image.shape[0], width=image.shape[1], encoding=encoding,
+                        is_bigendian=0, step=image.strides[0], data=image.reshape(-1)))
+
+    def write(topic: str, msgtype: str, log_ns: int, msg=None, raw: bytes | None = None) -> None:
         if topic not in out_conns:
-            out_conns[topic] = writer.add_connection(topic, IMAGE, typestore=ts)
-        mask = np.ascontiguousarray(out.mask, dtype=np.uint8)
-        msg = Image(header=_header(ts, out.stamp_ns, out.header.frame_id), height=mask.shape[0],
-                    width=mask.shape[1], encoding="mono8", is_bigendian=0, step=mask.shape[1],
-                    data=mask.reshape(-1))
-        writer.write(out_conns[topic], log_ns, ts.serialize_cdr(msg, IMAGE))
+            out_conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
+        writer.write(out_conns[topic], log_ns, raw if raw is not None else ts.serialize_cdr(msg, msgtype))
 
     def drain() -> None:
         nonlocal busy_s
@@ -84,6 +95,8 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
             if len(path.cameras[cam].queue):     # this camera's last frame first: never behind
                 drain()
             log_ns_of[(cam, m.stamp_ns)] = latest_log_ns[cam] = m.log_ns
+            if writer is not None:       # the input beside the masks, as recorded
+                write(m.topic, m.msgtype, m.log_ns, raw=m.raw)
             path.receive(cam, make_message(m.data, m.stamp_ns, m.format, m.frame_id))
             total += 1
             if max_frames is not None and total >= max_frames:
@@ -117,7 +130,8 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
 def register(sub) -> None:
     ev = sub.add_parser("eval-bag", help="run the segmentation engine offline over a bag's H.264 topics")
     ev.add_argument("bag")
-    ev.add_argument("--record", default=None, help="write the masks (mono8 Image) to this new bag")
+    ev.add_argument("--record", default=None, help="write the input, the masks (mono8), the colour masks (rgb8) "
+                                                   "and the label info to this new bag")
     ev.add_argument("--storage", choices=STORAGES, default="mcap", help="storage of --record")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)

@@ -41,10 +41,11 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, Image
-from std_msgs.msg import Header
+from std_msgs.msg import Header, String
 
 from cvseg_ros.ros import params
 from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
+from cvseg_ros.ros.labels import label_info_json, read_color_map
 from cvseg_ros.ros.message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
 
 NODE_NAME = "cvseg_node"
@@ -110,6 +111,7 @@ class _Outputs:
     mask: Any = None
     color: Any = None
     camera_info: Any = None
+    label_info: Any = None
     latest_info: Any = None    # the camera's latest CameraInfo (set by its subscription)
 
 
@@ -221,6 +223,11 @@ class CvsegNode(Node):
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
         class_names = list(self.engine.class_names)
+        if cfg["palette"]:
+            try:
+                self.engine.set_palette(read_color_map(cfg["palette"], class_names, self.engine.palette))
+            except ValueError as exc:
+                raise StartupError(f"parameter 'palette': {exc}") from None
         self.declare_parameter("class_names", class_names, descriptor(params.BY_NAME["class_names"]),
                                ignore_override=True)
         self._bridge = _make_bridge()
@@ -240,6 +247,9 @@ class CvsegNode(Node):
         # outputs are reliable: that serves reliable and best-effort subscribers alike
         out_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=max(cfg["queue_depth"], 10),
                              reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+        # the label info: sent once, kept for late subscribers (transient local)
+        latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
         for name in cfg["cameras"]:
             pubs = self._outputs[name] = _Outputs()
             try:
@@ -249,6 +259,8 @@ class CvsegNode(Node):
                 if cfg["publish_color"]:
                     pubs.color = self.create_publisher(Image, f"{name}/semantic/color", out_qos,
                                                       qos_overriding_options=QoSOverridingOptions.with_default_policies())
+                pubs.label_info = self.create_publisher(self._label_info_type(), f"{name}/semantic/label_info",
+                                                        latched)
                 if cfg[f"{name}.camera_info_topic"]:
                     pubs.camera_info = self.create_publisher(CameraInfo, f"{name}/semantic/camera_info", out_qos)
                     self.create_subscription(CameraInfo, cfg[f"{name}.camera_info_topic"],
@@ -264,6 +276,8 @@ class CvsegNode(Node):
             except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException
                 raise StartupError(f"camera '{name}': {exc}") from None
         self._in_qos = in_qos
+        for pubs in self._outputs.values():
+            pubs.label_info.publish(self._label_info_message(class_names))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(cfg["diagnostics_period"], self._publish_diagnostics)
         self._worker = threading.Thread(target=self._work, name="cvseg_engine", daemon=True)
@@ -299,6 +313,24 @@ class CvsegNode(Node):
         entry.subscription = self.create_subscription(
             cls, self.cfg[f"{camera}.topic"], callback, qos,
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
+
+    @staticmethod
+    def _label_info_type():
+        """``vision_msgs/LabelInfo`` where that package is installed, else ``std_msgs/String``."""
+        try:
+            return message_class("vision_msgs/msg/LabelInfo")
+        except (ImportError, AttributeError):
+            return String
+
+    def _label_info_message(self, class_names: list[str]):
+        cls = self._label_info_type()
+        if cls is String:
+            return String(data=label_info_json(class_names, self.engine.palette))
+        vision_class = message_class("vision_msgs/msg/VisionClass")
+        msg = cls(class_map=[vision_class(class_id=i, class_name=n) for i, n in enumerate(class_names)],
+                  threshold=0.0)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        return msg
 
     def _check_input_types(self) -> None:
         """Follow what each camera's topic is published as: an ``auto`` camera whose type no one

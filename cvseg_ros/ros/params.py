@@ -224,7 +224,11 @@ PARAMETERS: tuple[Param, ...] = (
     Param("publish_mask", "bool", True,
           f"publish `{CAMERA}/semantic/mask` (`mono8` class ids, 255 = unknown)"),
     Param("publish_color", "bool", True,
-          f"publish `{CAMERA}/semantic/color` (`rgb8`, the checkpoint's palette)"),
+          f"publish `{CAMERA}/semantic/color` (`rgb8`, the checkpoint's palette or `palette`'s)"),
+    Param("palette", "string", "",
+          "a colour-map file (JSON or YAML: class name -> `[r, g, b]` or `'#rrggbb'`) whose colours "
+          f"replace the checkpoint's in `{CAMERA}/semantic/color` and the label info; classes it "
+          "leaves out keep theirs; empty: the checkpoint's palette", existing_file=True, strip=True),
     Param("qos_reliability", "string", "best_effort",
           "reliability of the input subscriptions: `best_effort` (sensor-data QoS) or `reliable`; "
           "the outputs are reliable, which serves subscribers of both kinds",

@@ -114,6 +114,13 @@ def test_eval_bag_records_masks(made, tmp_path, capsys):
         for _, _, m, _ in out:
             assert m.encoding == "mono8" and m.header.frame_id == cam and m.width == 320
             assert m.step == m.width and m.data.size == m.width * m.height
+        # beside them: the input as recorded, the colour masks, the label info once
+        assert [raw for *_, raw in masks[topic]] == [raw for *_, raw in inputs[topic]]
+        colors = masks[f"/{cam}/semantic/color"]
+        assert [m.header for _, _, m, _ in colors] == [m.header for _, _, m, _ in out]
+        assert {(m.encoding, m.step) for _, _, m, _ in colors} == {("rgb8", 3 * 320)}
+        (info,) = masks[f"/{cam}/semantic/label_info"]
+        assert [c["name"] for c in json.loads(info[2].data)["classes"]][:2] == ["Sky", "Building"]
 
 
 def test_a_bag_with_b_frames_gets_every_mask_under_its_own_stamp(tmp_path):
@@ -139,6 +146,46 @@ def test_a_bag_with_b_frames_gets_every_mask_under_its_own_stamp(tmp_path):
     assert front["b_frames"] >= 12 and front["out_of_order"] == 0 and front["no_state"] == 0
     out = read_bag(rec)["/front/semantic/mask"]
     assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in out] == sorted(stamps)
+
+
+def test_a_recorded_b_frame_video_copied_into_a_bag_gets_every_displayed_frame_a_mask(tmp_path):
+    """An MP4 recorded with libx264's B-frames (2, B-pyramid), bagged with ``--copy`` (its own
+    access units, no re-encode): the messages keep the recorded units and their presentation
+    times; eval-bag gives every displayed frame a mask under the input's stamp."""
+    import json
+    from fractions import Fraction
+
+    import av
+    from cvseg_ros.codec.video import read_access_units
+    from conftest import read_rgb
+    require(SMALL_CLIP, "real clip")
+    video = tmp_path / "recorded.mp4"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
+        stream.codec_context.options = {"preset": "veryfast", "x264-params": "keyint=12:bframes=2:threads=1"}
+        for rgb in read_rgb(SMALL_CLIP, 30, (320, 180)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    bag, rec = tmp_path / "bag", tmp_path / "masks"
+    assert main(["bag", "from-video", str(video), str(bag), "--topic", TOPICS[0], "--copy",
+                 "--start-ns", str(START_NS)]) == 0
+    msgs = read_bag(bag)[TOPICS[0]]
+    recorded = list(read_access_units(video))
+    assert [m.data.tobytes() for _, _, m, _ in msgs] == [u.data for u in recorded]      # as recorded
+    stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in msgs]
+    assert stamps != sorted(stamps) and sorted(stamps) == [START_NS + i * 40_000_000 for i in range(30)]
+    assert main(["eval-bag", str(bag), "--record", str(rec), "--device", "cpu", "--threads", "1",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["frames_in"] == result["masks_out"] == 30 and result["cameras"]["front"]["b_frames"] >= 10
+    out = read_bag(rec)["/front/semantic/mask"]
+    assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in out] == sorted(stamps)
+    # a source that is not H.264 cannot be copied: a clear error, exit status 1
+    require(MPEG4_CLIP, "MPEG-4 Part 2 clip")
+    assert main(["bag", "from-video", str(MPEG4_CLIP), str(tmp_path / "b2"), "--topic", "/a/h264", "--copy"]) == 1
 
 
 def test_eval_bag_applies_the_node_policies(made, tmp_path):

@@ -19,15 +19,15 @@ START_NS = 1_700_000_000_000_000_000
 
 
 class BagMessage:
-    def __init__(self, msgtype: str, message) -> None:
-        self.msgtype, self.message = msgtype, message
+    def __init__(self, topic: str, msgtype: str, message) -> None:
+        self.topic, self.msgtype, self.message = topic, msgtype, message
 
 
 def read_messages(bag) -> list[BagMessage]:
     """Every message of a bag in log-time order, deserialised with the project's type store."""
     from rosbags.highlevel import AnyReader
     with AnyReader([bag], default_typestore=typestore()) as reader:
-        return [BagMessage(c.msgtype, reader.deserialize(raw, c.msgtype)) for c, _, raw in reader.messages()]
+        return [BagMessage(c.topic, c.msgtype, reader.deserialize(raw, c.msgtype)) for c, _, raw in reader.messages()]
 
 
 @pytest.mark.parametrize("encoding,fmt", [("libx264", "h264"), ("h264_nvenc", "h264"), ("H264_VAAPI", "h264"),
@@ -58,7 +58,9 @@ def test_a_bag_of_each_type_gets_every_mask_under_its_own_stamp(msg_type, tmp_pa
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["frames_in"] == result["masks_out"] == 24, result
     stamps = sorted(h.stamp.sec * 10**9 + h.stamp.nanosec for _, _, h in unpacked)
-    masks = [m.message for m in read_messages(rec)]
+    recorded = read_messages(rec)
+    masks = [m.message for m in recorded if m.topic == "/front/semantic/mask"]
+    assert {m.msgtype for m in recorded if m.topic == "/front/h264"} == {INPUT_TYPES[msg_type]}   # the input too
     assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in masks] == stamps
     assert {m.header.frame_id for m in masks} == {"front"} and {(m.width, m.height) for m in masks} == {(320, 180)}
 

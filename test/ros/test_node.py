@@ -59,9 +59,11 @@ def live(tmp_path_factory, two_camera_bag):
     """The node (2 cameras, reliable input) in another process, and this process's subscribers."""
     tmp = tmp_path_factory.mktemp("node_run")
     log = tmp / "node.log"
+    colors = tmp / "colors.yaml"
+    colors.write_text("Road: '#ff00ff'\nSky: [1, 2, 3]\n")       # a colour map (as Autoware's)
     proc = start_node(log, ["-p", f"cameras:=[{', '.join(CAMERAS)}]", "-p", "qos_reliability:=reliable",
                             "-p", "queue_depth:=200", "-p", "diagnostics_period:=0.25",
-                            "-p", "batch_window_ms:=20", *checkpoint_args(tmp)], DOMAIN)
+                            "-p", "batch_window_ms:=20", "-p", f"palette:={colors}", *checkpoint_args(tmp)], DOMAIN)
     ros = Ros("cvseg_test", DOMAIN)
     outputs = Outputs(ros.node, CAMERAS)
     try:
@@ -79,6 +81,21 @@ def live(tmp_path_factory, two_camera_bag):
 def _bag_frames(bag):
     from cvseg_ros.ros.bags import iter_compressed
     return list(iter_compressed(bag))
+
+
+def latched_label_info(proc, node, topic: str) -> dict:
+    """The label info a subscriber that joins late gets (transient local), as JSON."""
+    import json
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+    got = []
+    sub = node.create_subscription(String, topic, got.append, QoSProfile(
+        depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    try:
+        wait_until(lambda: got, 10, proc, f"the label info on {topic}")
+    finally:
+        node.destroy_subscription(sub)
+    return json.loads(got[0].data)
 
 
 def test_two_cameras_every_frame_one_mask_and_one_color(live, two_camera_bag):
@@ -105,17 +122,24 @@ def test_two_cameras_every_frame_one_mask_and_one_color(live, two_camera_bag):
             size = size or (msgs[0].width, msgs[0].height)
             assert {(m.width, m.height) for m in msgs} == {size}
         assert size[0] == 320
-    # masks hold class ids (or 255); colours are the palette of those ids
+    # masks hold class ids (or 255); colours are those of the label info (latched: this late
+    # subscriber gets it), the checkpoint's palette with the colour map's Road and Sky
+    info = latched_label_info(proc, ros.node, "/front/semantic/label_info")
+    names = [c["name"] for c in info["classes"]]
+    palette = np.array([c["color"] for c in info["classes"]], np.uint8)
     meta = read_metadata(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None
+    if meta is not None:
+        assert names == meta["classes"] and info["unknown_id"] == 255
+        want = np.asarray(meta["palette"], np.uint8).copy()
+        want[names.index("Road")], want[names.index("Sky")] = (255, 0, 255), (1, 2, 3)
+        assert np.array_equal(palette, want)
     mask_msg, color_msg = outputs.images[("front", "mask")][5], outputs.images[("front", "color")][5]
     mask = np.frombuffer(bytes(mask_msg.data), np.uint8).reshape(mask_msg.height, mask_msg.width)
     color = np.frombuffer(bytes(color_msg.data), np.uint8).reshape(color_msg.height, color_msg.width, 3)
-    if meta is not None:
-        n_classes = len(meta["classes"])
-        assert np.all((mask < n_classes) | (mask == 255))
-        lut = np.zeros((256, 3), np.uint8)
-        lut[:n_classes] = np.asarray(meta["palette"], np.uint8)
-        assert np.array_equal(color, lut[mask])
+    assert np.all((mask < len(names)) | (mask == 255)) and (mask == names.index("Road")).any()
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:len(names)] = palette
+    assert np.array_equal(color, lut[mask])
     # the diagnostics account for every frame
     def settled():
         return all(int(outputs.latest_status(c)[1].get("masks_out", -1)) == len(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "config" / "cvseg.yaml"
 PAPER = REPO / "cvseg_ros" / "checkpoints" / "cvseg_paper.safetensors"   # shipped with the package
+BAD_COLORS = Path(tempfile.mkdtemp(prefix="cvseg_colors_")) / "colors.json"   # a class the model has not
+BAD_COLORS.write_text('{"Lava": [255, 80, 0]}')
 DOMAIN = random.SystemRandom().randint(161, 200)   # this module's own ROS domain
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 wheels missing)")
 
@@ -129,6 +132,8 @@ BAD = [
     pytest.param(["-p", "threads:=-1"], "'threads' must be >= 0", id="negative-threads"),
     pytest.param(["-p", "input_timeout_s:=0"], "input_timeout_s", id="zero-input-timeout"),
     pytest.param(["-p", "front.type:=jpeg"], "front.type", id="unknown-input-type"),
+    pytest.param(["-p", "palette:=/nonexistent/colors.yaml"], "file not found", id="missing-palette"),
+    pytest.param(["-p", f"palette:={BAD_COLORS}"], "unknown class 'Lava'", id="palette-unknown-class"),
     pytest.param(["-p", "p_frame_branch:=false", "-p", f"checkpoint:={PAPER}"], "accumulates the motion",
                  id="no-branch-for-the-paper-model"),
 ]
