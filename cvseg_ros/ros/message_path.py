@@ -114,7 +114,8 @@ class MessagePath:
     def __init__(self, engine, cameras: Iterable[str], *, topics: dict[str, str] | None = None,
                  queue_depth: int = 5, backlog_limit: int | None = None, batch_window_ms: float = 5.0,
                  max_stamp_gap_periods: float = 3.0, input_timeout_s: float = 1.0,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, expected_rates: dict[str, float] | None = None) -> None:
+        """``expected_rates``: per camera, the rate below 80 % of which its diagnostics WARN."""
         self.engine = engine
         self.batch_window_ms = batch_window_ms
         self.input_timeout_s = input_timeout_s
@@ -125,7 +126,8 @@ class MessagePath:
         for name in cameras:
             topic = (topics or {}).get(name, f"/{name}/image_raw/h264")
             self.cameras[name] = CameraState(name, topic, FrameQueue(queue_depth, backlog_limit),
-                                             StampTracker(max_stamp_gap_periods))
+                                             StampTracker(max_stamp_gap_periods),
+                                             expected_rate_hz=float((expected_rates or {}).get(name, 0.0)))
             engine.add_camera(name)
         if not self.cameras:
             raise ValueError("no camera")

@@ -235,7 +235,8 @@ class CvsegNode(Node):
             self.engine, cfg["cameras"], topics={c: cfg[f"{c}.topic"] for c in cfg["cameras"]},
             queue_depth=cfg["queue_depth"], batch_window_ms=cfg["batch_window_ms"],
             max_stamp_gap_periods=cfg["max_stamp_gap_periods"], input_timeout_s=cfg["input_timeout_s"],
-            warn=self.get_logger().warning)
+            warn=self.get_logger().warning,
+            expected_rates={c: cfg[f"{c}.expected_rate_hz"] for c in cfg["cameras"]})
 
         reliability = (ReliabilityPolicy.RELIABLE if cfg["qos_reliability"] == "reliable"
                        else ReliabilityPolicy.BEST_EFFORT)

@@ -209,6 +209,9 @@ PARAMETERS: tuple[Param, ...] = (
           "encoding `libx264`, `h264_nvenc` or another `h264_*`); `auto`: the type the topic is "
           "published with (checked again every diagnostics period), `compressed_image` until one is seen",
           choices=("auto", "compressed_image", "compressed_video", "ffmpeg_packet"), strip=True, lower=True),
+    Param(f"{CAMERA}.expected_rate_hz", "float", 0.0,
+          f"the camera's frame rate: input below 80 % of it turns camera `{CAMERA}`'s diagnostics to "
+          f"WARN (messages lost before the node, a slow camera); 0: not checked", minimum=0.0, maximum=1000.0),
     Param(f"{CAMERA}.camera_info_topic", "string", f"/{CAMERA}/camera_info",
           f"the camera's `sensor_msgs/CameraInfo`; the latest one is republished on "
           f"`{CAMERA}/semantic/camera_info` with each mask's header (its intrinsics scaled to the "

@@ -48,6 +48,8 @@ DROP_REASONS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "qu
 ERROR_COUNTERS = ("wrong_format", "over_limits", "duplicates", "out_of_order", "queue_drops", "awaiting_idr", "decode_errors",
                   "no_state", "engine_errors", "bad_outputs", "publish_errors", "lost_units",
                   "stamp_gaps", "stamp_resets")
+#: input below this share of a camera's expected rate turns its diagnostics to WARN
+SLOW_INPUT = 0.8
 #: Diagnostic levels of a camera's report (``diagnostic_msgs/DiagnosticStatus``'s values).
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
 #: Frames without a mask (decoded, or carried through) a camera's queue hands the engine per batch.
@@ -258,6 +260,7 @@ class CameraState:
     restart_reason: str | None = None      # frames were decoded without a mask: restart at the next
     last_published_stamp: int | None = None
     in_flight: int = 0
+    expected_rate_hz: float = 0.0          # the camera's rate; input below 80 % of it is a WARN (0: none)
     held: dict = field(default_factory=dict)   # stamp_ns -> QueuedFrame whose picture the decoder holds back
     skipped_stamps: deque = field(default_factory=lambda: deque(maxlen=32))   # of queue-skipped messages
     last_error: str = ""
@@ -290,6 +293,7 @@ class CameraState:
         prev = self.prev or dict.fromkeys(c, 0)
         elapsed = max(elapsed or 0.0, 1e-3)
         errors = {k: c[k] - prev.get(k, 0) for k in ERROR_COUNTERS if c[k] > prev.get(k, 0)}
+        rate_in = (c["received"] - prev.get("received", 0)) / elapsed
         level, message = OK, "ok"
         if c["received"] == 0:
             message = f"waiting for {self.topic}"
@@ -304,11 +308,16 @@ class CameraState:
             since = "yet" if self.last_published is None else f"for {now - self.last_published:.1f} s"
             level = WARN
             message = f"input arriving but no mask {since}: {self.last_error or st.get('last_error', '')}"
+        elif self.prev and self.expected_rate_hz and rate_in < SLOW_INPUT * self.expected_rate_hz:
+            level = WARN
+            message = (f"input at {rate_in:.1f} Hz, below the expected {self.expected_rate_hz:g} Hz "
+                       f"(messages lost before the node, or a slow camera)")
         self.prev = c
         lat = self.latency.percentiles(50, 99)
         values = [
             ("topic", self.topic),
-            ("input_rate_hz", f"{(c['received'] - prev.get('received', 0)) / elapsed:.2f}"),
+            ("input_rate_hz", f"{rate_in:.2f}"),
+            ("expected_rate_hz", f"{self.expected_rate_hz:g}"),
             ("output_rate_hz", f"{(c['published'] - prev.get('published', 0)) / elapsed:.2f}"),
             ("latency_ms_p50", f"{lat[0]:.2f}" if lat else "nan"),
             ("latency_ms_p99", f"{lat[1]:.2f}" if lat else "nan"),

@@ -317,6 +317,26 @@ def test_duplicates_and_wrong_format_are_dropped_and_counted(make_engine, gop12_
     assert level == 1 and "wrong_format +1" in message
 
 
+def test_input_below_the_expected_rate_is_a_warning(make_engine, gop12_units):
+    """``expected_rate_hz`` 25: a period in which 10 messages arrive (10 Hz) turns the camera's
+    diagnostics to WARN with the two rates named; at 25 messages a period it is OK again."""
+    cam = Camera(make_engine(), expected_rates={"front": 25.0})
+    sent = 0
+
+    def period(count: int):
+        nonlocal sent
+        for _ in range(count):
+            cam.send(gop12_units[sent], T0 + sent * PERIOD)
+            sent += 1
+        return cam.path.camera_values("front", 1.0)
+    period(5)                                    # the first report: no rate to judge yet
+    level, message, values = period(10)
+    assert level == 1 and "10.0 Hz, below the expected 25 Hz" in message
+    assert dict(values)["expected_rate_hz"] == "25" and dict(values)["input_rate_hz"] == "10.00"
+    level, message, _ = period(21)
+    assert level == 0, message
+
+
 def behind_by_eight(cam: Camera, units) -> dict:
     """The IDR segmented, then eight P-frames queued before the engine runs, then all processed:
     the camera's diagnostics values (its accounting checked)."""

@@ -79,9 +79,10 @@ def test_read_instantiates_the_templates_per_camera_in_the_table_order():
     assert cfg["front.topic"] == "/front/image_raw/h264" and cfg["rear.topic"] == "/rear/x"
     assert cfg["batch_window_ms"] == 7.0 and isinstance(cfg["batch_window_ms"], float)
     assert cfg["device"] == "cpu"
-    assert list(cfg)[:8] == ["cameras", "front.topic", "rear.topic", "front.type", "rear.type",
-                             "front.camera_info_topic", "rear.camera_info_topic", "device"]
-    assert cfg["front.type"] == "auto"
+    assert list(cfg)[:10] == ["cameras", "front.topic", "rear.topic", "front.type", "rear.type",
+                              "front.expected_rate_hz", "rear.expected_rate_hz", "front.camera_info_topic",
+                              "rear.camera_info_topic", "device"]
+    assert cfg["front.type"] == "auto" and cfg["rear.expected_rate_hz"] == 0.0
     assert "class_names" not in cfg
 
 
