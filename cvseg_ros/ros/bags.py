@@ -11,6 +11,7 @@ path offline is :mod:`cvseg_ros.ros.eval_bag`. This module is ROS-free.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import time
@@ -225,24 +226,94 @@ class BagImage:
     raw: bytes = b""          # the message as recorded (CDR)
 
 
+class BagError(ValueError):
+    """A bag that cannot be read; the message names the bag and the reason in one line."""
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+@contextlib.contextmanager
 def _reader(bag: str | Path):
+    """An open rosbags reader of ``bag``; every failure to open it (missing files, unparseable
+    metadata, an unknown storage, a corrupt database, a truncated mcap, ...) a :class:`BagError`."""
     from rosbags.highlevel import AnyReader
     bag = Path(bag)
     if not bag.exists():
         raise FileNotFoundError(f"no such bag: {bag}")
-    return AnyReader([bag], default_typestore=typestore())
+    try:
+        reader = AnyReader([bag], default_typestore=typestore())
+        reader.open()
+    except Exception as exc:  # noqa: BLE001 - rosbags, yaml, sqlite3, mcap, zstd, OSError, ...
+        raise BagError(f"cannot read bag {bag}: {_reason(exc)}") from None
+    try:
+        yield reader
+    finally:
+        try:
+            reader.close()
+        except Exception:  # noqa: BLE001 - closing a damaged bag must not hide the first error
+            pass
 
 
-def iter_compressed(bag: str | Path, topics: Sequence[str] | None = None) -> Iterator[BagImage]:
+@dataclass
+class ReadReport:
+    """What reading a bag met: messages that could not be deserialised (skipped), a read error
+    that ended it early, and the messages its metadata lists but it did not yield."""
+    listed: int = 0
+    read: int = 0
+    undecodable: int = 0
+    read_error: str | None = None
+
+    @property
+    def missing(self) -> int:
+        return max(self.listed - self.read - self.undecodable, 0)
+
+    def warnings(self, bag) -> list[str]:
+        out = []
+        if self.undecodable:
+            out.append(f"bag {bag}: {self.undecodable} message(s) could not be deserialised: skipped")
+        if self.read_error:
+            out.append(f"bag {bag}: reading stopped early: {self.read_error}")
+        if self.missing:
+            out.append(f"bag {bag}: yielded {self.read + self.undecodable} of the {self.listed} messages "
+                       f"its metadata lists")
+        return out
+
+    def as_dict(self) -> dict:
+        return {"listed": self.listed, "read": self.read, "undecodable": self.undecodable,
+                "missing": self.missing, "read_error": self.read_error}
+
+
+def iter_compressed(bag: str | Path, topics: Sequence[str] | None = None,
+                    report: ReadReport | None = None) -> Iterator[BagImage]:
     """Every H.264 message of a bag (any of :data:`.inputs.INPUT_TYPES`; all topics or
-    ``topics``) in log-time order."""
+    ``topics``) in log-time order. A message that cannot be deserialised is skipped and a read
+    error ends the iteration, both noted in ``report`` (with the count the metadata lists)."""
+    report = report if report is not None else ReadReport()
     with _reader(bag) as reader:
         conns = [c for c in reader.connections if c.msgtype in TYPE_NAMES
                  and (topics is None or c.topic in topics)]
-        for conn, log_ns, raw in reader.messages(connections=conns):
-            fmt, data, header = unpack(reader.deserialize(raw, conn.msgtype))
-            yield BagImage(conn.topic, int(log_ns), stamp_ns_of(header), header.frame_id, fmt,
-                           data.tobytes(), header, conn.msgtype, bytes(raw))
+        report.listed = sum(c.msgcount for c in conns)
+        messages = reader.messages(connections=conns)
+        while True:
+            try:
+                conn, log_ns, raw = next(messages)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - a damaged chunk, bad compression, ...
+                report.read_error = f"after {report.read + report.undecodable} message(s): {_reason(exc)}"
+                return
+            try:
+                fmt, data, header = unpack(reader.deserialize(raw, conn.msgtype))
+                image = BagImage(conn.topic, int(log_ns), stamp_ns_of(header), header.frame_id, fmt,
+                                 bytes(data), header, conn.msgtype, bytes(raw))
+            except Exception:  # noqa: BLE001 - undecodable CDR, a field of the wrong kind
+                report.undecodable += 1
+                continue
+            report.read += 1
+            yield image
 
 
 def bag_info(bag: str | Path) -> dict:

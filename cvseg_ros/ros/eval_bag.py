@@ -5,6 +5,7 @@ shows input and masks from together: the input topics as recorded, and per camer
 the label info (``std_msgs/String`` JSON, ``.../label_info``, once)."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,8 @@ import numpy as np
 
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.common import stats
-from cvseg_ros.ros.bags import (IMAGE, STORAGES, _header, _open_writer, bag_info, write_json, camera_from_topic,
-                                iter_compressed, typestore)
+from cvseg_ros.ros.bags import (IMAGE, STORAGES, ReadReport, _header, _open_writer, bag_info, camera_from_topic,
+                                iter_compressed, typestore, write_json)
 from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
 from cvseg_ros.ros.labels import label_info_json
 
@@ -86,11 +87,12 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         busy_s += time.perf_counter() - start
 
     total = 0
+    report = ReadReport()
     wall0 = time.perf_counter()
     try:
         if writer is not None:
             writer.open()
-        for m in iter_compressed(bag, list(cameras)):
+        for m in iter_compressed(bag, list(cameras), report):
             cam = cameras[m.topic]
             if len(path.cameras[cam].queue):     # this camera's last frame first: never behind
                 drain()
@@ -124,6 +126,8 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         "engine_fps": round(masks_out / busy_s, 2) if busy_s > 0 else None,
         "latency_ms_p50": stats.percentile(latencies, 50, 3), "latency_ms_p99": stats.percentile(latencies, 99, 3),
         "cameras": per_camera, "record": str(record) if record else None,
+        "read": report.as_dict(), "complete": max_frames is not None or not report.warnings(bag),
+        "warnings": report.warnings(bag),
     }
 
 
@@ -150,5 +154,7 @@ def _eval_main(args) -> int:
             print(f"{key:>16}: {value}")
     for cam, st in result["cameras"].items():
         print(f"{cam:>16}: {st}")
+    for warning in result["warnings"]:
+        print(f"cvseg eval-bag: warning: {warning}", file=sys.stderr)
     write_json(args.json_out, result)
     return 0

@@ -267,3 +267,97 @@ def test_replay_publishes_every_message_with_its_timing(made):
         span = times[-1] - times[0]
         expected = (FRAMES - 1) / FPS / rate
         assert expected * 0.8 < span < expected + 1.0, f"{topic}: {span:.2f} s for {expected:.2f} s of bag"
+
+
+# -- damaged bags: one clear line, never a traceback; what could be read is read ---------------------
+
+@pytest.fixture(scope="module")
+def good_bags(tmp_path_factory):
+    require(SMALL_CLIP, "real clip")
+    root = tmp_path_factory.mktemp("good_bags")
+    for storage in ("mcap", "sqlite3"):
+        assert main(["bag", "from-video", str(SMALL_CLIP), str(root / storage), "--topic", TOPICS[0], "--storage",
+                     storage, "--max-frames", "24", "--width", "320", "--start-ns", str(START_NS)]) == 0
+    return root
+
+
+def _damage(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    data_file = next(p for p in dst.iterdir() if p.suffix in (".mcap", ".db3"))
+    meta = dst / "metadata.yaml"
+    if how == "truncated":
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    elif how == "corrupt":
+        data = bytearray(data_file.read_bytes())
+        data[100:4000] = bytes(range(256)) * 15 + bytes(60)
+        data_file.write_bytes(bytes(data))
+    elif how == "unknown_storage":
+        meta.write_text(meta.read_text().replace("storage_identifier: mcap", "storage_identifier: foo"))
+    elif how == "bad_metadata":
+        meta.write_text("rosbag2_bagfile_information: [unclosed\n  :: -")
+    elif how == "bad_compression":
+        meta.write_text(meta.read_text().replace("compression_format: ''", "compression_format: zstd")
+                        .replace("compression_mode: ''", "compression_mode: file"))
+    elif how == "missing_file":
+        data_file.unlink()
+    return dst
+
+
+@pytest.mark.parametrize("storage,how,needle", [
+    ("mcap", "truncated", "magic"), ("sqlite3", "corrupt", "malformed"), ("mcap", "unknown_storage", "'foo'"),
+    ("mcap", "bad_metadata", "YAML"), ("mcap", "bad_compression", "Zstandard"), ("mcap", "missing_file", "missing"),
+])
+def test_an_unreadable_bag_is_one_clear_error(good_bags, tmp_path, capsys, storage, how, needle):
+    bag = _damage(good_bags / storage, tmp_path / how, how)
+    for argv in (["eval-bag", str(bag), "--device", "cpu", "--threads", "1"], ["bag", "info", str(bag)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot read bag {bag}" in err and needle in err, err
+
+
+def test_a_bag_damaged_inside_is_read_as_far_as_it_goes_and_says_so(good_bags, tmp_path, capsys):
+    """20 KB zeroed in the middle of an mcap: what precedes the damage is read, then a warning
+    names the read error and how many of the listed messages the bag yielded; not complete."""
+    import json
+    bag = tmp_path / "zeroed"
+    import shutil
+    shutil.copytree(good_bags / "mcap", bag)
+    data_file = next(bag.glob("*.mcap"))
+    data = bytearray(data_file.read_bytes())
+    middle = len(data) // 2
+    data[middle - 10_000: middle + 10_000] = bytes(20_000)
+    data_file.write_bytes(bytes(data))
+    assert main(["eval-bag", str(bag), "--device", "cpu", "--threads", "1", "--json", str(tmp_path / "e.json")]) == 0
+    err = capsys.readouterr().err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert not result["complete"] and result["read"]["missing"] > 0 and result["read"]["listed"] == 24
+    assert result["masks_out"] == result["frames_in"] == result["read"]["read"] < 24
+    assert "warning" in err and "of the 24 messages its metadata lists" in err
+
+
+def test_an_undecodable_message_is_skipped_and_counted(tmp_path, capsys):
+    """One message whose bytes are not a CompressedImage among good ones: the others are all
+    segmented, the bad one counted and warned about."""
+    import json
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from cvseg_ros.codec.video import encode_frames
+    from cvseg_ros.ros.bags import COMPRESSED_IMAGE, _header, typestore
+    from conftest import read_rgb
+    require(SMALL_CLIP, "real clip")
+    ts = typestore()
+    units = encode_frames(read_rgb(SMALL_CLIP, 12, (320, 180)), gop=12)
+    bag = tmp_path / "bag"
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        conn = writer.add_connection(TOPICS[0], COMPRESSED_IMAGE, typestore=ts)
+        for i, unit in enumerate(units):
+            stamp = START_NS + i * 40_000_000
+            msg = ts.types[COMPRESSED_IMAGE](header=_header(ts, stamp, "front"), format="h264",
+                                             data=np.frombuffer(unit, np.uint8))
+            raw = ts.serialize_cdr(msg, COMPRESSED_IMAGE)
+            writer.write(conn, stamp, b"\x00\x01\x00\x00" + b"\xff" * 7 if i == 6 else raw)
+    assert main(["eval-bag", str(bag), "--device", "cpu", "--threads", "1", "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["read"]["undecodable"] == 1 and result["read"]["read"] == 11 and not result["complete"]
+    assert result["frames_in"] == 11 == result["masks_out"]     # the state restarts after the lost picture
+    assert "could not be deserialised" in capsys.readouterr().err
