@@ -269,6 +269,7 @@ class MessagePath:
                         engine.decode_only(cam.name, item.data, item.stamp_ns)
                     except Exception as exc:  # noqa: BLE001
                         cam.last_error = f"decoder failure: {type(exc).__name__}: {exc}"
+                    cam.skipped_stamps.append(item.stamp_ns)   # its picture may come out later
                     cam.count("queue_drops", error="engine behind: the state restarts when it has caught up "
                                                    "or at the next IDR")
                     continue

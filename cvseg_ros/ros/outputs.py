@@ -36,10 +36,9 @@ def masks_of(engine, cam: CameraState, item: QueuedFrame | None, before: dict, r
             own.append(res)
         elif message is None and res.stamp in cam.skipped_stamps:
             continue                # a queue-skipped message's picture (counted in queue_drops)
-        elif message is None:
-            cam.count("bad_outputs", error=f"mask stamp {res.stamp} is not the message's "
-                                           f"{getattr(item, 'stamp_ns', None)} nor a held message's")
-            engine.mark_discontinuity(cam.name, "bad output")
+        elif message is None:           # a picture of a message whose outcome is counted already
+            cam.count("extra_frames", error=f"a picture under stamp {res.stamp}, which is not the message's "
+                                            f"{getattr(item, 'stamp_ns', None)} nor a held message's: not published")
         else:
             out = _checked(engine, cam, message, before, [res])
             if out is not None:

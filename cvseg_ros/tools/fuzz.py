@@ -3,10 +3,12 @@
 Each *episode* continues the same camera: a window of clean access units of a real clip is
 mutated (bit flips, truncation, duplication, reordering, losses, random bytes, empty messages,
 wrong ``format``, spliced / concatenated / foreign units, damaged or removed parameter sets, stamps
-that go back, repeat or jump) and sent as ``CompressedImage`` messages through
-:class:`~cvseg_ros.ros.message_path.MessagePath` (sometimes in bursts that overflow the queue); then
-a clean run starting at an IDR (of the same clip, another clip, another resolution or another
-encoder: a camera restart) is sent. Checked after every episode:
+that go back, repeat or jump) and sent through :class:`~cvseg_ros.ros.message_path.MessagePath`
+(sometimes in bursts that overflow the queue) as ``CompressedImage``, ``CompressedVideo`` or
+``FFMPEGPacket`` messages (one type per episode); one source has B-frames, stamped as a camera
+stamps them (their pictures' times, so they go back). Then a clean run starting at an IDR (of the
+same clip, another clip, another resolution or another encoder, without B-frames: a camera
+restart) is sent. Checked after every episode:
 
 - nothing raised (``crashes``) and the engine never failed (``engine_errors``);
 - every mask has the size of its decoded frame and the stamp of its own message; stamps of the
@@ -17,7 +19,8 @@ encoder: a camera restart) is sent. Checked after every episode:
   clip's size, and every clean P-frame after it a mask;
 - the reader alone: every H.264 message also goes to a bare reader (no message-path policy), which
   must never raise, account for every unit, and decode the clean run (an I-frame with the state
-  reset at the IDR, then one frame per unit).
+  reset at the IDR, then one frame per unit; at the IDR the pictures a B-frame window left held
+  come out first).
 
 The mutated units are counted (``mutated_units``): ``--iterations N`` runs episodes until N have
 been sent. Deterministic for a ``--seed``. Exit status 1 on any failure (the first ones are
@@ -25,6 +28,7 @@ described in the JSON report).
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -37,6 +41,31 @@ from cvseg_ros.codec.decoder import accounted_units
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.tools.mutations import (DEFAULT_CLIPS, FALLBACK_VIDEO, PERIOD_NS, START_NS, Msg, Source,
                                        default_videos, load_sources, mutate)
+
+INPUT_TYPE_NAMES = ("compressed_image", "compressed_video", "ffmpeg_packet")
+
+
+@functools.lru_cache(maxsize=1)
+def _typestore():
+    from cvseg_ros.ros.bags import typestore
+    return typestore()
+
+
+def as_input_type(kind: str, msg: Msg, frame_id: str):
+    """``msg`` as a rosbags ``CompressedVideo`` or ``FFMPEGPacket`` (its format as the encoding:
+    ``h264`` as one of the encoder names that denote it, anything else as it is)."""
+    import numpy as np
+
+    from cvseg_ros.ros.bags import _header, _stamp
+    from cvseg_ros.ros.inputs import INPUT_TYPES
+    ts = _typestore()
+    data = np.frombuffer(msg.data, np.uint8)
+    if kind == "compressed_video":
+        return ts.types[INPUT_TYPES[kind]](timestamp=_stamp(ts, msg.stamp_ns), frame_id=frame_id, data=data,
+                                           format=msg.fmt)
+    encoding = {"h264": "libx264", "avc": "h264_nvenc"}.get(msg.fmt, msg.fmt)
+    return ts.types[INPUT_TYPES[kind]](header=_header(ts, msg.stamp_ns, frame_id), width=0, height=0,
+                                       encoding=encoding, pts=0, flags=0, is_bigendian=False, data=data)
 
 
 # -- the harness -----------------------------------------------------------------------------------
@@ -59,6 +88,7 @@ class FuzzReport:
     recovered: int = 0
     recovery_failures: int = 0
     ops: dict = field(default_factory=dict)
+    input_types: dict = field(default_factory=dict)   # episodes per input message type
     outcomes: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
     wall_s: float = 0.0
@@ -98,6 +128,7 @@ class FuzzHarness:
         self.report = report or FuzzReport()
         self.clock = START_NS
         self.last_mask: tuple[int, int] | None = None     # (stamp, stamp epoch) of the last mask
+        self.input_type = "compressed_image"
 
     # -- sending --------------------------------------------------------------------------------------
     def _send(self, msg: Msg, drain: bool = True) -> list:
@@ -118,7 +149,9 @@ class FuzzHarness:
                 rep.fail("reader_crash", f"{msg.op or 'clean'}: {type(exc).__name__}: {exc}\n"
                                          f"{traceback.format_exc(limit=8)}")
         try:
-            self.path.receive(self.camera, make_message(msg.data, msg.stamp_ns, msg.fmt, self.camera))
+            self.path.receive(self.camera, as_input_type(self.input_type, msg, self.camera)
+                              if self.input_type != "compressed_image" else
+                              make_message(msg.data, msg.stamp_ns, msg.fmt, self.camera))
             return self.drain() if drain else []
         except Exception as exc:  # noqa: BLE001 - this is what the fuzzer looks for
             rep.crashes += 1
@@ -161,9 +194,17 @@ class FuzzHarness:
         rep.episodes += 1
         before = dict(self.path.cameras[self.camera].counts)
         failures_before = len(rep.failures), rep.crashes, rep.bad_outputs, rep.stale_outputs
+        self.input_type = rng.choice(INPUT_TYPE_NAMES)   # as CompressedImage, CompressedVideo or FFMPEGPacket
+        rep.input_types[self.input_type] = rep.input_types.get(self.input_type, 0) + 1
         src = rng.choice(self.sources)
         start = rng.randrange(len(src.units))
-        window = [Msg(u, self._tick()) for u in src.units[start: start + rng.randint(1, max_window)]]
+        units = src.units[start: start + rng.randint(1, max_window)]
+        if src.reorders:    # stamped as a camera stamps B-frames: each with its picture's time
+            shown = src.presentation[start: start + len(units)]
+            base = self.clock + PERIOD_NS * (1 - min(shown))
+            window = [Msg(u, base + k * PERIOD_NS) for u, k in zip(units, shown)]
+        else:
+            window = [Msg(u, self._tick()) for u in units]
         for _ in range(rng.randint(1, len(window) + 1)):
             op = mutate(rng, window, self.sources)
             rep.ops[op] = rep.ops.get(op, 0) + 1
@@ -173,10 +214,12 @@ class FuzzHarness:
             self._send(msg, drain=not burst)
         self.drain()
         # the clean run: from an IDR of some clip (a camera restart when it is another one)
-        tail_src = rng.choice(self.sources)
+        # (a source without B-frames: each clean unit's mask is checked as it is sent)
+        clean = [s for s in self.sources if not s.reorders] or self.sources
+        tail_src = rng.choice(clean)
         last = self.path.cameras[self.camera].last_data
         starts = [(tail_src, i) for i in tail_src.idr if tail_src.units[i] != last] or \
-            [(s, i) for s in self.sources for i in s.idr if s.units[i] != last]
+            [(s, i) for s in clean for i in s.idr if s.units[i] != last]
         tail_src, q = rng.choice(starts)     # (never the bytes just accepted: that is a duplicate)
         tail = tail_src.units[q: q + rng.randint(1, max_tail)]
         tail = tail[: next((k for k in range(1, len(tail)) if k + q in tail_src.idr), len(tail))]
@@ -184,13 +227,16 @@ class FuzzHarness:
         for k, unit in enumerate(tail):
             stamp = self._tick()
             outs = self._send(Msg(unit, stamp))
-            r = self.reader_out
+            # the unit's own picture; at the IDR a reader left reordering by a B-frame window gives
+            # out the pictures it held first, under their own (earlier) messages' stamps
+            held, r = [f for f in self.reader_out if f.stamp != stamp], [f for f in self.reader_out if f.stamp == stamp]
             if reader_ok and (len(r) != 1 or (r[0].width, r[0].height) != (tail_src.width, tail_src.height)
-                              or (k == 0 and not (r[0].kind == "I" and r[0].reset))):
+                              or (k == 0 and not (r[0].kind == "I" and r[0].reset))
+                              or (held and k > 0)):
                 reader_ok = False
                 rep.reader_recovery_failures += 1
                 rep.fail("reader_recovery", f"bare reader on clean unit {k} of {tail_src.name}: "
-                                            f"{[(f.kind, f.reset, f.width, f.height) for f in r]}; "
+                                            f"{[(f.kind, f.reset, f.width, f.height) for f in self.reader_out]}; "
                                             f"{self.reader.stats.last_error}")
             mine = [o for o in outs if o.stamp_ns == stamp]
             if len(mine) != 1:

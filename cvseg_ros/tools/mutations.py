@@ -29,6 +29,11 @@ class Source:
     width: int
     height: int
     idr: list[int] = field(default_factory=list)     # positions of the IDR units
+    presentation: list[int] | None = None            # display index of each unit (B-frames); None: in order
+
+    @property
+    def reorders(self) -> bool:
+        return self.presentation is not None and self.presentation != sorted(self.presentation)
 
     def __post_init__(self) -> None:
         self.idr = [i for i, u in enumerate(self.units) if any(t == NAL_IDR for _, t, _ in nal_units(u))]
@@ -45,8 +50,9 @@ def _size_of(unit: bytes) -> tuple[int, int]:
 
 
 def encoded_source(video: Path, width: int, frames: int, gop: int, preset: str = "veryfast",
-                   crf: int = 23, tag: str = "") -> Source:
-    """``frames`` frames of a real video re-encoded (libx264, I/P, GOP ``gop``) at ``width``."""
+                   crf: int = 23, tag: str = "", bframes: int = 0) -> Source:
+    """``frames`` frames of a real video re-encoded (libx264, GOP ``gop``, I/P or ``bframes``
+    B-frames) at ``width``."""
     import cv2
 
     from cvseg_ros.codec.video import H264Encoder, even_size, read_frames
@@ -55,13 +61,13 @@ def encoded_source(video: Path, width: int, frames: int, gop: int, preset: str =
         height = max(2, round(rgb.shape[0] * width / rgb.shape[1]))
         rgb = even_size(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA))
         if encoder is None:
-            encoder = H264Encoder(rgb.shape[1], rgb.shape[0], fps=25, gop=gop, crf=crf, preset=preset)
+            encoder = H264Encoder(rgb.shape[1], rgb.shape[0], fps=25, gop=gop, crf=crf, preset=preset, bframes=bframes)
         units.extend(encoder.encode(rgb))
     if encoder is None:
         raise ValueError(f"{video}: no frames")
     units.extend(encoder.flush())
     w, h = _size_of(units[0])
-    return Source(f"{video.name}@{w}x{h}{tag}", units, w, h)
+    return Source(f"{video.name}@{w}x{h}{tag}", units, w, h, presentation=list(encoder.presentation) if bframes else None)
 
 
 def native_source(video: Path, frames: int) -> Source:
@@ -85,7 +91,8 @@ def default_videos() -> list[Path]:
 def load_sources(videos: Sequence[str | Path], *, width: int = 320, frames: int = 36, gop: int = 12,
                  native: bool = True) -> list[Source]:
     """Re-encoded sources (one per video), a second encoder (other SPS/PPS, other size) of the
-    first video, and (``native``) the first H.264 clip's own access units."""
+    first video, the first video with 2 B-frames, and (``native``) the first H.264 clip's own
+    access units."""
     import av
 
     videos = [Path(v) for v in videos]
@@ -96,6 +103,7 @@ def load_sources(videos: Sequence[str | Path], *, width: int = 320, frames: int 
     other = max(64, (int(width * 0.75) // 16) * 16)
     sources.append(encoded_source(videos[0], other, frames, max(4, gop // 2), preset="ultrafast", crf=30,
                                   tag=" ultrafast"))
+    sources.append(encoded_source(videos[0], width, frames, gop, tag=" bframes", bframes=2))
     if native:
         for v in videos:
             with av.open(str(v)) as container:
