@@ -33,8 +33,12 @@ class PictureStamps:
 
     def claim(self, frames) -> list[tuple[Any, Any]]:
         """``(frame, stamp)`` of the frames whose units are held (the others' units were counted
-        already)."""
-        return [(f, self._stamps.pop(f.pts)) for f in frames if f.pts in self._stamps]
+        already); those units are no longer held. Several pictures of one unit (a message that
+        holds more than one access unit) share its stamp."""
+        out = [(f, self._stamps[f.pts]) for f in frames if f.pts in self._stamps]
+        for f in frames:
+            self._stamps.pop(f.pts, None)
+        return out
 
     def expire(self, newest: int) -> int:
         """Forget the units held longer than any picture buffer holds a picture; how many."""

@@ -24,7 +24,6 @@ start-up and checked from it; ``config/cvseg.yaml`` sets each of them.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import threading
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
@@ -46,6 +44,7 @@ from std_msgs.msg import Header, String
 from cvseg_ros.ros import params
 from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
 from cvseg_ros.ros.labels import label_info_json, read_color_map
+from cvseg_ros.ros.messages import camera_info_for, image_message, make_bridge, message_class
 from cvseg_ros.ros.message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
 
 NODE_NAME = "cvseg_node"
@@ -59,45 +58,7 @@ class StartupError(Exception):
     """A bad configuration: the node logs the message and exits with status 1."""
 
 
-# -- helpers -------------------------------------------------------------------------------------
-
-def image_message(array: np.ndarray, encoding: str, header, bridge=None) -> Image:
-    """``sensor_msgs/Image`` from a HxW (mono8) or HxWx3 (rgb8) uint8 array, with ``header``."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    if bridge is not None:
-        msg = bridge.cv2_to_imgmsg(array, encoding=encoding)
-        msg.header = header
-        return msg
-    msg = Image()
-    msg.header = header
-    msg.height, msg.width = int(array.shape[0]), int(array.shape[1])
-    msg.encoding = encoding
-    msg.is_bigendian = 0
-    msg.step = int(array.strides[0])
-    msg.data = array.tobytes()
-    return msg
-
-
-def _make_bridge():
-    """A ROS 2 ``cv_bridge.CvBridge`` when importable and working, else None (plain fields)."""
-    try:
-        from cv_bridge import CvBridge  # type: ignore
-        bridge = CvBridge()
-        probe = bridge.cv2_to_imgmsg(np.zeros((2, 2), np.uint8), encoding="mono8")
-        if not isinstance(probe, Image):   # e.g. the ROS 1 package from PyPI
-            return None
-        return bridge
-    except Exception:  # noqa: BLE001 - absent or broken (the PyPI ROS 1 build): fall back
-        return None
-
-
 # -- the node -----------------------------------------------------------------------------------
-
-def message_class(ros_type: str):
-    """The rclpy class of ``pkg/msg/Name``; ImportError where its package is not installed."""
-    package, _, name = ros_type.split("/")
-    return getattr(importlib.import_module(f"{package}.msg"), name)
-
 
 @dataclass
 class _Input:
@@ -113,24 +74,6 @@ class _Outputs:
     camera_info: Any = None
     label_info: Any = None
     latest_info: Any = None    # the camera's latest CameraInfo (set by its subscription)
-
-
-def camera_info_for(info: CameraInfo, header, width: int, height: int) -> CameraInfo:
-    """``info`` under ``header`` for an image of ``width`` x ``height``: K and P scaled where the
-    size differs from ``info``'s (distortion, R and the binning are kept)."""
-    out = CameraInfo()
-    out.header = header
-    out.distortion_model, out.d, out.r = info.distortion_model, info.d, info.r
-    out.binning_x, out.binning_y, out.roi = info.binning_x, info.binning_y, info.roi
-    sx = width / info.width if info.width else 1.0
-    sy = height / info.height if info.height else 1.0
-    k, p = list(info.k), list(info.p)
-    for row, scale in ((0, sx), (1, sy)):
-        k[3 * row: 3 * row + 3] = [v * scale for v in k[3 * row: 3 * row + 3]]
-        p[4 * row: 4 * row + 4] = [v * scale for v in p[4 * row: 4 * row + 4]]
-    out.k, out.p = k, p
-    out.width, out.height = width, height
-    return out
 
 
 _ROS_TYPES = {"bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
@@ -230,7 +173,7 @@ class CvsegNode(Node):
                 raise StartupError(f"parameter 'palette': {exc}") from None
         self.declare_parameter("class_names", class_names, descriptor(params.BY_NAME["class_names"]),
                                ignore_override=True)
-        self._bridge = _make_bridge()
+        self._bridge = make_bridge()
         self.path = MessagePath(
             self.engine, cfg["cameras"], topics={c: cfg[f"{c}.topic"] for c in cfg["cameras"]},
             queue_depth=cfg["queue_depth"], batch_window_ms=cfg["batch_window_ms"],

@@ -22,7 +22,7 @@ rclpy = pytest.importorskip("rclpy", reason="rclpy is not importable (ROS 2 whee
 
 from ros_helpers import Outputs, Ros, checkpoint_args, start_node, stop_node, stop_node_cleanly, wait_until  # noqa: E402
 
-from cvseg_ros.ros.node import image_message  # noqa: E402
+from cvseg_ros.ros.messages import image_message  # noqa: E402
 
 
 # -- helpers without DDS (the queue and stamp policies: test_policies.py) -------------------------
