@@ -104,7 +104,7 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> Iterator[np.
 
 
 class H264Encoder:
-    """libx264, I/P only (no B-frames), one reference frame, fixed GOP, zero latency.
+    """libx264, fixed GOP: I/P only (one reference frame, zero latency) unless ``bframes``.
 
     ``encode(rgb) -> list[bytes]`` returns the Annex B access units ready so far (zero-latency:
     one per frame); every IDR repeats SPS/PPS so a receiver can join at any GOP. ``bframes > 0``:
