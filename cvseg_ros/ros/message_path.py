@@ -41,7 +41,6 @@ import time
 from types import SimpleNamespace
 from typing import Callable, Iterable
 
-
 from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_count, nal_unit_types
 from cvseg_ros.codec.limits import StreamLimits
 from cvseg_ros.codec.h264_syntax import SLICE_B, first_slice_type

@@ -13,7 +13,7 @@ from cvseg_ros.ros.policies import CameraState, QueuedFrame
 
 @dataclass
 class MaskOutput:
-    """A mask ready to publish, with the header of the message it was computed from."""
+    """A mask ready to publish, with the header of the message its picture was coded in."""
     camera: str
     header: Any
     stamp_ns: int
@@ -43,14 +43,12 @@ def masks_of(engine, cam: CameraState, item: QueuedFrame | None, before: dict, r
             out = _checked(engine, cam, message, before, [res])
             if out is not None:
                 outs.append(out)
-    if item is None:
-        pass
-    elif own or item.stamp_ns not in engine.held_stamps(cam.name):
+    if item is not None and not own and item.stamp_ns in engine.held_stamps(cam.name):
+        cam.held[item.stamp_ns] = item      # its picture comes out with a later message
+    elif item is not None:
         out = _checked(engine, cam, item, before, own)
         if out is not None:
             outs.append(out)
-    else:
-        cam.held[item.stamp_ns] = item
     settle_held(engine, cam, "no_output", "the decoder gave no picture for a message it held back")
     return outs
 
@@ -63,6 +61,7 @@ def settle_held(engine, cam: CameraState, reason: str, error: str) -> None:
         for stamp in [s for s in cam.held if s not in waiting]:
             del cam.held[stamp]
             cam.count(reason, error=error)
+
 
 def _checked(engine, cam: CameraState, item: QueuedFrame, before: dict, results: list) -> MaskOutput | None:
     """The mask of ``item``, checked; or None with the reason counted."""
