@@ -165,6 +165,11 @@ class CvsegNode(Node):
                                              decode_threads=cfg["decode_threads"] or None)
         except Exception as exc:  # noqa: BLE001 - CheckpointError, ValueError, RuntimeError, ...
             raise StartupError(f"cannot start the segmentation engine: {exc}") from None
+        if self.engine.device.type != "cuda":       # (on CUDA the engine did it)
+            start = time.monotonic()
+            sizes = self.engine.warm_up_device()
+            self.get_logger().info(f"networks warmed up at {', '.join(f'{w}x{h}' for h, w in sizes)} "
+                                   f"in {time.monotonic() - start:.2f} s")
         class_names = list(self.engine.class_names)
         if cfg["palette"]:
             try:

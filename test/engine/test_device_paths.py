@@ -119,11 +119,12 @@ def test_the_warm_up_runs_every_path_and_touches_no_camera(two_cameras, setting)
         engine = SegmentationEngine(CHECKPOINTS["improved"], device="cpu", **setting)
         steps, p_frame = [], engine.model.p_frame
         engine.model.p_frame = lambda *a, **k: steps.append(k["motion_vectors"].shape) or p_frame(*a, **k)
-        engine.warm_up_device((360, 480))
-        engine.warm_up_device()
+        assert engine.warm_up_device((360, 480)) == [(360, 480)]
+        assert engine.warm_up_device() == [(360, 640), (360, 480)]     # 16:9 and 4:3 at the work height
         assert engine.cameras == []
         uses_p_frames = setting.get("mode", "compressed") == "compressed"
-        assert steps == ([(1, 2, 90, 120)] * 2 + [(1, 2, 90, 160)] * 2 if uses_p_frames else []), steps
+        assert steps == ([(1, 2, 90, 120)] * 2 + [(1, 2, 90, 160)] * 2 + [(1, 2, 90, 120)] * 2
+                         if uses_p_frames else []), steps
         warmed = run(engine, single)
         fresh = run(SegmentationEngine(CHECKPOINTS["improved"], device="cpu", **setting), single)
     assert all(np.array_equal(a, b) for a, b in zip(warmed, fresh))
