@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cvseg_ros.codec.annexb import NAL_IDR, NAL_PPS, NAL_SLICE, NAL_SPS, nal_units
+from cvseg_ros.codec.annexb import NAL_IDR, NAL_PPS, NAL_SLICE, NAL_SPS, nal_unit_spans, nal_units
 
 _HIGH_PROFILES = (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135)
 _SLICE_HEADER_BYTES = 48      # frame_num lies well within the first bytes of a slice NAL
@@ -181,13 +181,14 @@ def parse_slice(nal_type: int, ref_idc: int, payload: bytes, sps: dict[int, SPS]
 SLICE_B = 1   # slice_type % 5 of a bi-predicted slice (B)
 
 
-def first_slice_type(data: bytes) -> int | None:
+def first_slice_type(data: bytes, spans: list[tuple[int, int]] | None = None) -> int | None:
     """``slice_type % 5`` of an access unit's first slice (0 P, 1 B, 2 I, 3 SP, 4 SI), or None
-    when it has no slice that parses. Needs no parameter set: the type precedes the PPS id."""
-    for _, nal_type, payload in nal_units(data):
-        if nal_type in (NAL_SLICE, NAL_IDR):
+    when it has no slice that parses. Needs no parameter set: the type precedes the PPS id. Reads
+    the first bytes of that slice only (``spans``: the unit's NAL spans, when known)."""
+    for start, end in nal_unit_spans(data) if spans is None else spans:
+        if data[start] & 0x1F in (NAL_SLICE, NAL_IDR):
             try:
-                r = BitReader(rbsp(payload[:16]))
+                r = BitReader(rbsp(data[start + 1: min(end, start + 17)]))
                 r.ue()                               # first_mb_in_slice
                 slice_type = r.ue()
             except (H264SyntaxError, IndexError, ValueError):

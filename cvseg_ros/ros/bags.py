@@ -185,30 +185,33 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
                                 start_ns=start_ns, crf=crf, info_out=i, bframes=bframes)
                    for v, t, f, i in zip(videos, topics, frame_ids, infos)]
     info_of = {i["topic"]: i for i in infos}
+    sent = dict.fromkeys(topics, 0)
     with _open_writer(out, storage) as writer:
         conns = {t: writer.add_connection(t, ros_type, typestore=ts) for t in topics}
         for log_ns, stamp_ns, topic, frame_id, unit in heapq.merge(*streams, key=lambda x: x[0]):
-            msg = _h264_message(ts, msg_type, unit, stamp_ns, frame_id, info_of[topic])
+            msg = h264_message(ts, msg_type, unit, stamp_ns, frame_id, width=info_of[topic]["width"],
+                               height=info_of[topic]["height"], pts=sent[topic])
+            sent[topic] += 1
             writer.write(conns[topic], log_ns, ts.serialize_cdr(msg, ros_type))
     return {"bag": str(out), "storage": storage, "gop": None if copy else gop, "bframes": None if copy else bframes,
             "copied": copy, "type": ros_type,
             "start_ns": start_ns, "topics": infos}
 
 
-def _h264_message(ts, msg_type: str, unit: bytes, stamp_ns: int, frame_id: str, info: dict):
-    """One access unit as a message of ``msg_type``, as the camera drivers and transports that
-    publish that type fill it."""
+def h264_message(ts, msg_type: str, unit: bytes, stamp_ns: int, frame_id: str, *, fmt: str = "h264",
+                 width: int = 0, height: int = 0, pts: int = 0):
+    """One access unit as a rosbags message of ``msg_type`` (:data:`.inputs.INPUT_TYPES`), as the
+    drivers and transports that publish that type fill it; ``fmt`` its format (an FFMPEGPacket's
+    encoding: ``libx264`` for ``h264``, else ``fmt`` itself)."""
     data = np.frombuffer(unit, dtype=np.uint8)
+    cls = ts.types[INPUT_TYPES[msg_type]]
     if msg_type == "compressed_video":
-        return ts.types[INPUT_TYPES[msg_type]](timestamp=_stamp(ts, stamp_ns), frame_id=frame_id, data=data,
-                                               format="h264")
+        return cls(timestamp=_stamp(ts, stamp_ns), frame_id=frame_id, data=data, format=fmt)
     if msg_type == "ffmpeg_packet":
-        info["pts"] = info.get("pts", -1) + 1
-        return ts.types[INPUT_TYPES[msg_type]](
-            header=_header(ts, stamp_ns, frame_id), width=info["width"], height=info["height"],
-            encoding="libx264", pts=info["pts"], flags=int(NAL_IDR in nal_unit_types(unit)),
-            is_bigendian=False, data=data)
-    return ts.types[COMPRESSED_IMAGE](header=_header(ts, stamp_ns, frame_id), format="h264", data=data)
+        return cls(header=_header(ts, stamp_ns, frame_id), width=width, height=height,
+                   encoding="libx264" if fmt == "h264" else fmt, pts=pts,
+                   flags=int(NAL_IDR in nal_unit_types(unit)), is_bigendian=False, data=data)
+    return cls(header=_header(ts, stamp_ns, frame_id), format=fmt, data=data)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -265,10 +268,11 @@ class ReadReport:
     read: int = 0
     undecodable: int = 0
     read_error: str | None = None
+    stopped: bool = False     # the caller stopped reading on purpose (e.g. a message limit)
 
     @property
     def missing(self) -> int:
-        return max(self.listed - self.read - self.undecodable, 0)
+        return 0 if self.stopped else max(self.listed - self.read - self.undecodable, 0)
 
     def warnings(self, bag) -> list[str]:
         out = []

@@ -102,6 +102,7 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
             path.receive(cam, make_message(m.data, m.stamp_ns, m.format, m.frame_id))
             total += 1
             if max_frames is not None and total >= max_frames:
+                report.stopped = True
                 break
         drain()
         finish()
@@ -126,7 +127,7 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         "engine_fps": round(masks_out / busy_s, 2) if busy_s > 0 else None,
         "latency_ms_p50": stats.percentile(latencies, 50, 3), "latency_ms_p99": stats.percentile(latencies, 99, 3),
         "cameras": per_camera, "record": str(record) if record else None,
-        "read": report.as_dict(), "complete": max_frames is not None or not report.warnings(bag),
+        "read": report.as_dict(), "complete": not report.warnings(bag),
         "warnings": report.warnings(bag),
     }
 

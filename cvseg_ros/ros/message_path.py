@@ -41,7 +41,7 @@ import time
 from types import SimpleNamespace
 from typing import Callable, Iterable
 
-from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_count, nal_unit_types
+from cvseg_ros.codec.annexb import NAL_IDR, UnsupportedStreamError, check_format, nal_unit_count, nal_unit_spans
 from cvseg_ros.codec.limits import StreamLimits
 from cvseg_ros.codec.h264_syntax import SLICE_B, first_slice_type
 from cvseg_ros.ros.policies import (DROP_REASONS, ERROR, ERROR_COUNTERS, LATE_LIMIT, OK, STALE, WARN,
@@ -171,9 +171,9 @@ class MessagePath:
         data = bytes(payload)
         stamp_ns = stamp_ns_of(header)
         # (a unit of too many NAL units is not scanned: the decoder refuses it)
-        scannable = nal_unit_count(data) <= limits.max_nal_units
-        idr = scannable and NAL_IDR in nal_unit_types(data)
-        b_frame = scannable and not idr and first_slice_type(data) == SLICE_B
+        spans = nal_unit_spans(data) if nal_unit_count(data) <= limits.max_nal_units else []
+        idr = any(data[start] & 0x1F == NAL_IDR for start, _ in spans)
+        b_frame = not idr and first_slice_type(data, spans) == SLICE_B
         with self._cond:
             cam.last_received = received_ns / 1e9
             cam.counts["received"] += 1
@@ -320,6 +320,12 @@ class MessagePath:
         whose pictures came out with it), published and counted; what got none counted."""
         published = []
         for out in masks_of(self.engine, cam, item, before, results):
+            if out.stamp_epoch == cam.last_published_epoch and out.stamp_ns <= cam.last_published_stamp:
+                # (a B-frame's earlier stamp, accepted on receipt, whose picture came out after a
+                # later one's: a stream that is not what its slice types say)
+                cam.count("out_of_order", error=f"mask of stamp {out.stamp_ns} after that of {cam.last_published_stamp}: "
+                                                f"not published (masks never go back in time)")
+                continue
             if publish is not None:
                 try:
                     publish(out)
@@ -329,7 +335,7 @@ class MessagePath:
             now = time.monotonic_ns()
             cam.counts["published"] += 1
             cam.last_published = now / 1e9
-            cam.last_published_stamp = out.stamp_ns
+            cam.last_published_stamp, cam.last_published_epoch = out.stamp_ns, out.stamp_epoch
             cam.latency.add((now - out.received_ns) / 1e6)
             published.append(out)
         return published

@@ -259,6 +259,7 @@ class CameraState:
     awaiting_idr: bool = False             # stream continuity lost: decode nothing but an IDR
     restart_reason: str | None = None      # frames were decoded without a mask: restart at the next
     last_published_stamp: int | None = None
+    last_published_epoch: int = -1         # the stamp epoch of that mask
     in_flight: int = 0
     expected_rate_hz: float = 0.0          # the camera's rate; input below 80 % of it is a WARN (0: none)
     held: dict = field(default_factory=dict)   # stamp_ns -> QueuedFrame whose picture the decoder holds back

@@ -52,20 +52,10 @@ def _typestore():
 
 
 def as_input_type(kind: str, msg: Msg, frame_id: str):
-    """``msg`` as a rosbags ``CompressedVideo`` or ``FFMPEGPacket`` (its format as the encoding:
-    ``h264`` as one of the encoder names that denote it, anything else as it is)."""
-    import numpy as np
-
-    from cvseg_ros.ros.bags import _header, _stamp
-    from cvseg_ros.ros.inputs import INPUT_TYPES
-    ts = _typestore()
-    data = np.frombuffer(msg.data, np.uint8)
-    if kind == "compressed_video":
-        return ts.types[INPUT_TYPES[kind]](timestamp=_stamp(ts, msg.stamp_ns), frame_id=frame_id, data=data,
-                                           format=msg.fmt)
-    encoding = {"h264": "libx264", "avc": "h264_nvenc"}.get(msg.fmt, msg.fmt)
-    return ts.types[INPUT_TYPES[kind]](header=_header(ts, msg.stamp_ns, frame_id), width=0, height=0,
-                                       encoding=encoding, pts=0, flags=0, is_bigendian=False, data=data)
+    """``msg`` as a rosbags message of ``kind`` (:data:`INPUT_TYPE_NAMES`; its format as an
+    FFMPEGPacket's encoding where the type has one)."""
+    from cvseg_ros.ros.bags import h264_message
+    return h264_message(_typestore(), kind, msg.data, msg.stamp_ns, frame_id, fmt=msg.fmt)
 
 
 # -- the harness -----------------------------------------------------------------------------------
@@ -132,7 +122,6 @@ class FuzzHarness:
 
     # -- sending --------------------------------------------------------------------------------------
     def _send(self, msg: Msg, drain: bool = True) -> list:
-        from cvseg_ros.ros.message_path import make_message
         rep = self.report
         rep.messages += 1
         if msg.mutated:
@@ -149,9 +138,7 @@ class FuzzHarness:
                 rep.fail("reader_crash", f"{msg.op or 'clean'}: {type(exc).__name__}: {exc}\n"
                                          f"{traceback.format_exc(limit=8)}")
         try:
-            self.path.receive(self.camera, as_input_type(self.input_type, msg, self.camera)
-                              if self.input_type != "compressed_image" else
-                              make_message(msg.data, msg.stamp_ns, msg.fmt, self.camera))
+            self.path.receive(self.camera, as_input_type(self.input_type, msg, self.camera))
             return self.drain() if drain else []
         except Exception as exc:  # noqa: BLE001 - this is what the fuzzer looks for
             rep.crashes += 1

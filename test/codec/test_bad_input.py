@@ -188,6 +188,18 @@ def test_b_frames_come_out_in_display_order_under_their_own_stamps(b_frame_units
     assert all(not f.intra.all() for f in frames if f.kind == "B")
 
 
+def test_the_slice_type_read_from_the_first_bytes_is_the_decoded_pictures_kind(b_frame_units):
+    """``first_slice_type`` (what the node reads on receipt to accept a B-frame's earlier stamp)
+    against the kind the decoder gives each unit's picture, on a real x264 B-frame stream."""
+    from cvseg_ros.codec.h264_syntax import first_slice_type
+    units, shown = b_frame_units
+    decoder = H264StreamDecoder()
+    kinds = {f.stamp: f.kind for u, k in zip(units, shown) for f in decoder.feed(u, k)}
+    kinds.update((f.stamp, f.kind) for f in decoder.flush())
+    assert [{0: "P", 1: "B", 2: "I"}[first_slice_type(u)] for u in units] == [kinds[k] for k in shown]
+    assert first_slice_type(b"\x00\x00\x01\x09\xf0") is None        # no slice: an access-unit delimiter
+
+
 # -- the CompressedImage.format check -------------------------------------------------------------
 
 def test_check_format():

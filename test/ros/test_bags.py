@@ -336,6 +336,16 @@ def test_a_bag_damaged_inside_is_read_as_far_as_it_goes_and_says_so(good_bags, t
     assert "warning" in err and "of the 24 messages its metadata lists" in err
 
 
+def test_a_message_limit_is_no_damage(good_bags, tmp_path, capsys):
+    """``--max-frames`` stops reading on purpose: complete, no warning about missing messages."""
+    import json
+    assert main(["eval-bag", str(good_bags / "mcap"), "--max-frames", "5", "--device", "cpu", "--threads", "1",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["frames_in"] == 5 and result["complete"] and result["warnings"] == []
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_an_undecodable_message_is_skipped_and_counted(tmp_path, capsys):
     """One message whose bytes are not a CompressedImage among good ones: the others are all
     segmented, the bad one counted and warned about."""
