@@ -257,6 +257,27 @@ def test_b_frames_get_masks_under_their_own_headers(make_engine, b_frame_units):
     assert int(v["discontinuities"]) == 0
 
 
+def test_a_mask_never_goes_out_older_than_the_last_one(make_engine, b_frame_units):
+    """Two B-frames' stamps swapped (each still between its reference pictures' stamps, so
+    accepted on receipt): the decoder gives the pictures out in display order, so the second
+    picture carries the earlier stamp. Its mask is not published but counted ``out_of_order``;
+    every other message gets its mask, in stamp order."""
+    units, shown = b_frame_units
+    shown = list(shown)
+    first_b = next(i for i in range(1, len(shown)) if shown[i] < shown[i - 1])   # the first B-frame
+    assert shown[first_b + 1] == shown[first_b] + 1                             # and the one after it
+    shown[first_b], shown[first_b + 1] = shown[first_b + 1], shown[first_b]
+    cam = Camera(make_engine())
+    for unit, k in zip(units, shown):
+        cam.send(unit, T0 + k * PERIOD)
+    cam.outputs.extend(cam.path.flush())
+    v = cam.assert_accounted()
+    assert v["out_of_order"] == "1" and v["masks_out"] == str(len(units) - 1), v
+    stamps = [o.stamp_ns for o in cam.outputs]
+    assert stamps == sorted(set(stamps))
+    assert T0 + shown[first_b + 1] * PERIOD not in stamps      # the earlier stamp came out second
+
+
 def test_an_ip_stream_that_declares_reordering_gets_each_mask_under_its_own_header(make_engine):
     """I/P only, but the SPS declares reordering (x264 set up for B-frames, every frame forced to
     I or P): FFmpeg gives each picture two units late. Each mask still goes out under its own
