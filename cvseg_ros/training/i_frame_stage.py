@@ -4,6 +4,11 @@ teachers know (:mod:`cvseg_ros.training.distill`).
 Each step takes ``i_batch`` stills (cross-entropy with the human labels, plus ``distill`` times the
 distillation term) and ``distill_batch`` unlabelled driving frames of the training clips
 (distillation only), crops of H.264-decoded copies (share ``i_compressed``) or of the clean frames.
+
+The network saved for stage 2 is ``i_mix`` x the trained weights + (1 - ``i_mix``) x its Cityscapes
+initialisation (weight-space ensembling, as WiSE-FT: the mix keeps more of what the teacher knew
+about streets CamVid does not show). With ``init_from`` the trained weights are an exported
+checkpoint's I-frame network instead of this stage's.
 """
 from __future__ import annotations
 
@@ -28,20 +33,65 @@ def _round_trip(frames: list[np.ndarray], seed: int, progress: bool) -> list[np.
     return [h264_round_trip(f[None], seed=seed + i, progress=False)[0] for i, f in enumerate(frames)]
 
 
+def mix_weights(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], share: float
+                ) -> dict[str, torch.Tensor]:
+    """``share`` x ``trained`` + (1 - ``share``) x ``initial`` for every floating-point tensor (the
+    batch-norm statistics too); counters are the trained ones."""
+    if set(trained) != set(initial):
+        raise ValueError("the two networks' tensors differ: not the same architecture")
+    return {k: (share * v.float() + (1 - share) * initial[k].float()).to(v.dtype) if v.is_floating_point() else v
+            for k, v in trained.items()}
+
+
+def _initial_network(trainer, num_classes: int):
+    from cvseg_ros.model.i_frame import IFrameNet, i_frame_net_from_teacher
+    cfg = trainer.cfg
+    if cfg.teacher_init:
+        return i_frame_net_from_teacher(cfg.i_frame_network, num_classes, camvid_class_map(),
+                                        trainer.init_weights_path())
+    return IFrameNet(num_classes, cfg.i_frame_network)
+
+
+def _save(trainer, net, num_classes: int) -> None:
+    """The network stage 2 starts from: the trained weights mixed with the initialisation (``i_mix``)."""
+    cfg = trainer.cfg
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if cfg.i_mix != 1.0:
+        if not 0.0 <= cfg.i_mix <= 1.0 or not cfg.teacher_init:
+            raise ValueError(f"i_mix={cfg.i_mix}: a share in [0, 1], and it needs teacher_init (the "
+                             f"Cityscapes initialisation to mix with)")
+        state = mix_weights(state, _initial_network(trainer, num_classes).state_dict(), cfg.i_mix)
+    if trainer.dist.main:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(trainer.i_frame_path()))
+    trainer.dist.barrier()
+
+
+def _from_checkpoint(trainer, num_classes: int) -> None:
+    """``init_from``: the I-frame network of an exported checkpoint (loaded and checked by the safe
+    loader), mixed as a trained one would be; nothing is trained."""
+    from cvseg_ros.model.checkpoint import load_checkpoint
+    model, meta = load_checkpoint(trainer.cfg.init_from)
+    source = meta["config"]
+    if source.get("i_frame_network", "enet") != trainer.cfg.i_frame_network or source["num_classes"] != num_classes:
+        raise ValueError(f"init_from={trainer.cfg.init_from}: its I-frame network is {source.get('i_frame_network', 'enet')} "
+                         f"with {source['num_classes']} classes, this run's {trainer.cfg.i_frame_network} with {num_classes}")
+    if trainer.dist.main and meta.get("distilled_from"):
+        (trainer.out / TEACHERS_FILE).write_text(json.dumps(meta["distilled_from"]))
+    _save(trainer, model.i_frame_net, num_classes)
+
+
 def train_i_frame(trainer) -> list[float]:
     """Train (or resume) the I-frame network of ``trainer`` (a :class:`~cvseg_ros.training.train.Trainer`)
     and save it to its ``i_frame_path()``; returns the loss of every step."""
     from tqdm import tqdm
 
-    from cvseg_ros.model.i_frame import IFrameNet, i_frame_net_from_teacher
     from cvseg_ros.training.train import cosine_lr
     cfg, rng, device = trainer.cfg, trainer.rng, trainer.device
     num_classes = trainer.weights.numel()
-    if cfg.teacher_init:
-        net = i_frame_net_from_teacher(cfg.i_frame_network, num_classes, camvid_class_map(),
-                                       trainer.init_weights_path())
-    else:
-        net = IFrameNet(num_classes, cfg.i_frame_network)
+    if cfg.init_from:
+        _from_checkpoint(trainer, num_classes)
+        return []
+    net = _initial_network(trainer, num_classes)
     net.to(device).train()
     model = trainer.dist.wrap(net.segmentation)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.i_lr, weight_decay=1e-4)
@@ -94,7 +144,5 @@ def train_i_frame(trainer) -> list[float]:
         step += 1
         trainer.after_step(step, cfg.i_steps, loss, losses, bar, "iframe", state_path, net, optimizer)
     bar.close()
-    if trainer.dist.main:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(trainer.i_frame_path()))
-    trainer.dist.barrier()
+    _save(trainer, net, num_classes)
     return losses

@@ -9,7 +9,8 @@ optimised in two stages over the same model:
 
 1. ``iframe``: the I-frame network (``i_frame_network``: ENet or ESPNetv2, initialised from its
    converted Cityscapes weights, the classifier remapped to CamVid) on CamVid train stills with
-   human labels (the I-frame term) and the Cityscapes teachers' outputs (``teachers``);
+   human labels (the I-frame term) and the Cityscapes teachers' outputs (``teachers``), then mixed
+   with that initialisation (``i_mix``);
 2. ``pframe``: the P-frame branch (both CNNs, the ConvLSTM, the heads) on groups of real H.264
    (CamVid stills given camera motion + teacher-labelled dashcam clips), the I-frame network
    frozen (its term is then constant), for each configuration in ``models``.
@@ -36,7 +37,8 @@ from cvseg_ros.common.paths import REPO_ROOT, shared_data_dir
 from cvseg_ros.training.distributed import Dist, load_train_state, save_train_state
 from cvseg_ros.training.ensemble import ENET_FILE, ESPNETV2_FILE
 from cvseg_ros.training.loss import GroupLoss, class_weights
-from cvseg_ros.model.checkpoint import PACKAGE_CHECKPOINT_DIR, checkpoint_name, file_sha256, save_checkpoint
+from cvseg_ros.model.checkpoint import (PACKAGE_CHECKPOINT_DIR, checkpoint_name, file_sha256, resolve_checkpoint,
+                                        save_checkpoint)
 from cvseg_ros.model.classes import CAMVID_CLASSES, CAMVID_PALETTE
 from cvseg_ros.training.data import (DEBLOCK_P_FRAMES, HELD_OUT_CLIPS, IGNORE, RESIDUAL_STRIDE, Group,
                                      camvid_pairs, clip_groups, files_digest, load_camvid,
@@ -80,6 +82,11 @@ class TrainConfig:
     teacher_init: bool = True                # initialise from that network's Cityscapes weights
     distill: float = 1.0                     # weight of the teachers' distillation term (0 = labels only)
     teachers: str = "enet"                   # the Cityscapes teachers distilled: enet, espnetv2 (comma-separated)
+    i_mix: float = 1.0                       # stage 2's I-frame network: i_mix x the trained weights +
+                                             # (1 - i_mix) x the Cityscapes initialisation (1 = trained only)
+    init_from: str = ""                      # an exported checkpoint (fast | accurate | path) whose I-frame
+                                             # network replaces stage 1's training and whose P-frame branch
+                                             # stage 2 continues from (p_steps=0: kept as it is)
     distill_batch: int = 4                   # unlabelled driving frames per step (distillation only)
     distill_frame_step: int = 2              # every N-th frame of the training clips
     # stage 2: P-frame branch
@@ -288,6 +295,8 @@ class Trainer:
                              f"{config.deblock_p_frames}, but the training groups hold the residual at "
                              f"1/{RESIDUAL_STRIDE} of the frame size with deblock_p_frames={DEBLOCK_P_FRAMES}")
         model = CompressedSegmenter(config).to(self.device)
+        if cfg.init_from:
+            self._branch_from(model, cfg.init_from)
         model.i_frame_net.load_state_dict(load_file(str(self.i_frame_path())))
         for p in model.i_frame_net.parameters():
             p.requires_grad_(False)
@@ -318,6 +327,16 @@ class Trainer:
         self.p_losses = losses
         return model.eval()
 
+    @staticmethod
+    def _branch_from(model: CompressedSegmenter, spec: str) -> None:
+        """The P-frame branch of the exported checkpoint ``spec`` (same model configuration)."""
+        from cvseg_ros.model.checkpoint import load_checkpoint
+        source, _ = load_checkpoint(spec)
+        if source.config != model.config:
+            raise ValueError(f"init_from={spec}: its model configuration differs from this run's "
+                             f"({source.config} against {model.config})")
+        model.load_state_dict(source.state_dict())
+
     def _distilled_from(self) -> list[str]:
         from cvseg_ros.training.i_frame_stage import TEACHERS_FILE
         path = self.out / TEACHERS_FILE
@@ -339,6 +358,8 @@ class Trainer:
                 "teacher_sha256": file_sha256(self.teacher_path) if self.teacher_path.exists() else None,
             },
             "distilled_from": self._distilled_from(),
+            "i_frame": {"mix": self.cfg.i_mix,
+                        "from": (file_sha256(resolve_checkpoint(self.cfg.init_from)) if self.cfg.init_from else None)},
             "git_commit": _git_commit(),
             "torch": torch.__version__,
         }
@@ -361,7 +382,7 @@ class Trainer:
         if "pframe" in stages:
             if not self.i_frame_path().exists():
                 raise FileNotFoundError(f"{self.i_frame_path()} missing: run the iframe stage first")
-            groups = self.build_groups()
+            groups = self.build_groups() if self.cfg.p_steps else []   # nothing to train on
             for name in [m.strip() for m in self.cfg.models.split(",") if m.strip()]:
                 model = self.train_pframe(name, groups)
                 exported[name] = self.export(model, name)

@@ -122,3 +122,33 @@ def test_the_accurate_network_trains_from_both_teachers_without_a_left_out_seque
     assert model.config.i_frame_network == "espnetv2" and meta["train_config"]["leave_out"] == "0001TP"
     assert meta["distilled_from"] == ["enet:enet-cityscapes.net", "espnetv2:espnetv2_s_2.0_city_1024x512.pth"]
     assert meta["inference"] == {"work_height": 512, "p_frame_branch": False}   # as the shipped one
+
+
+def test_a_checkpoint_mixed_with_its_cityscapes_initialisation(tmp_path):
+    """``--init_from=fast --i_mix=0.5 --p_steps=0``: the exported I-frame network is the midpoint of
+    the shipped one and the ENet teacher's converted weights, its P-frame branch the shipped one's,
+    its teachers and provenance in the metadata; the file loads through the safe loader."""
+    require(SHARED_DATA / "teacher" / "enet-cityscapes.net", "the ENet teacher")
+    from cvseg_ros.model.classes import camvid_class_map
+    from cvseg_ros.model.i_frame import i_frame_net_from_teacher
+    from cvseg_ros.training.i_frame_stage import mix_weights
+    out, export = tmp_path / "run", tmp_path / "export"
+    cmd = [sys.executable, "-m", "cvseg_ros.tools.cli", "train", f"--out={out}", f"--export_dir={export}",
+           "--init_from=fast", "--i_mix=0.5", "--p_steps=0", "--models=improved", "--threads=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mixed, meta = load_checkpoint(export / "cvseg_improved.safetensors")
+    shipped, shipped_meta = load_checkpoint("fast")
+    initial = i_frame_net_from_teacher("enet", 11, camvid_class_map(), SHARED_DATA / "teacher" / "enet-cityscapes.net")
+    expected = mix_weights(shipped.i_frame_net.state_dict(), initial.state_dict(), 0.5)
+    got = mixed.i_frame_net.state_dict()
+    assert all(torch.allclose(got[k].float(), v.float(), atol=1e-6) for k, v in expected.items())
+    moved = [k for k, v in got.items() if v.is_floating_point() and not torch.equal(v, shipped.i_frame_net.state_dict()[k])]
+    assert len(moved) > 0.5 * len(got)          # not the shipped network unchanged
+    branch = {k: v for k, v in shipped.state_dict().items() if not k.startswith("i_frame_net.")}
+    assert all(torch.equal(mixed.state_dict()[k], v) for k, v in branch.items())
+    assert meta["i_frame"] == {"mix": 0.5, "from": shipped_meta["weights_sha256"]}
+    assert meta["distilled_from"] == shipped_meta["distilled_from"]
+    bad = subprocess.run([*cmd[:4], f"--out={tmp_path / 'bad'}", "--init_from=fast", "--i_mix=1.5", "--p_steps=0",
+                          "--models=improved", "--threads=1"], capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert bad.returncode != 0 and "i_mix=1.5: a share in [0, 1]" in bad.stderr, bad.stderr[-2000:]
