@@ -5,8 +5,8 @@
     ros2 launch cvseg_ros cvseg.launch.py params_file:=/path/to/my.yaml
 
 ``cameras`` and ``device`` override the params file only when given (empty = keep the file's);
-each camera's input topic defaults to ``/<camera>/image_raw/h264`` unless the file sets
-``<camera>.topic``.
+each camera's input topic is where its input type's publishers put it (``/<camera>/image_compressed``
+for ``sensor_msgs/CompressedImage``) unless the file sets ``<camera>.topic``.
 """
 import os
 

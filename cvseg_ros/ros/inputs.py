@@ -24,6 +24,20 @@ INPUT_TYPES = {
 }
 TYPE_NAMES = {ros: name for name, ros in INPUT_TYPES.items()}
 
+#: input type name -> the topic its usual publisher uses for a camera (``{camera}``): Isaac ROS's
+#: H.264 encoder (``image_compressed``), the ``foxglove`` and ``ffmpeg`` image transports beside
+#: ``image_raw``
+DEFAULT_TOPICS = {
+    "compressed_image": "/{camera}/image_compressed",
+    "compressed_video": "/{camera}/image_raw/foxglove",
+    "ffmpeg_packet": "/{camera}/image_raw/ffmpeg",
+}
+
+
+def default_topic(camera: str, kind: str = "compressed_image") -> str:
+    """The input topic of ``camera`` for input type ``kind`` when its ``topic`` parameter is empty."""
+    return DEFAULT_TOPICS[kind].format(camera=camera)
+
 #: message definitions (``.msg`` syntax) of the types outside ROS 2's standard messages, as their
 #: packages define them, for rosbags' type store
 DEFINITIONS = {

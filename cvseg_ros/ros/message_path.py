@@ -46,7 +46,7 @@ from cvseg_ros.codec.limits import StreamLimits
 from cvseg_ros.codec.h264_syntax import SLICE_B, first_slice_type
 from cvseg_ros.ros.policies import (DROP_REASONS, ERROR, ERROR_COUNTERS, LATE_LIMIT, OK, STALE, WARN,
                                     CameraState, FrameQueue, LatencyWindow, QueuedFrame, StampTracker)
-from cvseg_ros.ros.inputs import unpack
+from cvseg_ros.ros.inputs import default_topic, unpack
 from cvseg_ros.ros.outputs import MaskOutput, masks_of, settle_held
 
 # the per-camera parts live in policies; their names are importable from here too
@@ -123,7 +123,7 @@ class MessagePath:
         self._cond = threading.Condition()
         self.cameras: dict[str, CameraState] = {}
         for name in cameras:
-            topic = (topics or {}).get(name, f"/{name}/image_raw/h264")
+            topic = (topics or {}).get(name) or default_topic(name)
             self.cameras[name] = CameraState(name, topic, FrameQueue(queue_depth, backlog_limit),
                                              StampTracker(max_stamp_gap_periods),
                                              expected_rate_hz=float((expected_rates or {}).get(name, 0.0)))

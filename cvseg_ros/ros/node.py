@@ -42,7 +42,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 
 from cvseg_ros.ros import params
-from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
+from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES, default_topic
 from cvseg_ros.ros.labels import label_info_json, read_color_map
 from cvseg_ros.ros.messages import camera_info_for, image_message, make_bridge, message_class
 from cvseg_ros.ros.message_path import ERROR, OK, STALE, WARN, MaskOutput, MessagePath
@@ -63,6 +63,7 @@ class StartupError(Exception):
 @dataclass
 class _Input:
     kind: str                  # one of INPUT_TYPES
+    topic: str
     subscription: Any = None
     warned: str = ""           # the advertised types last warned about
 
@@ -179,8 +180,13 @@ class CvsegNode(Node):
         self.declare_parameter("class_names", class_names, descriptor(params.BY_NAME["class_names"]),
                                ignore_override=True)
         self._bridge = make_bridge()
+        for name in cfg["cameras"]:
+            try:
+                self._inputs[name] = self._input_of(name)
+            except Exception as exc:  # noqa: BLE001 - InvalidTopicNameException
+                raise StartupError(f"camera '{name}': {exc}") from None
         self.path = MessagePath(
-            self.engine, cfg["cameras"], topics={c: cfg[f"{c}.topic"] for c in cfg["cameras"]},
+            self.engine, cfg["cameras"], topics={c: i.topic for c, i in self._inputs.items()},
             queue_depth=cfg["queue_depth"], batch_window_ms=cfg["batch_window_ms"],
             max_stamp_gap_periods=cfg["max_stamp_gap_periods"], input_timeout_s=cfg["input_timeout_s"],
             warn=self.get_logger().warning,
@@ -214,11 +220,8 @@ class CvsegNode(Node):
                     pubs.camera_info = self.create_publisher(CameraInfo, f"{name}/semantic/camera_info", out_qos)
                     self.create_subscription(CameraInfo, cfg[f"{name}.camera_info_topic"],
                                              lambda msg, o=pubs: setattr(o, "latest_info", msg), in_qos)
-                kind = cfg[f"{name}.type"]
-                if kind == "auto":
-                    kind = TYPE_NAMES.get(next(iter(self._advertised(cfg[f"{name}.topic"])), ""), "compressed_image")
-                self._inputs[name] = _Input(kind)
-                self._subscribe(name, kind, in_qos)
+                kind = self._inputs[name].kind
+                self._subscribe(name, kind, self._inputs[name].topic, in_qos)
             except ImportError as exc:
                 raise StartupError(f"camera '{name}': {name}.type {kind} needs the message package of "
                                    f"{INPUT_TYPES[kind]}, which is not installed here ({exc})") from None
@@ -238,7 +241,7 @@ class CvsegNode(Node):
         self.get_logger().info("effective parameters: " + json.dumps(effective, sort_keys=True))
         for name, pubs in self._outputs.items():
             outs = [p.topic_name for p in (pubs.mask, pubs.color) if p is not None]
-            self.get_logger().info(f"camera '{name}': {cfg[f'{name}.topic']} ({INPUT_TYPES[self._inputs[name].kind]}, "
+            self.get_logger().info(f"camera '{name}': {self._inputs[name].topic} ({INPUT_TYPES[self._inputs[name].kind]}, "
                                    f"{cfg['qos_reliability']}) -> {', '.join(outs) or 'no outputs'}")
 
     # -- input: the message path checks, counts and enqueues ----------------------------------------
@@ -247,8 +250,28 @@ class CvsegNode(Node):
         types = {info.topic_type for info in self.get_publishers_info_by_topic(self.resolve_topic_name(topic))}
         return sorted(types)
 
-    def _subscribe(self, camera: str, kind: str, qos) -> None:
-        """(Re)subscribe ``camera``'s input as ``kind``; qos_overrides.<topic>.subscription.* apply."""
+    def _input_of(self, camera: str) -> _Input:
+        """The type and topic ``camera``'s input starts with: its parameters' (an empty topic: the
+        type's :func:`~cvseg_ros.ros.inputs.default_topic`); type ``auto``: what is published now
+        (:meth:`_published_input`), else ``compressed_image``."""
+        kind, topic = self.cfg[f"{camera}.type"], self.cfg[f"{camera}.topic"]
+        if kind != "auto":
+            return _Input(kind, topic or default_topic(camera, kind))
+        found = self._published_input(camera)
+        return _Input(*found) if found else _Input("compressed_image", topic or default_topic(camera))
+
+    def _published_input(self, camera: str) -> tuple[str, str] | None:
+        """``(type, topic)``: an H.264 type published on ``camera``'s topic or, with no topic set,
+        on the first of the three types' default topics that has a publisher; None: none yet."""
+        topic = self.cfg[f"{camera}.topic"]
+        for candidate in [topic] if topic else [default_topic(camera, k) for k in INPUT_TYPES]:
+            readable = [TYPE_NAMES[t] for t in self._advertised(candidate) if t in TYPE_NAMES]
+            if readable:
+                return readable[0], candidate
+        return None
+
+    def _subscribe(self, camera: str, kind: str, topic: str, qos) -> None:
+        """(Re)subscribe ``camera``'s input as ``kind`` on ``topic``; qos_overrides.<topic>.subscription.* apply."""
         entry = self._inputs[camera]
         cls = message_class(INPUT_TYPES[kind])
         if entry.subscription is not None:
@@ -258,9 +281,9 @@ class CvsegNode(Node):
                                                                              frame_id=msg.frame_id))
         else:
             callback = lambda msg, c=camera: self._on_image(c, msg)  # noqa: E731
-        entry.kind = kind
+        entry.kind, entry.topic = kind, topic
         entry.subscription = self.create_subscription(
-            cls, self.cfg[f"{camera}.topic"], callback, qos,
+            cls, topic, callback, qos,
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
 
     @staticmethod
@@ -283,28 +306,29 @@ class CvsegNode(Node):
 
     def _check_input_types(self) -> None:
         """Follow what each camera's topic is published as: an ``auto`` camera whose type no one
-        publishes switches to another H.264 type it sees; any other type on the topic (e.g.
-        ``h264_msgs/Packet``) is warned about, once per change."""
+        publishes switches to another H.264 type it sees (with no topic set: on any of the types'
+        default topics); any other type on the topic (e.g. ``h264_msgs/Packet``) is warned about,
+        once per change."""
         for camera, entry in self._inputs.items():
-            advertised = self._advertised(self.cfg[f"{camera}.topic"])
+            advertised = self._advertised(entry.topic)
             ours = INPUT_TYPES[entry.kind]
+            if self.cfg[f"{camera}.type"] == "auto" and ours not in advertised:
+                found = self._published_input(camera)
+                if found and found != (entry.kind, entry.topic):
+                    try:
+                        self._subscribe(camera, *found, self._in_qos)
+                        self.path.cameras[camera].topic = entry.topic
+                        self.get_logger().info(f"camera '{camera}': {entry.topic} is published as "
+                                               f"{INPUT_TYPES[entry.kind]}: subscribed as that")
+                        continue
+                    except ImportError:
+                        pass
             others = [t for t in advertised if t != ours]
-            if not others:
-                continue
-            readable = [TYPE_NAMES[t] for t in others if t in TYPE_NAMES]
-            if readable and ours not in advertised and self.cfg[f"{camera}.type"] == "auto":
-                try:
-                    self._subscribe(camera, readable[0], self._in_qos)
-                    self.get_logger().info(f"camera '{camera}': {self.cfg[f'{camera}.topic']} is published as "
-                                           f"{INPUT_TYPES[readable[0]]}: subscribed as that")
-                    continue
-                except ImportError:
-                    pass
             key = ",".join(others)
-            if entry.warned != key:
+            if others and entry.warned != key:
                 entry.warned = key
                 self.get_logger().warning(
-                    f"camera '{camera}': {self.cfg[f'{camera}.topic']} is published as {key}, but the node "
+                    f"camera '{camera}': {entry.topic} is published as {key}, but the node "
                     f"subscribes to {ours}: those messages cannot arrive; publish one of "
                     f"{', '.join(INPUT_TYPES.values())} (set {camera}.type; the other two need their message "
                     f"packages installed)")

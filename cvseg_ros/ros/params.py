@@ -199,9 +199,13 @@ PARAMETERS: tuple[Param, ...] = (
           f"`{CAMERA}/semantic/mask` and `{CAMERA}/semantic/color`",
           pattern=r"[A-Za-z][A-Za-z0-9_]*", pattern_help="letters, digits and '_', starting with a letter",
           nonempty=True, unique=True, what="camera"),
-    Param(f"{CAMERA}.topic", "string", f"/{CAMERA}/image_raw/h264",
+    Param(f"{CAMERA}.topic", "string", "",
           f"input topic of camera `{CAMERA}`: H.264, Annex B, one access unit per message, of the "
-          f"type `{CAMERA}.type` names"),
+          f"type `{CAMERA}.type` names; empty: where that type's publishers put it, "
+          f"`/{CAMERA}/image_compressed` (`compressed_image`, Isaac ROS's H.264 encoder), "
+          f"`/{CAMERA}/image_raw/foxglove` (`compressed_video`, the foxglove image transport), "
+          f"`/{CAMERA}/image_raw/ffmpeg` (`ffmpeg_packet`, the ffmpeg image transport); with `auto`, "
+          f"the first of the three that has a publisher", strip=True),
     Param(f"{CAMERA}.type", "string", "auto",
           "the input's message type: `compressed_image` (`sensor_msgs/CompressedImage`, format "
           "`h264`), `compressed_video` (`foxglove_msgs/CompressedVideo`, format `h264`; the masks "

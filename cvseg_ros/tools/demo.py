@@ -4,7 +4,7 @@
    seen from a fixed camera, MS-MPEG4), fetched without root with ``apt-get download`` into
    ``~/.cache/cvseg_ros/`` and unpacked from the .deb.
 2. ``bag from-video``: re-encoded to H.264 I/P (GOP 12) as ``sensor_msgs/CompressedImage`` on
-   ``/front/image_raw/h264`` in ``OUT/bag`` (mcap).
+   ``/front/image_compressed`` (the node's default topic for it) in ``OUT/bag`` (mcap).
 3. ``cvseg_node`` in its own process (``python -m cvseg_ros.ros.node --ros-args --params-file ...``)
    on a ROS domain of its own (random 1..200 unless ``--domain-id``), discovery on localhost.
 4. The bag is replayed into it (reliable QoS on both ends, a node queue deep enough for every
@@ -28,11 +28,12 @@ from pathlib import Path
 
 from cvseg_ros.common import stats
 from cvseg_ros.common.paths import cache_dir
+from cvseg_ros.ros.inputs import default_topic
 from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, diagnostic_number, random_domain
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, checkpoint_argument
 
 CAMERA = "front"
-TOPIC = f"/{CAMERA}/image_raw/h264"
+TOPIC = default_topic(CAMERA)
 CACHE = cache_dir()
 VTEST_MEMBER = "usr/share/doc/opencv-doc/examples/data/vtest.avi"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from cvseg_ros.common import stats
+from cvseg_ros.ros.inputs import default_topic
 from cvseg_ros.ros.process import DiagnosticsListener, LocalNode, NodeProcess, diagnostic_number, random_domain
 from cvseg_ros.model.checkpoint import checkpoint_argument
 
@@ -84,7 +85,7 @@ def run_node_load(units: list[bytes], *, cameras: int, fps: float, gop: int, sec
     if cameras < 1:
         raise ValueError("--cameras must be >= 1")
     names = [f"bench{k}" for k in range(cameras)]
-    topics = {c: f"/{c}/image_raw/h264" for c in names}
+    topics = {c: default_topic(c) for c in names}
     overrides = {"cameras": "[" + ",".join(names) + "]", "device": device, "qos_reliability": qos,
                  "precision": precision,
                  "diagnostics_period": "0.5"}

@@ -27,6 +27,7 @@ import numpy as np
 
 from cvseg_ros.common.procfs import rss_bytes
 from cvseg_ros.common.stats import median
+from cvseg_ros.ros.inputs import default_topic
 from cvseg_ros.ros.message_path import make_message
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP, checkpoint_argument
 
@@ -204,7 +205,7 @@ def soak_node(cameras: int = 4, seconds: float = 60.0, *, fps: float = 10.0, wid
     ros = LocalNode("cvseg_soak", domain_id)
     diagnostics = DiagnosticsListener(ros.node)
     qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-    pubs = {n: ros.node.create_publisher(CompressedImage, f"/{n}/image_raw/h264", qos) for n in names}
+    pubs = {n: ros.node.create_publisher(CompressedImage, default_topic(n), qos) for n in names}
     stop = threading.Event()
     samples = []
     try:

@@ -49,7 +49,7 @@ def two_camera_bag(tmp_path_factory):
     require(SMALL_CLIP, "real clip")
     require(MPEG4_CLIP, "real clip")
     bag = tmp_path_factory.mktemp("node") / "bag"
-    from_video([SMALL_CLIP, MPEG4_CLIP], bag, [f"/{c}/image_raw/h264" for c in CAMERAS],
+    from_video([SMALL_CLIP, MPEG4_CLIP], bag, [f"/{c}/image_compressed" for c in CAMERAS],
                gop=12, max_frames=FRAMES, width=320, storage="mcap")
     return bag
 
@@ -67,7 +67,7 @@ def live(tmp_path_factory, two_camera_bag):
     ros = Ros("cvseg_test", DOMAIN)
     outputs = Outputs(ros.node, CAMERAS)
     try:
-        wait_until(lambda: all(ros.node.count_subscribers(f"/{c}/image_raw/h264") for c in CAMERAS)
+        wait_until(lambda: all(ros.node.count_subscribers(f"/{c}/image_compressed") for c in CAMERAS)
                    and all(ros.node.count_publishers(f"/{c}/semantic/mask") for c in CAMERAS),
                    120, proc, "the node's subscriptions")
         yield proc, ros, outputs, log
@@ -161,7 +161,7 @@ def test_wrong_format_is_warned_once_counted_and_survived(live):
     from sensor_msgs.msg import CompressedImage
     from diagnostic_msgs.msg import DiagnosticStatus
     proc, ros, outputs, log = live
-    pub = ros.node.create_publisher(CompressedImage, "/rear/image_raw/h264",
+    pub = ros.node.create_publisher(CompressedImage, "/rear/image_compressed",
                                     QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     wait_until(lambda: pub.get_subscription_count() > 0, 10, proc, "the node to match")
     time.sleep(0.3)
@@ -190,7 +190,7 @@ def test_a_topic_published_as_a_type_the_node_cannot_read_is_warned_about(live):
     from std_msgs.msg import String
     proc, _, outputs, log = live
     other = Ros("cvseg_test_other_type", DOMAIN)    # a participant of its own: one type per topic each
-    pub = other.node.create_publisher(String, "/rear/image_raw/h264",
+    pub = other.node.create_publisher(String, "/rear/image_compressed",
                                       QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
 
     def warned():
@@ -218,7 +218,7 @@ def test_camera_info_is_republished_under_each_masks_header_at_its_size(live, tw
     sub = ros.node.create_subscription(CameraInfo, "/front/semantic/camera_info", got.append, qos)
     rear_sub = ros.node.create_subscription(CameraInfo, "/rear/semantic/camera_info", got.append, qos)
     info_pub = ros.node.create_publisher(CameraInfo, "/front/camera_info", qos)
-    image_pub = ros.node.create_publisher(CompressedImage, "/front/image_raw/h264", qos)
+    image_pub = ros.node.create_publisher(CompressedImage, "/front/image_compressed", qos)
     wait_until(lambda: info_pub.get_subscription_count() and image_pub.get_subscription_count()
                and sub.get_publisher_count(), 10, proc, "the node to match")
     units = [m for m in _bag_frames(two_camera_bag) if m.frame_id == "front"][:12]
@@ -269,10 +269,10 @@ def test_queue_overflow_drops_are_counted_and_state_restarts(tmp_path, two_camer
     ros = Ros("cvseg_test_overflow", OVERFLOW_DOMAIN)
     outputs = Outputs(ros.node, ["front"])
     try:
-        wait_until(lambda: ros.node.count_subscribers("/front/image_raw/h264") > 0
+        wait_until(lambda: ros.node.count_subscribers("/front/image_compressed") > 0
                    and ros.node.count_publishers("/front/semantic/mask") > 0, 120, proc, "the node")
         n = replay(two_camera_bag, rate=10.0, node=ros.node, context=ros.context,
-                   topics=["/front/image_raw/h264"], wait_for_subscribers=30)
+                   topics=["/front/image_compressed"], wait_for_subscribers=30)
 
         def accounted(v):
             return int(v["masks_out"]) + sum(int(v[k]) for k in DROP_REASONS)

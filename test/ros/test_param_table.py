@@ -76,7 +76,7 @@ def test_every_entry_is_complete_and_its_default_passes_its_own_checks():
 def test_read_instantiates_the_templates_per_camera_in_the_table_order():
     given = {"cameras": ["front", "rear"], "rear.topic": "/rear/x", "batch_window_ms": 7, "device": " CPU "}
     cfg = params.read(lambda p: given.get(p.name, p.default))
-    assert cfg["front.topic"] == "/front/image_raw/h264" and cfg["rear.topic"] == "/rear/x"
+    assert cfg["front.topic"] == "" and cfg["rear.topic"] == "/rear/x"     # "": the input type's default topic
     assert cfg["batch_window_ms"] == 7.0 and isinstance(cfg["batch_window_ms"], float)
     assert cfg["device"] == "cpu"
     assert list(cfg)[:10] == ["cameras", "front.topic", "rear.topic", "front.type", "rear.type",

@@ -44,7 +44,7 @@ def test_params_file_lists_every_parameter():
                  "qos_reliability", "queue_depth", "batch_window_ms", "max_stamp_gap_periods",
                  "diagnostics_period", "input_timeout_s", "luma_matching", "p_frame_branch", "threads"):
         assert name in flat, name
-    assert flat["cameras"] == ["front"] and flat["front.topic"] == "/front/image_raw/h264"
+    assert flat["cameras"] == ["front"] and flat["front.topic"] == ""
     assert "class_names" in PARAMS.read_text()       # documented (read-only, set by the node)
 
 
@@ -132,6 +132,7 @@ BAD = [
     pytest.param(["-p", "threads:=-1"], "'threads' must be >= 0", id="negative-threads"),
     pytest.param(["-p", "input_timeout_s:=0"], "input_timeout_s", id="zero-input-timeout"),
     pytest.param(["-p", "front.type:=jpeg"], "front.type", id="unknown-input-type"),
+    pytest.param(["-p", "front.topic:=bad topic"], "camera 'front': failed to resolve name", id="bad-topic"),
     pytest.param(["-p", "palette:=/nonexistent/colors.yaml"], "file not found", id="missing-palette"),
     pytest.param(["-p", f"palette:={BAD_COLORS}"], "unknown class 'Lava'", id="palette-unknown-class"),
     pytest.param(["-p", "p_frame_branch:=false", "-p", f"checkpoint:={PAPER}"], "accumulates the motion",
@@ -184,7 +185,7 @@ def test_a_renamed_node_reads_a_wildcard_file_and_qos_overrides_apply(tmp_path):
     from cvseg_ros.ros.process import NodeProcess
     params = tmp_path / "renamed.yaml"
     params.write_text("/**:\n  ros__parameters:\n    queue_depth: 7\n    qos_overrides:\n"
-                      "      /front/image_raw/h264:\n        subscription:\n          reliability: reliable\n")
+                      "      /front/image_compressed:\n        subscription:\n          reliability: reliable\n")
     log = tmp_path / "node.log"
     domain = DOMAIN - 40     # not the module's running node's
     proc = NodeProcess({"threads": 1}, args=["-r", "__node:=front_segmentation", *checkpoint_args(tmp_path)],
@@ -192,11 +193,11 @@ def test_a_renamed_node_reads_a_wildcard_file_and_qos_overrides_apply(tmp_path):
     ros = Ros("cvseg_rename_test", domain)
     try:
         deadline = time.monotonic() + 120
-        while not [i for i in ros.node.get_subscriptions_info_by_topic("/front/image_raw/h264")
+        while not [i for i in ros.node.get_subscriptions_info_by_topic("/front/image_compressed")
                    if i.node_name != "_NODE_NAME_UNKNOWN_"]:    # (until discovery has the name)
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
-        (info,) = ros.node.get_subscriptions_info_by_topic("/front/image_raw/h264")
+        (info,) = ros.node.get_subscriptions_info_by_topic("/front/image_compressed")
         assert info.node_name == "front_segmentation"
         assert info.qos_profile.reliability == ReliabilityPolicy.RELIABLE
         while "effective parameters:" not in log.read_text():      # logged once set up
@@ -204,6 +205,46 @@ def test_a_renamed_node_reads_a_wildcard_file_and_qos_overrides_apply(tmp_path):
             time.sleep(0.2)
         line = next(line for line in log.read_text().splitlines() if "effective parameters:" in line)
         assert json.loads(line.split("effective parameters:", 1)[1])["queue_depth"] == 7
+    finally:
+        ros.close()
+        assert stop_node(proc) == 0, log.read_text()[-3000:]
+
+
+def test_an_auto_camera_with_no_topic_set_finds_its_input_on_the_types_default_topics(tmp_path, gop12_units):
+    """``side.topic`` empty, ``side.type`` auto: a publisher on ``/side/image_raw/ffmpeg`` (one of
+    the three default topics; CompressedImage here, the only H.264 type installed) is found, the
+    node subscribes there instead of ``/side/image_compressed`` and segments what arrives."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage, Image
+    from cvseg_ros.ros.process import NodeProcess
+    log = tmp_path / "node.log"
+    domain = DOMAIN - 41
+    ros = Ros("cvseg_default_topic_test", domain)
+    qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    pub = ros.node.create_publisher(CompressedImage, "/side/image_raw/ffmpeg", qos)
+    masks = []
+    ros.node.create_subscription(Image, "/side/semantic/mask", masks.append, qos)
+    proc = NodeProcess({"threads": 1, "cameras": "[side]", "diagnostics_period": "0.5", "qos_reliability": "reliable",
+                        "queue_depth": 30},
+                       args=checkpoint_args(tmp_path), log_path=log, domain_id=domain, cwd=REPO,
+                       error=AssertionError).start()
+    try:
+        deadline = time.monotonic() + 120
+        while pub.get_subscription_count() == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert not ros.node.get_subscriptions_info_by_topic("/side/image_compressed")
+        time.sleep(0.5)
+        for i, unit in enumerate(gop12_units[:6]):
+            msg = CompressedImage(format="h264", data=unit)
+            msg.header.frame_id, msg.header.stamp.sec = "side", 1_700_000_000 + i
+            pub.publish(msg)
+        while len(masks) < 6:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert [m.header.stamp.sec for m in masks] == [1_700_000_000 + i for i in range(6)]
+        assert "/side/image_raw/ffmpeg (sensor_msgs/msg/CompressedImage" in log.read_text() or \
+               "/side/image_raw/ffmpeg is published as sensor_msgs/msg/CompressedImage" in log.read_text()
     finally:
         ros.close()
         assert stop_node(proc) == 0, log.read_text()[-3000:]

@@ -43,7 +43,7 @@ def live(tmp_path_factory):
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage
     qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
-    pubs = {c: ros.node.create_publisher(CompressedImage, f"/{c}/image_raw/h264", qos) for c in CAMERAS}
+    pubs = {c: ros.node.create_publisher(CompressedImage, f"/{c}/image_compressed", qos) for c in CAMERAS}
     try:
         wait_until(lambda: all(p.get_subscription_count() > 0 for p in pubs.values())
                    and all(ros.node.count_publishers(f"/{c}/semantic/mask") for c in CAMERAS),
