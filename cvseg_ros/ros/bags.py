@@ -17,15 +17,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from cvseg_ros.codec.annexb import NAL_IDR, nal_unit_types
+from cvseg_ros.ros.camera_info import camera_info_topic, read_calibration, scaled_fields
 from cvseg_ros.ros.inputs import DEFINITIONS, INPUT_TYPES, TYPE_NAMES, unpack
 
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 IMAGE = "sensor_msgs/msg/Image"
+CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 STORAGES = ("mcap", "sqlite3")
 
 
@@ -46,7 +49,7 @@ def typestore():
 
 
 def camera_from_topic(topic: str) -> str:
-    """``/front/image_raw/h264`` -> ``front`` (the first name of the topic)."""
+    """``/front/image_compressed`` -> ``front`` (the first name of the topic)."""
     parts = [p for p in topic.strip("/").split("/") if p]
     return parts[0] if parts else "camera"
 
@@ -142,11 +145,14 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
                frame_ids: Sequence[str] | None = None, gop: int = 12, storage: str = "mcap",
                fps: float | None = None, max_frames: int | None = None, width: int | None = None,
                start_ns: int | None = None, crf: int = 23, bframes: int = 0,
-               msg_type: str = "compressed_image", copy: bool = False) -> dict:
+               msg_type: str = "compressed_image", copy: bool = False,
+               camera_infos: Sequence[str | Path] | None = None) -> dict:
     """Write a rosbag2 with one H.264 topic per video (``bframes``: B-frames between the I/P
     pictures), of ``msg_type`` (one of :data:`.inputs.INPUT_TYPES`). ``copy``: the videos' own
     H.264 access units as recorded (no re-encode: ``gop``, ``bframes``, ``width``, ``fps`` and
-    ``crf`` do not apply; only H.264 sources). Returns a summary."""
+    ``crf`` do not apply; only H.264 sources). ``camera_infos``: a calibration file per video (or
+    one for all): a CameraInfo beside each message, under its header, on the topic's
+    :func:`~cvseg_ros.ros.camera_info.camera_info_topic`, scaled to the frames' size. Returns a summary."""
     videos = [Path(v) for v in videos]
     if not videos:
         raise ValueError("no video given")
@@ -170,6 +176,11 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
             raise ValueError("--copy keeps the source's units as recorded: --bframes and --width do not apply")
     if msg_type not in INPUT_TYPES:
         raise ValueError(f"unknown message type {msg_type!r}: use one of {', '.join(INPUT_TYPES)}")
+    calibrations = [read_calibration(c) for c in camera_infos or ()]
+    if len(calibrations) == 1:
+        calibrations *= len(videos)
+    if calibrations and len(calibrations) != len(videos):
+        raise ValueError(f"{len(videos)} video(s) but {len(calibrations)} --camera-info: give one per video (or one)")
     frame_ids = list(frame_ids) if frame_ids else [camera_from_topic(t) for t in topics]
     if len(frame_ids) != len(videos):
         raise ValueError("give one --frame-id per video (or none)")
@@ -186,16 +197,33 @@ def from_video(videos: Sequence[str | Path], out: str | Path, topics: Sequence[s
                    for v, t, f, i in zip(videos, topics, frame_ids, infos)]
     info_of = {i["topic"]: i for i in infos}
     sent = dict.fromkeys(topics, 0)
+    calibration_of = dict(zip(topics, calibrations))
     with _open_writer(out, storage) as writer:
         conns = {t: writer.add_connection(t, ros_type, typestore=ts) for t in topics}
+        info_conns = {t: writer.add_connection(camera_info_topic(t), CAMERA_INFO, typestore=ts) for t in calibration_of}
         for log_ns, stamp_ns, topic, frame_id, unit in heapq.merge(*streams, key=lambda x: x[0]):
-            msg = h264_message(ts, msg_type, unit, stamp_ns, frame_id, width=info_of[topic]["width"],
-                               height=info_of[topic]["height"], pts=sent[topic])
+            size = info_of[topic]["width"], info_of[topic]["height"]
+            msg = h264_message(ts, msg_type, unit, stamp_ns, frame_id, width=size[0], height=size[1], pts=sent[topic])
             sent[topic] += 1
             writer.write(conns[topic], log_ns, ts.serialize_cdr(msg, ros_type))
+            if topic in calibration_of:
+                info = camera_info_message(ts, calibration_of[topic], _header(ts, stamp_ns, frame_id), *size)
+                writer.write(info_conns[topic], log_ns, ts.serialize_cdr(info, CAMERA_INFO))
+    for t in calibration_of:
+        info_of[t]["camera_info_topic"] = camera_info_topic(t)
     return {"bag": str(out), "storage": storage, "gop": None if copy else gop, "bframes": None if copy else bframes,
             "copied": copy, "type": ros_type,
             "start_ns": start_ns, "topics": infos}
+
+
+def camera_info_message(ts, info, header, width: int, height: int):
+    """A rosbags CameraInfo of ``info`` (CameraInfo fields, a message or a calibration's dict)
+    under ``header`` for an image of ``width`` x ``height``."""
+    fields = scaled_fields(SimpleNamespace(**info) if isinstance(info, dict) else info, width, height)
+    roi = fields["roi"] or ts.types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0,
+                                                                           do_rectify=False)
+    arrays = {k: np.asarray(fields[k], dtype=np.float64) for k in ("d", "k", "r", "p")}
+    return ts.types[CAMERA_INFO](header=header, **{**fields, **arrays, "roi": roi})
 
 
 def h264_message(ts, msg_type: str, unit: bytes, stamp_ns: int, frame_id: str, *, fmt: str = "h264",
@@ -290,6 +318,21 @@ class ReadReport:
                 "missing": self.missing, "read_error": self.read_error}
 
 
+def camera_info_messages(bag: str | Path, topics: Sequence[str]) -> tuple[dict[str, list[tuple[int, Any, bytes]]], int]:
+    """Every CameraInfo on ``topics`` of ``bag``: topic -> [(log_ns, message, as recorded)] in
+    log-time order, and how many could not be deserialised (left out)."""
+    found: dict[str, list[tuple[int, Any, bytes]]] = {t: [] for t in topics}
+    bad = 0
+    with _reader(bag) as reader:
+        conns = [c for c in reader.connections if c.msgtype == CAMERA_INFO and c.topic in found]
+        for conn, log_ns, raw in reader.messages(connections=conns):
+            try:
+                found[conn.topic].append((log_ns, reader.deserialize(raw, conn.msgtype), bytes(raw)))
+            except Exception:  # noqa: BLE001 - a damaged message: counted
+                bad += 1
+    return found, bad
+
+
 def iter_compressed(bag: str | Path, topics: Sequence[str] | None = None,
                     report: ReadReport | None = None) -> Iterator[BagImage]:
     """Every H.264 message of a bag (any of :data:`.inputs.INPUT_TYPES`; all topics or
@@ -359,6 +402,9 @@ def register(sub) -> None:
     fv.add_argument("--type", dest="msg_type", choices=list(INPUT_TYPES), default="compressed_image",
                     help="message type: sensor_msgs CompressedImage (default), foxglove_msgs CompressedVideo "
                          "(Foxglove plays H.264 from it) or ffmpeg_image_transport_msgs FFMPEGPacket")
+    fv.add_argument("--camera-info", action="append", default=None, metavar="YAML",
+                    help="a camera_calibration file per video (or one for all): a CameraInfo beside each "
+                         "frame on the topic's sibling camera_info (/front/image_compressed -> /front/camera_info)")
     fv.add_argument("--fps", type=float, default=None, help="frame rate of the stamps (default: the video's)")
     fv.add_argument("--max-frames", type=int, default=None, help="per video")
     fv.add_argument("--width", type=int, default=None, help="resize to this width (keeps the aspect)")
@@ -379,7 +425,7 @@ def _from_video_main(args) -> int:
     result = from_video(videos, out, args.topic, frame_ids=args.frame_id, gop=args.gop,
                         storage=args.storage, fps=args.fps, max_frames=args.max_frames,
                         width=args.width, start_ns=args.start_ns, crf=args.crf, bframes=args.bframes,
-                        msg_type=args.msg_type, copy=args.copy)
+                        msg_type=args.msg_type, copy=args.copy, camera_infos=args.camera_info)
     for t in result["topics"]:
         how = "copied as recorded" if args.copy else f"GOP {args.gop}, {args.bframes} B-frames"
         print(f"{t['topic']}: {t.get('messages', 0)} H.264 messages ({t.get('width')}x{t.get('height')}, "

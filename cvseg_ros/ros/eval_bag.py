@@ -1,10 +1,13 @@
 """``cvseg eval-bag BAG [--record OUT]``: a bag's H.264 topics through the node's message path,
 offline: counters, throughput, per-frame latency, and optionally a new bag that Foxglove or RViz
-shows input and masks from together: the input topics as recorded, and per camera the masks
-(``mono8`` Image on ``/<camera>/semantic/mask``), the colour masks (``rgb8``, ``.../color``) and
-the label info (``std_msgs/String`` JSON, ``.../label_info``, once)."""
+shows input and masks from together: the input topics as recorded (and their cameras'
+CameraInfo, where the bag has it beside them), and per camera the masks (``mono8`` Image on
+``/<camera>/semantic/mask``), the colour masks (``rgb8``, ``.../color``), the label info
+(``std_msgs/String`` JSON, ``.../label_info``, once) and, with a CameraInfo, its latest one under
+each mask's header at the mask's size (``.../camera_info``), as the node republishes it."""
 from __future__ import annotations
 
+import bisect
 import sys
 import time
 from pathlib import Path
@@ -14,8 +17,10 @@ import numpy as np
 
 from cvseg_ros.model.checkpoint import CHECKPOINT_HELP
 from cvseg_ros.common import stats
-from cvseg_ros.ros.bags import (IMAGE, STORAGES, ReadReport, _header, _open_writer, bag_info, camera_from_topic,
-                                iter_compressed, typestore, write_json)
+from cvseg_ros.ros.bags import (CAMERA_INFO, IMAGE, STORAGES, ReadReport, _header, _open_writer, bag_info,
+                                camera_from_topic, camera_info_message, camera_info_messages, iter_compressed,
+                                typestore, write_json)
+from cvseg_ros.ros.camera_info import camera_info_topic
 from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES
 from cvseg_ros.ros.labels import label_info_json
 
@@ -38,7 +43,8 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
     ts = typestore()
     Image = ts.types[IMAGE]
     cameras: dict[str, str] = {}       # topic -> camera
-    for topic, info in bag_info(bag)["topics"].items():
+    listed = bag_info(bag)["topics"]
+    for topic, info in listed.items():
         if info["type"] in TYPE_NAMES:
             name = camera_from_topic(topic)
             cameras[topic] = topic.strip("/").replace("/", "_") if name in cameras.values() else name
@@ -51,6 +57,20 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
     latest_log_ns: dict[str, int] = {}   # of each camera's last message received
     writer = _open_writer(record, storage) if record else None
     out_conns: dict[str, Any] = {}
+    info_topics = {cam: camera_info_topic(t) for t, cam in cameras.items()
+                   if listed.get(camera_info_topic(t), {}).get("type") == CAMERA_INFO}
+    infos, bad_infos = camera_info_messages(bag, sorted(set(info_topics.values()))) if record else ({}, 0)
+    info_times = {t: [log_ns for log_ns, _, _ in m] for t, m in infos.items()}
+    republished = dict.fromkeys(cameras.values(), 0)
+
+    def write_camera_info(out, header, log_ns: int) -> None:
+        """The camera's latest CameraInfo (logged at or before the mask) under the mask's header."""
+        topic = info_topics.get(out.camera)
+        at = bisect.bisect_right(info_times.get(topic, []), log_ns) if topic else 0
+        if at:
+            write(f"/{out.camera}/semantic/camera_info", CAMERA_INFO, log_ns,
+                  camera_info_message(ts, infos[topic][at - 1][1], header, out.mask.shape[1], out.mask.shape[0]))
+            republished[out.camera] += 1
 
     def publish(out) -> None:
         latencies.append((time.monotonic_ns() - out.received_ns) / 1e6)
@@ -68,6 +88,7 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
             write(f"/{out.camera}/semantic/{kind}", IMAGE, log_ns,
                   Image(header=header, height=image.shape[0], width=image.shape[1], encoding=encoding,
                         is_bigendian=0, step=image.strides[0], data=image.reshape(-1)))
+        write_camera_info(out, header, log_ns)
 
     def write(topic: str, msgtype: str, log_ns: int, msg=None, raw: bytes | None = None) -> None:
         if topic not in out_conns:
@@ -92,6 +113,9 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
     try:
         if writer is not None:
             writer.open()
+            for topic, messages in infos.items():       # the cameras' CameraInfo, as recorded
+                for log_ns, _, raw in messages:
+                    write(topic, CAMERA_INFO, log_ns, raw=raw)
         for m in iter_compressed(bag, list(cameras), report):
             cam = cameras[m.topic]
             if len(path.cameras[cam].queue):     # this camera's last frame first: never behind
@@ -117,6 +141,8 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
                            "i_frames": st.get("i_frames"), "p_frames": st.get("p_frames"),
                            "b_frames": st.get("b_frames"),
                            "decode_errors": st.get("corrupt"),
+                           "camera_info": ({"topic": info_topics[cam], "recorded": len(infos.get(info_topics[cam], [])),
+                                            "republished": republished[cam]} if cam in info_topics and record else None),
                            **{k: c[k] for k in DROP_REASONS if k != "decode_errors"}}
     masks_out = sum(pc["masks_out"] for pc in per_camera.values())
     return {
@@ -127,8 +153,9 @@ def eval_bag(bag: str | Path, *, record: str | Path | None = None, device: str =
         "engine_fps": round(masks_out / busy_s, 2) if busy_s > 0 else None,
         "latency_ms_p50": stats.percentile(latencies, 50, 3), "latency_ms_p99": stats.percentile(latencies, 99, 3),
         "cameras": per_camera, "record": str(record) if record else None,
-        "read": report.as_dict(), "complete": not report.warnings(bag),
-        "warnings": report.warnings(bag),
+        "read": report.as_dict(), "complete": not report.warnings(bag) and not bad_infos,
+        "warnings": report.warnings(bag) + ([f"{bag}: {bad_infos} CameraInfo message(s) could not be read: "
+                                             f"left out of the record"] if bad_infos else []),
     }
 
 

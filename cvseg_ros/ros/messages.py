@@ -7,6 +7,8 @@ import importlib
 import numpy as np
 from sensor_msgs.msg import CameraInfo, Image
 
+from cvseg_ros.ros.camera_info import scaled_fields
+
 
 def image_message(array: np.ndarray, encoding: str, header, bridge=None) -> Image:
     """``sensor_msgs/Image`` from a HxW (mono8) or HxWx3 (rgb8) uint8 array, with ``header``."""
@@ -46,17 +48,9 @@ def message_class(ros_type: str):
 
 def camera_info_for(info: CameraInfo, header, width: int, height: int) -> CameraInfo:
     """``info`` under ``header`` for an image of ``width`` x ``height``: K and P scaled where the
-    size differs from ``info``'s (distortion, R and the binning are kept)."""
+    size differs from ``info``'s (:func:`cvseg_ros.ros.camera_info.scaled_fields`)."""
     out = CameraInfo()
     out.header = header
-    out.distortion_model, out.d, out.r = info.distortion_model, info.d, info.r
-    out.binning_x, out.binning_y, out.roi = info.binning_x, info.binning_y, info.roi
-    sx = width / info.width if info.width else 1.0
-    sy = height / info.height if info.height else 1.0
-    k, p = list(info.k), list(info.p)
-    for row, scale in ((0, sx), (1, sy)):
-        k[3 * row: 3 * row + 3] = [v * scale for v in k[3 * row: 3 * row + 3]]
-        p[4 * row: 4 * row + 4] = [v * scale for v in p[4 * row: 4 * row + 4]]
-    out.k, out.p = k, p
-    out.width, out.height = width, height
+    for name, value in scaled_fields(info, width, height).items():
+        setattr(out, name, value)
     return out

@@ -16,7 +16,7 @@ from cvseg_ros.codec.decoder import H264StreamDecoder
 
 FRAMES, GOP, FPS = 30, 10, 10.0
 START_NS = 1_700_000_000_123_456_789
-TOPICS = ("/front/image_raw/h264", "/rear/image_raw/h264")
+TOPICS = ("/front/image_compressed", "/rear/image_compressed")
 DOMAIN = random.SystemRandom().randint(201, 230)   # this module's own ROS domain
 
 
@@ -146,6 +146,45 @@ def test_a_bag_with_b_frames_gets_every_mask_under_its_own_stamp(tmp_path):
     assert front["b_frames"] >= 12 and front["out_of_order"] == 0 and front["no_state"] == 0
     out = read_bag(rec)["/front/semantic/mask"]
     assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in out] == sorted(stamps)
+
+
+def test_camera_info_goes_into_the_bag_and_comes_out_beside_every_mask(tmp_path, capsys):
+    """``--camera-info`` (a calibration of 640-wide frames for a clip bagged at 320x180, B-frames
+    included): a CameraInfo per message on ``/front/camera_info`` under its header, K and P
+    halved; ``eval-bag --record`` copies them and gives every mask the latest one under the
+    mask's own header (``/front/semantic/camera_info``), as the node does."""
+    import json
+    require(SMALL_CLIP, "real clip")
+    calib = tmp_path / "front.yaml"
+    calib.write_text("image_width: 640\nimage_height: 360\ncamera_name: front\n"
+                     "camera_matrix: {rows: 3, cols: 3, data: [500.0, 0, 320.0, 0, 510.0, 180.0, 0, 0, 1]}\n"
+                     "distortion_model: plumb_bob\n"
+                     "distortion_coefficients: {rows: 1, cols: 5, data: [-0.1, 0.01, 0, 0, 0]}\n")
+    bag, rec = tmp_path / "bag", tmp_path / "masks"
+    assert main(["bag", "from-video", str(SMALL_CLIP), str(bag), "--topic", TOPICS[0], "--gop", "12",
+                 "--bframes", "2", "--fps", str(FPS), "--max-frames", "24", "--width", "320",
+                 "--start-ns", str(START_NS), "--camera-info", str(calib)]) == 0
+    inputs = read_bag(bag)
+    infos = inputs["/front/camera_info"]
+    assert [m.header for _, _, m, _ in infos] == [m.header for _, _, m, _ in inputs[TOPICS[0]]]
+    _, _, first, _ = infos[0]
+    assert (first.width, first.height) == (320, 180) and list(first.k) == [250.0, 0, 160.0, 0, 255.0, 90.0, 0, 0, 1]
+    assert list(first.d) == [-0.1, 0.01, 0, 0, 0] and list(first.p)[:3] == [250.0, 0, 160.0]
+    assert main(["eval-bag", str(bag), "--record", str(rec), "--device", "cpu", "--threads", "1",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["masks_out"] == 24 and result["complete"]
+    assert result["cameras"]["front"]["camera_info"] == {"topic": "/front/camera_info", "recorded": 24, "republished": 24}
+    out = read_bag(rec)
+    assert [raw for *_, raw in out["/front/camera_info"]] == [raw for *_, raw in infos]
+    beside = out["/front/semantic/camera_info"]
+    assert [m.header for _, _, m, _ in beside] == [m.header for _, _, m, _ in out["/front/semantic/mask"]]
+    assert {(m.width, m.height, tuple(m.k)) for _, _, m, _ in beside} == {(320, 180, tuple(first.k))}
+    calib.write_text("image_width: 640\nimage_height: 360\ncamera_matrix: {data: [1, 2]}\n")
+    capsys.readouterr()
+    assert main(["bag", "from-video", str(SMALL_CLIP), str(tmp_path / "bad"), "--topic", TOPICS[0],
+                 "--camera-info", str(calib)]) == 1
+    assert "'camera_matrix' needs 'data' with 9 numbers" in capsys.readouterr().err
 
 
 def test_a_recorded_b_frame_video_copied_into_a_bag_gets_every_displayed_frame_a_mask(tmp_path):
