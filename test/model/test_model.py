@@ -142,9 +142,10 @@ def test_checkpoint_round_trip(tmp_path):
 def assert_same_up_to_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal up to float rounding, but for a few values: rounding may flip which of two equal
     values (flat areas of a decoded frame) an ENet max-pooling picks, and the unpooling then puts
-    it one pixel off."""
-    off = (got - want).abs() > 1e-4 * want.abs().max()
-    assert off.float().mean() < 1e-3, off.float().mean()
+    it one pixel off; the folded norms round differently (the shipped ENet: 0.075 % of its logits
+    differ by more than 3e-4 of the largest, none by more than 0.4 %; a wrong fold: most of them)."""
+    off = (got - want).abs() > 3e-4 * want.abs().max()
+    assert off.float().mean() < 2e-3, off.float().mean()
     assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
 
 
