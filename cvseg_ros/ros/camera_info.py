@@ -11,10 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-#: CameraInfo fields :func:`scaled_fields` returns (the header is the caller's)
-FIELDS = ("height", "width", "distortion_model", "d", "k", "r", "p", "binning_x", "binning_y", "roi")
-
-
 def scaled_fields(info: Any, width: int, height: int) -> dict:
     """The CameraInfo fields of ``info`` (an rclpy or rosbags CameraInfo, or a namespace with its
     fields) for an image of ``width`` x ``height``: rows 0 and 1 of K and P scaled by the ratio of
