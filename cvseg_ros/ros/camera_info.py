@@ -1,8 +1,8 @@
 """A camera's intrinsics beside its masks (ROS-free): a calibration file as ``camera_calibration``
 writes it, and the fields of a ``sensor_msgs/CameraInfo`` for an image of another size.
 
-The node republishes the latest CameraInfo it received with each mask's header
-(:func:`cvseg_ros.ros.messages.camera_info_for`), ``cvseg bag from-video --camera-info`` writes one
+The node republishes the latest CameraInfo it received (by default on the input's
+:func:`camera_info_topic`) with each mask's header (:func:`cvseg_ros.ros.messages.camera_info_for`), ``cvseg bag from-video --camera-info`` writes one
 per frame from a calibration file, ``cvseg eval-bag --record`` republishes a bag's as the node
 does. All three scale K and P by :func:`scaled_fields` where the sizes differ.
 """

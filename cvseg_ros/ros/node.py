@@ -42,6 +42,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 
 from cvseg_ros.ros import params
+from cvseg_ros.ros.camera_info import camera_info_topic
 from cvseg_ros.ros.inputs import INPUT_TYPES, TYPE_NAMES, default_topic
 from cvseg_ros.ros.labels import label_info_json, read_color_map
 from cvseg_ros.ros.messages import camera_info_for, image_message, make_bridge, message_class
@@ -216,9 +217,12 @@ class CvsegNode(Node):
                                                       qos_overriding_options=QoSOverridingOptions.with_default_policies())
                 pubs.label_info = self.create_publisher(self._label_info_type(), f"{name}/semantic/label_info",
                                                         latched)
-                if cfg[f"{name}.camera_info_topic"]:
+                info_topic = cfg[f"{name}.camera_info_topic"]
+                if info_topic == "auto":
+                    info_topic = camera_info_topic(self._inputs[name].topic)
+                if info_topic:
                     pubs.camera_info = self.create_publisher(CameraInfo, f"{name}/semantic/camera_info", out_qos)
-                    self.create_subscription(CameraInfo, cfg[f"{name}.camera_info_topic"],
+                    self.create_subscription(CameraInfo, info_topic,
                                              lambda msg, o=pubs: setattr(o, "latest_info", msg), in_qos)
                 kind = self._inputs[name].kind
                 self._subscribe(name, kind, self._inputs[name].topic, in_qos)

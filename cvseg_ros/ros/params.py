@@ -216,10 +216,13 @@ PARAMETERS: tuple[Param, ...] = (
     Param(f"{CAMERA}.expected_rate_hz", "float", 0.0,
           f"the camera's frame rate: input below 80 % of it turns camera `{CAMERA}`'s diagnostics to "
           f"WARN (messages lost before the node, a slow camera); 0: not checked", minimum=0.0, maximum=1000.0),
-    Param(f"{CAMERA}.camera_info_topic", "string", f"/{CAMERA}/camera_info",
+    Param(f"{CAMERA}.camera_info_topic", "string", "auto",
           f"the camera's `sensor_msgs/CameraInfo`; the latest one is republished on "
           f"`{CAMERA}/semantic/camera_info` with each mask's header (its intrinsics scaled to the "
-          f"mask's size where that differs), for RViz's Camera display and fusion; empty: none"),
+          f"mask's size where that differs), for RViz's Camera display and fusion; `auto`: the "
+          f"`camera_info` beside the input's base topic, as image_transport places it "
+          f"(`/{CAMERA}/image_compressed`, `/{CAMERA}/image_raw/ffmpeg` -> `/{CAMERA}/camera_info`); "
+          f"empty: none", strip=True),
     Param("device", "string", "auto",
           "inference device; `auto`: CUDA when available, else the CPU",
           pattern=r"auto|cpu|cuda(:\d+)?", pattern_help="'auto', 'cpu' or 'cuda[:N]'", strip=True,

@@ -148,6 +148,15 @@ def test_a_bag_with_b_frames_gets_every_mask_under_its_own_stamp(tmp_path):
     assert [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, m, _ in out] == sorted(stamps)
 
 
+def test_the_camera_info_topic_is_the_sibling_of_the_base_topic():
+    """As image_transport places it (the node's ``auto`` and the bag tools use this one rule)."""
+    from cvseg_ros.ros.camera_info import camera_info_topic
+    assert camera_info_topic("/front/image_compressed") == "/front/camera_info"
+    assert camera_info_topic("/front/image_raw/ffmpeg") == "/front/camera_info"
+    assert camera_info_topic("/vehicle/front/image_raw/foxglove") == "/vehicle/front/camera_info"
+    assert camera_info_topic("/vehicle/front/image_raw") == "/vehicle/front/camera_info"
+
+
 def test_camera_info_goes_into_the_bag_and_comes_out_beside_every_mask(tmp_path, capsys):
     """``--camera-info`` (a calibration of 640-wide frames for a clip bagged at 320x180, B-frames
     included): a CameraInfo per message on ``/front/camera_info`` under its header, K and P

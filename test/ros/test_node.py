@@ -227,17 +227,16 @@ def test_camera_info_is_republished_under_each_masks_header_at_its_size(live, tw
     info = CameraInfo(width=0, height=0, distortion_model="plumb_bob", d=[0.1, 0.0, 0.0, 0.0, 0.0],
                       k=[600.0, 0, 320.0, 0, 600.0, 180.0, 0, 0, 1.0],
                       p=[600.0, 0, 320.0, 0, 0, 600.0, 180.0, 0, 0, 0, 1.0, 0])
-    first = None
+    from cvseg_ros.codec.annexb import nal_units
+    from cvseg_ros.codec.h264_syntax import parse_sps
+    sps = parse_sps(next(payload for _, t, payload in nal_units(units[0].data) if t == 7))
+    info.width, info.height = 2 * sps.width, 2 * sps.height     # the masks come out at the frame's size
+    info_pub.publish(info)
+    time.sleep(0.3)
     for i, unit in enumerate(units):
         msg = CompressedImage(format="h264", data=unit.data)
         msg.header.frame_id = "front"
         msg.header.stamp.sec = 2_100_000_000 + i
-        if first is None:   # the mask size is known from the earlier run's masks (or the first one)
-            wait_until(lambda: outputs.images[("front", "mask")], 30, proc, "a mask")
-            first = outputs.images[("front", "mask")][0]
-            info.width, info.height = 2 * first.width, 2 * first.height
-            info_pub.publish(info)
-            time.sleep(0.3)
         image_pub.publish(msg)
         time.sleep(0.05)
     wait_until(lambda: len(got) >= len(units), 30, proc, "a CameraInfo per mask")
@@ -247,7 +246,7 @@ def test_camera_info_is_republished_under_each_masks_header_at_its_size(live, tw
     assert [m.header.stamp.sec for m in got] == [m.header.stamp.sec for m in masks] == [
         2_100_000_000 + i for i in range(len(units))]
     assert {m.header.frame_id for m in got} == {"front"}
-    assert {(m.width, m.height) for m in got} == {(first.width, first.height)}
+    assert {(m.width, m.height) for m in got} == {(m.width, m.height) for m in masks} == {(sps.width, sps.height)}
     assert list(got[0].k) == [300.0, 0, 160.0, 0, 300.0, 90.0, 0, 0, 1.0] and list(got[0].d) == [0.1, 0, 0, 0, 0]
     assert list(got[0].p)[:7] == [300.0, 0, 160.0, 0, 0, 300.0, 90.0]
     for entity in (sub, rear_sub):
